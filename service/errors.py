@@ -1,0 +1,63 @@
+"""Every error a request can meet, each with the HTTP status and the machine-readable code it maps to.
+
+Routes raise these; one exception handler in `service.app` turns them into
+`{"error": message, "code": code}` JSON with `status`. Nothing else decides a status code.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status: int = 500
+    code: str = "internal"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidInput(ServiceError):
+    """The request is well-formed HTTP but its content is wrong: shape, datatype, values."""
+
+    status = 400
+    code = "invalid_input"
+
+
+class ModelNotFound(ServiceError):
+    status = 404
+    code = "model_not_found"
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    code = "too_large"
+
+
+class UnsupportedMedia(ServiceError):
+    status = 415
+    code = "unsupported_media"
+
+
+class QueueFull(ServiceError):
+    status = 429
+    code = "queue_full"
+
+
+class ModelNotReady(ServiceError):
+    status = 503
+    code = "not_ready"
+
+
+class DeadlineExceeded(ServiceError):
+    """The request waited longer than its deadline; it was shed before any compute was spent."""
+
+    status = 504
+    code = "deadline"
+
+
+class InferenceFailed(ServiceError):
+    """ONNX Runtime raised while running a batch: only that batch's requests see this."""
+
+    status = 500
+    code = "inference_failed"
