@@ -7,7 +7,7 @@ PORT ?= 8000
 
 # Debian packages: the data sets and speech synthesizers the tests evaluate on, and Prometheus.
 APT_PACKAGES := dataset-fashion-mnist espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k \
-	festvox-us-slt-hts sox libsox-fmt-all libsndfile1 prometheus nodejs npm
+	festvox-us-slt-hts sox libsox-fmt-all libsndfile1 prometheus
 
 .PHONY: serve test lint system-deps venv dev-venv data clean
 
