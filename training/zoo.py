@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,9 +27,10 @@ class ZooRow:
     parameters: int
     test_accuracy: float
     training_seconds: float
-    onnx_bytes: int
-    latency_b1_ms: float
-    latency_b32_ms: float
+    # None where an architecture has no ONNX graph (e.g. a scikit-learn baseline); rendered as "—".
+    onnx_bytes: int | None
+    latency_b1_ms: float | None
+    latency_b32_ms: float | None
     served: bool = False
 
 
@@ -52,6 +54,10 @@ def save_rows(task: str, rows: list[ZooRow]) -> None:
     render()
 
 
+def _or_dash(value: float | None, fmt: Callable[[float], str]) -> str:
+    return "—" if value is None else fmt(value)
+
+
 def render() -> None:
     parts = [
         "# Model zoo\n",
@@ -73,7 +79,9 @@ def render() -> None:
             name = f"**{r.architecture}** (served)" if r.served else r.architecture
             parts.append(
                 f"| {name} | {r.parameters:,} | {r.test_accuracy:.2%} | {r.training_seconds / 60:.1f} min "
-                f"| {r.onnx_bytes / 1e6:.2f} MB | {r.latency_b1_ms:.3f} ms | {r.latency_b32_ms:.3f} ms |"
+                f"| {_or_dash(r.onnx_bytes, lambda b: f'{b / 1e6:.2f} MB')} "
+                f"| {_or_dash(r.latency_b1_ms, lambda t: f'{t:.3f} ms')} "
+                f"| {_or_dash(r.latency_b32_ms, lambda t: f'{t:.3f} ms')} |"
             )
         parts.append("")
     (DOCS / "model-zoo.md").write_text("\n".join(parts))
