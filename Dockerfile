@@ -1,0 +1,73 @@
+# syntax=docker/dockerfile:1
+#
+# neuroserve images. Two final stages:
+#   docker build -t neuroserve:cpu .                  CPU image (the default: the last stage)
+#   docker build -t neuroserve:cuda --target cuda .   CUDA 12 + cuDNN 9 image with onnxruntime-gpu
+# The models in models/ are baked in at /models; mount a model repository over /models to serve
+# other models without rebuilding. Settings come from NEUROSERVE_* environment variables.
+
+ARG PYTHON_IMAGE=python:3.11-slim
+ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+
+# ---- CUDA: build a virtual environment with onnxruntime-gpu on the same base it runs on -------
+FROM ${CUDA_IMAGE} AS cuda-build
+# Ubuntu's python3 is not pinned to a version: security updates replace old package versions, so a
+# pin would break rebuilds; the CUDA image tag pins the Ubuntu release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python3 -m venv /opt/venv
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service ./service
+RUN /opt/venv/bin/pip install ".[gpu]"
+
+# ---- CUDA runtime image ----------------------------------------------------------------------
+FROM ${CUDA_IMAGE} AS cuda
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin neuroserve
+COPY --from=cuda-build /opt/venv /opt/venv
+COPY models/ /models/
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    NEUROSERVE_MODEL_REPOSITORY=/models \
+    NEUROSERVE_HOST=0.0.0.0 \
+    NEUROSERVE_PORT=8000 \
+    NEUROSERVE_PROVIDERS=cuda
+USER 10001
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('NEUROSERVE_PORT', '8000'), timeout=2)"]
+# exec: the service is PID 1 and receives SIGTERM itself, so it drains before the container stops.
+CMD ["sh", "-c", "exec neuroserve serve --model-repository \"$NEUROSERVE_MODEL_REPOSITORY\" --host \"$NEUROSERVE_HOST\" --port \"$NEUROSERVE_PORT\""]
+
+# ---- CPU: build a virtual environment with onnxruntime ---------------------------------------
+FROM ${PYTHON_IMAGE} AS cpu-build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service ./service
+RUN /opt/venv/bin/pip install ".[cpu]"
+
+# ---- CPU runtime image (default) -------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS cpu
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin neuroserve
+COPY --from=cpu-build /opt/venv /opt/venv
+COPY models/ /models/
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    NEUROSERVE_MODEL_REPOSITORY=/models \
+    NEUROSERVE_HOST=0.0.0.0 \
+    NEUROSERVE_PORT=8000
+USER 10001
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('NEUROSERVE_PORT', '8000'), timeout=2)"]
+# exec: the service is PID 1 and receives SIGTERM itself, so it drains before the container stops.
+CMD ["sh", "-c", "exec neuroserve serve --model-repository \"$NEUROSERVE_MODEL_REPOSITORY\" --host \"$NEUROSERVE_HOST\" --port \"$NEUROSERVE_PORT\""]
