@@ -1,0 +1,62 @@
+"""The ceiling: ONNX Runtime in this process, no HTTP, samples/s and latency per batch size.
+
+Batches are made of the workload's own samples (text: sentences of mixed lengths padded to the
+longest in the batch, as a batching server pads them), so the figure is what a server could reach
+if serving cost nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from bench.workloads import Workload
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def session(model_onnx: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(model_onnx), opts, providers=["CPUExecutionProvider"])
+
+
+def measure(sess: ort.InferenceSession, w: Workload, batch_size: int, *, duration_s: float = 2.0,
+            max_calls: int = 100_000) -> dict:
+    """Run batches for about `duration_s` (after a short warm-up); throughput and call latency."""
+    n_batches = max(1, min(16, len(w.samples) // batch_size or 1))
+    batches = [w.batch(batch_size, start=i * batch_size) for i in range(n_batches)]
+    for b in batches[:3]:
+        sess.run(None, b)
+    times = []
+    start = time.perf_counter()
+    i = 0
+    while i < max_calls and time.perf_counter() - start < duration_s:
+        t = time.perf_counter()
+        sess.run(None, batches[i % n_batches])
+        times.append(time.perf_counter() - t)
+        i += 1
+    elapsed = time.perf_counter() - start
+    lat = np.asarray(times) * 1e3
+    return {
+        "batch_size": batch_size, "calls": len(times), "samples_per_s": len(times) * batch_size / elapsed,
+        "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
+        "p99_ms": float(np.percentile(lat, 99)), "mean_ms": float(lat.mean()),
+    }
+
+
+def run(w: Workload, model_onnx: Path, *, threads: int | None = None,
+        batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES, duration_s: float = 2.0) -> dict:
+    threads = threads or os.cpu_count() or 1
+    sess = session(model_onnx, threads)
+    points = [measure(sess, w, b, duration_s=duration_s) for b in batch_sizes]
+    best = max(points, key=lambda p: p["samples_per_s"])
+    return {"model": w.model, "ort_threads": threads, "points": points,
+            "best_batch_size": best["batch_size"], "best_samples_per_s": best["samples_per_s"],
+            "batch1_p50_ms": next((p["p50_ms"] for p in points if p["batch_size"] == 1), None)}

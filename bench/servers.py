@@ -1,0 +1,155 @@
+"""Start the servers under test as subprocesses on 127.0.0.1, wait for readiness, stop them by PID."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A server process this benchmark started (its own process group, so workers go with it)."""
+
+    name: str
+    proc: subprocess.Popen
+    port: int
+    log: Path | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def worker_pids(self) -> list[int]:
+        """The processes that serve requests: uvicorn's workers, or the main process without any."""
+        kids = [p for p in _children(self.proc.pid) if "resource_tracker" not in _cmdline(p)]
+        return kids or [self.proc.pid]
+
+    def rss_mib(self) -> dict[int, float]:
+        return {pid: rss for pid in self.worker_pids() if (rss := rss_mib(pid)) is not None}
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the group this module created for it
+            self.proc.wait(5)
+        # Workers left behind by a master that died first are in the same group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _start(name: str, cmd: list[str], port: int, env: dict[str, str], log_dir: Path | None,
+           ready_path: str, timeout: float) -> Server:
+    log = None
+    out = subprocess.DEVNULL
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log = log_dir / f"{name}-{port}.log"
+        out = open(log, "wb")  # noqa: SIM115 - the child owns it for its life
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    server = Server(name, proc, port, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log else ""
+            raise RuntimeError(f"{name} exited with {proc.returncode} before it was ready\n{tail}")
+        try:
+            with urllib.request.urlopen(server.base_url + ready_path, timeout=2) as r:
+                if r.status == 200:
+                    # With several workers, give every worker the time to come up too.
+                    time.sleep(0.5)
+                    return server
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    server.stop()
+    raise RuntimeError(f"{name} was not ready within {timeout:.0f} s")
+
+
+def start_reference(model_onnx: Path, model_name: str, *, workers: int = 1, ort_threads: int = 1,
+                    port: int | None = None, log_dir: Path | None = None, timeout: float = 120) -> Server:
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "bench.reference_server:create_app", "--factory",
+           "--host", HOST, "--port", str(port), "--workers", str(workers),
+           "--log-level", "warning", "--no-access-log"]
+    env = {"BENCH_REF_MODEL": str(model_onnx), "BENCH_REF_NAME": model_name,
+           "BENCH_REF_ORT_THREADS": str(ort_threads)}
+    server = _start("reference", cmd, port, env, log_dir, "/v2/health/ready", timeout)
+    server.info = {"workers": workers, "ort_threads": ort_threads, "model": model_name}
+    return server
+
+
+def start_service(repository: Path, *, workers: int = 1, port: int | None = None,
+                  log_dir: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None,
+                  extra_args: list[str] | None = None) -> Server:
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "service", "serve", "--model-repository", str(repository),
+           "--host", HOST, "--port", str(port), "--workers", str(workers), *(extra_args or [])]
+    server = _start("service", cmd, port, env or {}, log_dir, "/v2/health/ready", timeout)
+    server.info = {"workers": workers}
+    return server
+
+
+def service_available() -> bool:
+    """Whether the service package can be started (`python -m service serve`)."""
+    try:
+        import service  # noqa: F401
+    except ImportError:
+        return False
+    root = Path(__file__).resolve().parent.parent
+    return (root / "service" / "__main__.py").exists()
