@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-# Debian packages: the data sets and speech synthesizers the tests evaluate on, and Prometheus.
+# Debian packages: the data sets and speech synthesizers the tests evaluate on, Prometheus, and wrk
+# (the benchmark's closed-loop load generator, run by tests/bench).
 APT_PACKAGES := dataset-fashion-mnist espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k \
 	festvox-us-slt-hts sox libsox-fmt-all libsndfile1 prometheus
 

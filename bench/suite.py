@@ -204,7 +204,7 @@ def _run_model(plan: Plan, w: Workload, model_dir: Path, service: servers.Server
             for proto in plan.protocols:
                 reqs = requests_for(w, proto, task_path=plan.task_path, upload_field=plan.upload_field)
                 targets.append((Config("service", proto), service, reqs))
-        for cfg, srv, reqs in targets:  # warm-up, not recorded
+        for cfg, srv, reqs in targets if plan.warmup_s > 0 else []:  # warm-up, not recorded
             _point(plan, w, cfg, srv, reqs, rep=-1, concurrency=8, duration=plan.warmup_s, record=False)
         closed = []
         for rep in range(plan.reps):

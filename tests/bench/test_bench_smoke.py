@@ -1,0 +1,75 @@
+"""The benchmark harness end to end, for a few seconds, on a tiny model: it must produce sane numbers.
+
+Measures nothing about performance (timed targets are checked by `python -m bench`, not by tests);
+it pins that the harness runs, talks to the servers, and reads results back correctly.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench import report, suite
+from bench.servers import service_available
+from tests.bench.tiny_model import build_repository
+
+pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (Debian package `wrk`)")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    repo = build_repository(root / "models")
+    plan = suite.Plan(
+        repository=repo, concurrencies=(1, 8), open_rate_fractions=(0.3,), max_open_rate=300,
+        duration_s=1, warmup_s=0, reps=1, raw_duration_s=0.2, raw_batch_sizes=(1, 8),
+        protocols=("v2-json", "v2-binary"), out=root / "out", log=False, command="smoke",
+    )
+    return suite.run(plan), root
+
+
+def test_harness_measures_every_configuration_without_errors(results: tuple[dict, Path]) -> None:
+    res, _ = results
+    configs = {p["config"] for p in res["points"]}
+    assert "reference/v2-json" in configs
+    if service_available():
+        assert {"service/v2-json", "service/v2-binary"} <= configs
+    for p in res["points"]:
+        assert p["requests"] > 0, p
+        assert p["errors"] == 0, p
+        assert p["rps"] > 0, p
+        assert 0 < p["p50_ms"] <= p["p90_ms"] <= p["p99_ms"], p
+    assert {p["mode"] for p in res["points"]} == {"closed", "open"}
+
+
+def test_raw_ceiling_is_measured_per_batch_size(results: tuple[dict, Path]) -> None:
+    raw = results[0]["raw"]["tiny"]
+    assert [p["batch_size"] for p in raw["points"]] == [1, 8]
+    assert all(p["samples_per_s"] > 0 and p["p50_ms"] <= p["p99_ms"] for p in raw["points"])
+    assert raw["best_samples_per_s"] == max(p["samples_per_s"] for p in raw["points"])
+
+
+def test_service_histograms_are_read_back_from_metrics(results: tuple[dict, Path]) -> None:
+    if not service_available():
+        pytest.skip("the service is not in this checkout yet")
+    points = [p for p in results[0]["points"] if p["server"] == "service" and p["mode"] == "closed"]
+    assert points
+    for p in points:
+        batch = p["server"]["batch_size"]
+        assert batch["count"] > 0
+        assert 1 <= batch["mean"] <= 32
+        assert p["server"]["queue_s"]["count"] == batch["count"]
+
+
+def test_report_renders_tables_and_plot_outside_docs(results: tuple[dict, Path]) -> None:
+    res, root = results
+    doc = root / "out" / "benchmarks.md"
+    report.write(root / "out" / "results.json", doc)
+    text = doc.read_text()
+    assert "reference/v2-json" in text and "`smoke`" in text and "### Closed loop" in text
+    assert (root / "out" / "latency_vs_throughput.png").stat().st_size > 1000
+    rows = report.medians(res["points"])
+    assert all(not math.isnan(r["rps"]) for r in rows)
