@@ -8,7 +8,7 @@ PORT ?= 8000
 # Debian packages: the data sets and speech synthesizers the tests evaluate on, Prometheus, and wrk
 # (the benchmark's closed-loop load generator, run by tests/bench).
 APT_PACKAGES := dataset-fashion-mnist espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k \
-	festvox-us-slt-hts sox libsox-fmt-all libsndfile1 prometheus
+	festvox-us-slt-hts sox libsox-fmt-all libsndfile1 prometheus wrk
 
 .PHONY: serve test lint system-deps venv dev-venv data clean
 
