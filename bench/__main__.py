@@ -4,6 +4,7 @@
     python -m bench all                # the full run (about an hour on 2 cores)
     python -m bench raw                # ONNX Runtime in process, per model and batch size
     python -m bench soak --duration 300
+    python -m bench tune --model fashion-mnist   # batching knobs for this machine
     python -m bench report             # re-render docs/benchmarks.md from the saved results
     python -m bench reference --model models/fashion-mnist --port 8100 --workers 2
 """
@@ -18,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import raw_ort, report, soak, suite
+from bench import raw_ort, report, soak, suite, tune
 from bench.workloads import find_models, load_workload, model_file
 
 
@@ -79,6 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--results", type=Path, default=Path("docs/benchmarks/results.json"))
     rep.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
 
+    t = sub.add_parser("tune", help="measure max_batch_size × max_queue_delay_ms candidates")
+    _common(t)
+    t.add_argument("--model", required=True)
+    t.add_argument("--max-batch-sizes", type=_ints, default=(8, 32, 64))
+    t.add_argument("--delays-ms", type=_floats, default=(0.0, 1.0, 2.0, 5.0))
+    t.add_argument("--protocol", default="v2-binary")
+    t.add_argument("--concurrency", type=int, default=64)
+    t.add_argument("--duration", type=float, default=5.0)
+    t.add_argument("--reps", type=int, default=3)
+
     ref = sub.add_parser("reference", help="serve the reference server (foreground)")
     ref.add_argument("--model", type=Path, required=True, help="a model directory of the repository")
     ref.add_argument("--port", type=int, default=8100)
@@ -135,6 +146,21 @@ def main(argv: list[str] | None = None) -> int:
                        fraction=args.fraction, peak_rps=args.peak, workers=args.workers,
                        use_service=not args.reference, out=args.out)
         print(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=1))
+        return 0
+
+    if args.cmd == "tune":
+        rows = tune.run(args.repository, args.model, max_batch_sizes=args.max_batch_sizes,
+                        delays_ms=args.delays_ms, protocol=args.protocol, concurrency=args.concurrency,
+                        duration_s=args.duration, reps=args.reps, workers=args.workers)
+        print(f"{args.model}, {args.protocol}, medians of {args.reps} interleaved repetitions:")
+        print(f"| max_batch_size | max_queue_delay_ms | req/s at c={args.concurrency} | p99 ms "
+              "| p50 ms at c=1 |")
+        print("|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['max_batch_size']} | {r['max_queue_delay_ms']:g} | {r['rps']:,.0f} | "
+                  f"{r['p99_ms']:.2f} | {r['p50_c1_ms']:.2f} |")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"tune-{args.model}.json").write_text(json.dumps(rows, indent=1))
         return 0
 
     if args.cmd == "report":
