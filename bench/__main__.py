@@ -5,6 +5,7 @@
     python -m bench raw                # ONNX Runtime in process, per model and batch size
     python -m bench soak --duration 300
     python -m bench tune --model fashion-mnist   # batching knobs for this machine
+    python -m bench breakdown --model models/fashion-mnist   # µs per step of the request path
     python -m bench report             # re-render docs/benchmarks.md from the saved results
     python -m bench reference --model models/fashion-mnist --port 8100 --workers 2
 """
@@ -19,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import raw_ort, report, soak, suite, tune
+from bench import breakdown, raw_ort, report, soak, suite, tune
 from bench.workloads import find_models, load_workload, model_file
 
 
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--concurrency", type=int, default=64)
     t.add_argument("--duration", type=float, default=5.0)
     t.add_argument("--reps", type=int, default=3)
+
+    b = sub.add_parser("breakdown", help="µs per step of a V2 request path, in process")
+    b.add_argument("--model", type=Path, required=True, help="a model directory of the repository")
+    b.add_argument("--threads", type=int, default=1)
 
     ref = sub.add_parser("reference", help="serve the reference server (foreground)")
     ref.add_argument("--model", type=Path, required=True, help="a model directory of the repository")
@@ -161,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['p99_ms']:.2f} | {r['p50_c1_ms']:.2f} |")
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"tune-{args.model}.json").write_text(json.dumps(rows, indent=1))
+        return 0
+
+    if args.cmd == "breakdown":
+        print(f"| step ({args.model.name}) | µs per call (best of 5) |\n|---|---:|")
+        for name, us in breakdown.run(args.model, threads=args.threads):
+            print(f"| {name} | {'' if us != us else f'{us:,.1f}'} |")
         return 0
 
     if args.cmd == "report":

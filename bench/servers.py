@@ -146,10 +146,11 @@ def start_service(repository: Path, *, workers: int = 1, port: int | None = None
 
 
 def service_available() -> bool:
-    """Whether the service package can be started (`python -m service serve`)."""
+    """Whether the service can be started here (`python -m service serve` and its CLI exist)."""
+    import importlib.util
+
     try:
-        import service  # noqa: F401
+        return all(importlib.util.find_spec(m) is not None
+                   for m in ("service.__main__", "service.cli", "service.app"))
     except ImportError:
         return False
-    root = Path(__file__).resolve().parent.parent
-    return (root / "service" / "__main__.py").exists()
