@@ -54,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--duration", type=float, help="seconds per load point")
     a.add_argument("--reps", type=int, help="repetitions (≥ 3 for the report)")
     a.add_argument("--protocols", default="v2-json,v2-binary,task")
-    a.add_argument("--task-path", default="/v1/{task}/{model}", help="task endpoint path template")
-    a.add_argument("--upload-field", default="file", help="multipart field of task uploads")
     a.add_argument("--no-service", action="store_true", help="measure the reference server only")
     a.add_argument("--soak", type=float, help="soak seconds (0: none; default 300, quick 30)")
     a.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
@@ -107,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "all":
         plan = suite.Plan(repository=args.repository, workers=args.workers, ort_threads=args.ort_threads,
                           out=args.out, command=command, service=not args.no_service,
-                          protocols=tuple(args.protocols.split(",")), task_path=args.task_path,
-                          upload_field=args.upload_field)
+                          protocols=tuple(args.protocols.split(",")))
         if args.models:
             plan.models = args.models.split(",")
         if args.quick:

@@ -50,8 +50,8 @@ def medians(points: list[dict]) -> list[dict]:
         row["rps_min"] = min(p["rps"] for p in ps)
         row["rps_max"] = max(p["rps"] for p in ps)
         for key in ("batch_size", "queue_s", "compute_s"):
-            means = [p["server"][key]["mean"] for p in ps if key in p.get("server", {})]
-            p99s = [p["server"][key]["p99"] for p in ps if key in p.get("server", {})]
+            means = [p["server_metrics"][key]["mean"] for p in ps if key in p.get("server_metrics", {})]
+            p99s = [p["server_metrics"][key]["p99"] for p in ps if key in p.get("server_metrics", {})]
             if means:
                 row[f"server_{key}_mean"] = statistics.median(means)
                 row[f"server_{key}_p99"] = statistics.median(p99s)

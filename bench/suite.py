@@ -41,8 +41,6 @@ class Plan:
     protocols: tuple[str, ...] = ("v2-json", "v2-binary", "task")
     reference: bool = True
     service: bool = True
-    task_path: str = "/v1/{task}/{model}"
-    upload_field: str = "file"
     out: Path = Path("docs/benchmarks")
     results_name: str = "results.json"
     command: str = ""
@@ -127,7 +125,7 @@ def _point(plan: Plan, w: Workload, cfg: Config, srv: servers.Server, reqs: list
         res = load.open_loop(srv.port, reqs, rate=rate, duration_s=duration, seed=rep)
     if before is not None:
         after = metrics.parse(metrics.scrape(srv.base_url))
-        res["server"] = metrics.delta(before, after, w.model)
+        res["server_metrics"] = metrics.delta(before, after, w.model)
     res.update(model=w.model, config=cfg.label, server=cfg.server, protocol=cfg.protocol, rep=rep,
                workers=srv.info.get("workers"), rss_mib=list(srv.rss_mib().values()))
     if record:
@@ -202,7 +200,7 @@ def _run_model(plan: Plan, w: Workload, model_dir: Path, service: servers.Server
             targets.append((Config("reference", "v2-json"), ref, requests_for(w, "v2-json")))
         if service is not None:
             for proto in plan.protocols:
-                reqs = requests_for(w, proto, task_path=plan.task_path, upload_field=plan.upload_field)
+                reqs = requests_for(w, proto)
                 targets.append((Config("service", proto), service, reqs))
         for cfg, srv, reqs in targets if plan.warmup_s > 0 else []:  # warm-up, not recorded
             _point(plan, w, cfg, srv, reqs, rep=-1, concurrency=8, duration=plan.warmup_s, record=False)

@@ -206,17 +206,12 @@ def v2_binary(w: Workload, sample: dict[str, np.ndarray]) -> Request:
                     "Inference-Header-Content-Length": str(len(head))})
 
 
-def _multipart(field_name: str, filename: str, content_type: str, payload: bytes) -> tuple[bytes, str]:
-    boundary = "neuroservebenchboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field_name}\"; "
-            f"filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n\r\n").encode()
-    body += payload + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
+TASK_ENDPOINT = {"image": "image", "text": "text", "speech": "audio"}
 
 
-def task_request(w: Workload, i: int, path_template: str, upload_field: str = "file") -> Request:
-    """A task-endpoint request: PNG upload (image), JSON text (text), WAV upload (speech)."""
-    path = path_template.format(model=w.model, task=w.task)
+def task_request(w: Workload, i: int) -> Request:
+    """A task-endpoint request: a PNG (image) or WAV (speech) file as the body, or JSON text."""
+    path = f"/v1/{TASK_ENDPOINT.get(w.task, w.task)}/{w.model}"
     sample = w.samples[i % len(w.samples)]
     if w.task == "text":
         text = w.texts[i % len(w.texts)] if w.texts else "a fine day"
@@ -228,20 +223,17 @@ def task_request(w: Workload, i: int, path_template: str, upload_field: str = "f
         img = Image.fromarray(arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0))
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        body, ctype = _multipart(upload_field, "sample.png", "image/png", buf.getvalue())
-        return Request(path, body, {"Content-Type": ctype})
+        return Request(path, buf.getvalue(), {"Content-Type": "image/png"})
     import soundfile as sf
 
     wav = next(iter(sample.values()))[0].astype(np.float32)
     wav = np.clip(wav / max(1e-6, float(np.abs(wav).max())) * 0.5, -1, 1)
     buf = io.BytesIO()
     sf.write(buf, wav, 16000, format="WAV", subtype="PCM_16")
-    body, ctype = _multipart(upload_field, "sample.wav", "audio/wav", buf.getvalue())
-    return Request(path, body, {"Content-Type": ctype})
+    return Request(path, buf.getvalue(), {"Content-Type": "audio/wav"})
 
 
-def requests_for(w: Workload, protocol: str, n: int = 16, task_path: str = "/v1/{task}/{model}",
-                 upload_field: str = "file") -> list[Request]:
+def requests_for(w: Workload, protocol: str, n: int = 16) -> list[Request]:
     """`n` requests of one protocol (`v2-json`, `v2-binary`, `task`), cycling over the samples."""
     n = min(n, len(w.samples))
     if protocol == "v2-json":
@@ -249,5 +241,5 @@ def requests_for(w: Workload, protocol: str, n: int = 16, task_path: str = "/v1/
     if protocol == "v2-binary":
         return [v2_binary(w, w.samples[i]) for i in range(n)]
     if protocol == "task":
-        return [task_request(w, i, task_path, upload_field) for i in range(n)]
+        return [task_request(w, i) for i in range(n)]
     raise ValueError(f"unknown protocol {protocol!r}")
