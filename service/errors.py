@@ -61,3 +61,19 @@ class InferenceFailed(ServiceError):
 
     status = 500
     code = "inference_failed"
+
+
+class ModelLoadFailed(ServiceError):
+    """A repository load request could not make the model READY (the reason says why)."""
+
+    status = 400
+    code = "load_failed"
+
+
+class Unsupported(ServiceError):
+    """The request asks for something this deployment cannot do (e.g. repository control with
+    several worker processes, where each worker holds its own copy of the models)."""
+
+    status = 400
+    code = "unsupported"
+

@@ -75,11 +75,7 @@ def to_pixels(img: Image.Image, spec: ImagePreprocessing) -> np.ndarray:
         canvas = Image.new(spec.color, (spec.width, spec.height), background)
         canvas.paste(fitted, ((spec.width - fitted.width) // 2, (spec.height - fitted.height) // 2))
         arr = np.asarray(canvas, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[None, :, :]
-    else:
-        arr = np.ascontiguousarray(arr.transpose(2, 0, 1))
-    return arr
+    return arr[None, :, :] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 def _border_brighter(arr: np.ndarray) -> bool:

@@ -1,0 +1,78 @@
+"""Small helpers the V2 and task routes share: model lookup with bookkeeping, deadlines, input metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import Request
+
+from service.api.middleware import RequestContext, context
+from service.errors import InvalidInput
+from service.repository import ModelVersion
+from service.state import ServiceState
+
+TIMEOUT_HEADER = "x-request-timeout-ms"
+
+
+def state_of(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+def admit(
+    request: Request, endpoint: str, model: str, version: str | None
+) -> tuple[ModelVersion, RequestContext]:
+    """Find the model version to serve and count the request as in flight (for drain on SIGTERM).
+
+    Labels metrics with the model name only once the name is known to the repository, so that
+    arbitrary names in URLs never become metric labels.
+    """
+    state = state_of(request)
+    ctx = context(request.scope)
+    ctx.endpoint = endpoint
+    if model in state.repository.models:
+        ctx.model = model
+    mv = state.model(model, version)
+    ctx.model_metrics = mv.metrics
+    state.active += 1
+    ctx.admitted = True
+    return mv, ctx
+
+
+def deadline(request: Request, state: ServiceState, timeout_s: float | None = None) -> float | None:
+    """perf_counter() deadline from V2 `parameters.timeout`, the timeout header, or the default."""
+    if timeout_s is None:
+        header = request.headers.get(TIMEOUT_HEADER)
+        if header is not None:
+            try:
+                ms = float(header)
+            except ValueError:
+                raise InvalidInput(f"{TIMEOUT_HEADER} must be a number of milliseconds") from None
+            if not ms > 0:
+                raise InvalidInput(f"{TIMEOUT_HEADER} must be positive")
+            timeout_s = ms / 1000
+        elif state.settings.default_timeout_ms:
+            timeout_s = state.settings.default_timeout_ms / 1000
+    if timeout_s is None:
+        return None
+    # Counted from arrival: time spent reading and decoding the body is part of the budget.
+    return context(request.scope).start + timeout_s
+
+
+def observe_inputs(mv: ModelVersion, feeds: dict[str, np.ndarray], rows: int) -> None:
+    """Input distribution metrics for model monitoring (drift shows here before accuracy drops)."""
+    m = mv.metrics
+    if m is None:
+        return
+    config = mv.config
+    if config.task == "image":
+        arr = feeds[config.inputs[0].name]
+        for v in (arr.reshape(rows, -1).mean(axis=1) / 255.0).tolist():
+            m.image_intensity.observe(v)
+    elif config.task == "text" and mv.model.text is not None:
+        t = mv.model.text
+        tokens = feeds[t.mask].sum(axis=1) if t.mask else np.full(rows, feeds[t.ids].shape[1])
+        for v in tokens.tolist():
+            m.text_tokens.observe(v)
+    elif config.task == "speech" and config.audio is not None:
+        arr = feeds[config.inputs[0].name].reshape(rows, -1).astype(np.float64, copy=False)
+        for v in np.sqrt((arr * arr).mean(axis=1)).tolist():
+            m.audio_rms.observe(v)

@@ -1,0 +1,48 @@
+"""Liveness, readiness and the Prometheus scrape endpoint."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from service import metrics
+from service.errors import ModelNotReady
+from service.state import ServiceState
+
+router = APIRouter(tags=["health"])
+
+
+def state_of(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+@router.get("/v2/health/live", summary="Server live", responses={200: {"description": "The process is up"}})
+async def live() -> Response:
+    return Response(status_code=200)
+
+
+@router.get(
+    "/v2/health/ready",
+    summary="Server ready",
+    responses={
+        200: {"description": "Every model that should load is loaded and warmed up"},
+        503: {"description": "Loading, a model failed (strict readiness) or shutting down",
+              "model": None},
+    },
+)
+async def ready(request: Request) -> Response:
+    state = state_of(request)
+    if not state.ready():
+        if state.draining:
+            raise ModelNotReady("server is shutting down")
+        if state.repository.loading:
+            raise ModelNotReady("models are still loading")
+        raise ModelNotReady("not every model is ready; see POST /v2/repository/index")
+    return Response(status_code=200)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}}})
+async def prometheus() -> Response:
+    body, content_type = metrics.exposition()
+    return Response(body, media_type=content_type)

@@ -1,0 +1,159 @@
+"""One pure-ASGI middleware for what every request needs: request id, body limit, Server-Timing,
+request metrics and the access log line. (Pure ASGI rather than BaseHTTPMiddleware: no extra task
+or body buffering per request.)
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import metrics
+from service.errors import PayloadTooLarge
+from service.logging import request_id
+from service.metrics import ModelMetrics
+from service.state import ServiceState
+
+access_log = logging.getLogger("neuroserve.access")
+log = logging.getLogger("neuroserve.http")
+_QUIET_PATHS = ("/metrics", "/v2/health/live", "/v2/health/ready")
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Per-request facts the route learns and the middleware reports."""
+
+    request_id: str
+    start: float
+    endpoint: str | None = None  # metric label (v2_infer|image|text|audio) for inference routes
+    model: str = metrics.UNKNOWN_MODEL
+    model_metrics: ModelMetrics | None = None
+    admitted: bool = False
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    batch_rows: int = 0
+
+    def timed(self, queue_s: float, compute_s: float, batch_rows: int) -> None:
+        """Fold in one batch result (task requests may span several batches)."""
+        self.queue_s = max(self.queue_s, queue_s)
+        self.compute_s = max(self.compute_s, compute_s)
+        self.batch_rows = max(self.batch_rows, batch_rows)
+
+
+def context(scope: Scope) -> RequestContext:
+    return scope["neuroserve"]
+
+
+def _valid_request_id(value: bytes) -> bool:
+    return 0 < len(value) <= 128 and all(0x21 <= c <= 0x7E for c in value)
+
+
+class ServiceMiddleware:
+    def __init__(self, app: ASGIApp, state: ServiceState) -> None:
+        self.app = app
+        self.state = state
+        self.max_body = state.settings.max_body_bytes
+        self.access_log = state.settings.access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid_header = b""
+        length = -1
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                rid_header = value
+            elif key == b"content-length":
+                length = int(value) if value.isdigit() else -1
+        rid = rid_header.decode() if _valid_request_id(rid_header) else secrets.token_hex(8)
+        ctx = RequestContext(rid, perf_counter())
+        scope["neuroserve"] = ctx
+        token = request_id.set(rid)
+        status = 500
+        started = False
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                headers = list(message.get("headers", ()))
+                headers.append((b"x-request-id", rid.encode()))
+                headers.append((b"server-timing", self._server_timing(ctx).encode()))
+                message["headers"] = headers
+            await send(message)
+
+        received = 0
+        max_body = self.max_body
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > max_body:
+                    raise PayloadTooLarge(f"request body exceeds {max_body} bytes")
+            return message
+
+        try:
+            if length > max_body:
+                # Refuse before reading a byte of the body.
+                await _send_json(send_with_headers, 413, {
+                    "error": f"request body of {length} bytes exceeds the limit of {max_body} bytes",
+                    "code": PayloadTooLarge.code})
+                metrics.reject(metrics.UNKNOWN_MODEL, "too_large")
+                return
+            try:
+                await self.app(scope, receive_limited, send_with_headers)
+            except Exception:
+                # A bug, not bad input: log it with the request id and still answer in JSON.
+                log.exception("unhandled error")
+                if started:
+                    raise
+                await _send_json(send_with_headers, 500,
+                                 {"error": "internal server error", "code": "internal"})
+        finally:
+            elapsed = perf_counter() - ctx.start
+            if ctx.admitted:
+                self.state.active -= 1
+            if ctx.endpoint is not None:
+                if ctx.model_metrics is not None:
+                    ctx.model_metrics.request(ctx.endpoint, status, elapsed)
+                else:
+                    metrics.request_without_model(ctx.endpoint, status, elapsed, ctx.model)
+            if self.access_log:
+                path = scope["path"]
+                level = logging.DEBUG if path in _QUIET_PATHS else logging.INFO
+                if access_log.isEnabledFor(level):
+                    access_log.log(level, "%s %s %d", scope["method"], path, status, extra={
+                        "status": status, "ms": round(elapsed * 1000, 3), "model": ctx.model
+                        if ctx.endpoint else None, "client": _client(scope)})
+            request_id.reset(token)
+
+    @staticmethod
+    def _server_timing(ctx: RequestContext) -> str:
+        total = f"total;dur={(perf_counter() - ctx.start) * 1000:.3f}"
+        if not ctx.batch_rows:
+            return total
+        return (f"queue;dur={ctx.queue_s * 1000:.3f}, compute;dur={ctx.compute_s * 1000:.3f}, "
+                f'batch;desc="{ctx.batch_rows}", {total}')
+
+
+def _client(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else None
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    data = orjson.dumps(body)
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+        (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": data})

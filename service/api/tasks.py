@@ -1,0 +1,202 @@
+"""Task endpoints for people who are not writing tensors: an image, an audio clip or text in,
+the top-k `{label, probability}` per input out.
+
+    POST /v1/image/{model}   image file: raw body (image/*) or multipart (one or more files)
+    POST /v1/text/{model}    JSON {"text": "..."} or {"texts": [...]}, or a text/plain body
+    POST /v1/audio/{model}   WAV/FLAC/OGG: raw body (audio/*) or multipart (one or more files)
+
+Each input is queued as its own row, so the batcher merges them with other requests' rows (and,
+for text, with rows of similar length).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import numpy as np
+import orjson
+import soundfile as sf
+from fastapi import APIRouter, Query, Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.responses import Response
+
+from service.api.common import admit, deadline, observe_inputs, state_of
+from service.api.middleware import RequestContext
+from service.api.schemas import ClassifyResponse, ErrorBody, TextRequest
+from service.codecs import audio, image
+from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
+from service.repository import ModelVersion
+
+router = APIRouter(prefix="/v1", tags=["tasks"])
+
+T = TypeVar("T")
+# Decoding a large upload takes milliseconds; do it off the event loop so other requests flow.
+_DECODE_IN_THREAD_BYTES = 256 * 1024
+_ENDPOINT_OF_TASK = {"image": "image", "text": "text", "speech": "audio"}
+
+TopK = Annotated[int, Query(ge=1, le=1000, description="How many labels to return per input")]
+Version = Annotated[str | None, Query(description="Model version (default: the newest ready one)")]
+
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": ClassifyResponse},
+    **{s: {"model": ErrorBody} for s in (400, 404, 413, 415, 429, 503, 504)},
+}
+
+
+def _upload_doc(kind: str, media: list[str]) -> dict[str, Any]:
+    raw = {m: {"schema": {"type": "string", "format": "binary"}} for m in media}
+    return {"requestBody": {"required": True, "content": {
+        **raw,
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                     "description": f"One or more {kind} files"}}}},
+    }}}
+
+
+@router.post("/image/{model}", summary="Classify an image", responses=_RESPONSES, response_class=Response,
+             openapi_extra=_upload_doc("image", ["image/png", "image/jpeg", "image/bmp", "image/webp",
+                                                 "image/gif", "application/octet-stream"]))
+async def classify_image(request: Request, model: str, top_k: TopK = 3, version: Version = None) -> Response:
+    """PNG, JPEG, BMP, WebP or GIF of any size and colour mode; resized to the model's input."""
+    mv, ctx = admit(request, "image", model, version)
+    _check_task(mv, "image")
+    settings = state_of(request).settings
+    spec = mv.config.image
+    assert spec is not None
+
+    def prepare(data: bytes) -> np.ndarray:
+        return image.to_pixels(image.decode(data, max_pixels=settings.max_image_pixels), spec)
+
+    uploads = await _uploads(request, ("image/",))
+    pixels = [await _off_loop_if_large(prepare, data) for data in uploads]
+    name = mv.config.inputs[0].name
+    return await _classify(request, mv, ctx, [{name: p[None]} for p in pixels], top_k)
+
+
+@router.post("/audio/{model}", summary="Classify an audio clip", responses=_RESPONSES,
+             response_class=Response,
+             openapi_extra=_upload_doc("audio", ["audio/wav", "audio/flac", "audio/ogg",
+                                                 "application/octet-stream"]))
+async def classify_audio(request: Request, model: str, top_k: TopK = 3, version: Version = None) -> Response:
+    """WAV, FLAC or OGG at any sample rate and channel count; downmixed, resampled, fitted in length."""
+    mv, ctx = admit(request, "audio", model, version)
+    _check_task(mv, "speech")
+    settings = state_of(request).settings
+    spec = mv.config.audio
+    assert spec is not None
+
+    def prepare(data: bytes) -> tuple[np.ndarray, float]:
+        pcm = audio.decode(data, spec, max_duration_s=settings.max_audio_duration_s)
+        info = sf.info(io.BytesIO(data))
+        return pcm, info.frames / info.samplerate
+
+    uploads = await _uploads(request, ("audio/",))
+    clips = [await _off_loop_if_large(prepare, data) for data in uploads]
+    if mv.metrics is not None:
+        for _, seconds in clips:
+            mv.metrics.audio_duration.observe(seconds)
+    name = mv.config.inputs[0].name
+    dtype = np.float16 if mv.config.inputs[0].datatype == "FP16" else np.float32
+    rows = [{name: pcm[None].astype(dtype, copy=False)} for pcm, _ in clips]
+    return await _classify(request, mv, ctx, rows, top_k)
+
+
+@router.post(
+    "/text/{model}", summary="Classify text", responses=_RESPONSES, response_class=Response,
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/TextRequest"}, "examples": {
+            "one": {"value": {"text": "An absolute delight from start to finish."}},
+            "many": {"value": {"texts": ["Loved it.", "A tedious, overlong mess."]}}}},
+        "text/plain": {"schema": {"type": "string"}, "example": "Loved it."},
+    }}},
+)
+async def classify_text(request: Request, model: str, top_k: TopK = 3, version: Version = None) -> Response:
+    """One text or a list of texts, tokenized with the model's own tokenizer."""
+    mv, ctx = admit(request, "text", model, version)
+    _check_task(mv, "text")
+    text = mv.model.text
+    assert text is not None
+    body = await request.body()
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if content_type == "text/plain":
+        try:
+            texts = [body.decode("utf-8")]
+        except UnicodeDecodeError:
+            raise InvalidInput("text/plain body is not UTF-8") from None
+    elif content_type in ("application/json", ""):
+        try:
+            texts = TextRequest.model_validate_json(body).items()
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}"
+                                 for err in e.errors())
+            raise InvalidInput(problems) from None
+    else:
+        raise UnsupportedMedia(f"send application/json ({{\"text\": ...}}) or text/plain, not {content_type}")
+    _check_items(len(texts), state_of(request).settings.max_items)
+    pairs = text.encode(texts)
+    return await _classify(request, mv, ctx, [text.feeds([pair]) for pair in pairs], top_k)
+
+
+def _check_task(mv: ModelVersion, task: str) -> None:
+    if mv.config.task != task:
+        raise InvalidInput(f"model {mv.name!r} is a {mv.config.task} model; "
+                           f"use /v1/{_ENDPOINT_OF_TASK[mv.config.task]}/{mv.name}")
+
+
+def _check_items(n: int, limit: int) -> None:
+    if n > limit:
+        raise PayloadTooLarge(f"{n} inputs in one request; the limit is {limit}")
+
+
+async def _uploads(request: Request, media_prefixes: tuple[str, ...]) -> list[bytes]:
+    """The uploaded files: multipart parts, or the raw body when it is itself the file."""
+    settings = state_of(request).settings
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        form = await request.form(max_files=settings.max_items, max_fields=settings.max_items)
+        try:
+            files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+            if not files:
+                raise InvalidInput("the multipart body has no file part")
+            _check_items(len(files), settings.max_items)
+            return [await f.read() for f in files]
+        finally:
+            await form.close()
+    if content_type in ("", "application/octet-stream") or content_type.startswith(media_prefixes):
+        return [await request.body()]
+    raise UnsupportedMedia(
+        f"unsupported Content-Type {content_type!r}: send the file as the body "
+        f"({media_prefixes[0]}*) or as multipart/form-data")
+
+
+async def _off_loop_if_large(fn: Callable[[bytes], T], data: bytes) -> T:
+    if len(data) > _DECODE_IN_THREAD_BYTES:
+        return await asyncio.to_thread(fn, data)
+    return fn(data)
+
+
+async def _classify(request: Request, mv: ModelVersion, ctx: RequestContext,
+                    rows: list[dict[str, np.ndarray]], top_k: int) -> Response:
+    state = state_of(request)
+    until = deadline(request, state)
+    for feeds in rows:
+        observe_inputs(mv, feeds, 1)
+    assert mv.batcher is not None
+    results = await asyncio.gather(*(mv.batcher.submit(feeds, 1, until) for feeds in rows),
+                                   return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    labels = mv.model.labels
+    predictions = []
+    for r in results:
+        ctx.timed(r.queue_s, r.compute_s, r.batch_rows)
+        scores = r.outputs[mv.config.scores_output][0]
+        top = np.argsort(-scores, kind="stable")[:top_k].tolist()
+        predictions.append([{"label": labels[i], "probability": float(scores[i])} for i in top])
+    return Response(orjson.dumps({"model": mv.name, "version": str(mv.version), "predictions": predictions}),
+                    media_type="application/json")

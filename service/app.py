@@ -1,0 +1,190 @@
+"""The ASGI application: factory, lifespan (load models, drain on SIGTERM) and the one place where
+errors become HTTP responses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from service import __version__, errors, metrics
+from service import logging as service_logging
+from service.api import health, tasks, v2
+from service.api.middleware import ServiceMiddleware
+from service.api.schemas import DOC_MODELS
+from service.settings import Settings
+from service.state import ServiceState
+
+log = logging.getLogger("neuroserve.app")
+
+# Which `neuroserve_rejections_total` reason each refusal counts as.
+_REJECTION_REASONS: dict[type[errors.ServiceError], str] = {
+    errors.QueueFull: "queue_full",
+    errors.DeadlineExceeded: "deadline",
+    errors.PayloadTooLarge: "too_large",
+    errors.InvalidInput: "invalid",
+    errors.UnsupportedMedia: "invalid",
+    errors.ModelNotReady: "not_ready",
+}
+
+DESCRIPTION = """\
+ONNX inference for image, text and speech classifiers.
+
+* **Open Inference Protocol (V2)** under `/v2`, as KServe and Triton speak it, with the binary tensor
+  data, classification, statistics, model configuration and model repository extensions:
+  `tritonclient.http` works unchanged.
+* **Task endpoints** under `/v1`: upload an image or audio file or send text, get the top-k labels.
+* **Prometheus metrics** at `/metrics`.
+
+Every error is JSON `{"error": message, "code": machine_code}`. Every response carries
+`X-Request-ID` (yours, if you sent one) and `Server-Timing` (queue, compute, batch size).
+"""
+
+
+def _json_error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps({"error": message, "code": code}), status_code=status,
+                    headers=headers, media_type="application/json")
+
+
+async def _service_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, errors.ServiceError)
+    reason = _REJECTION_REASONS.get(type(exc))
+    if reason is not None:
+        ctx = request.scope.get("neuroserve")
+        metrics.reject(ctx.model if ctx else metrics.UNKNOWN_MODEL, reason)
+    if exc.status >= 500 and not isinstance(exc, errors.ModelNotReady | errors.DeadlineExceeded):
+        log.error("%s: %s", exc.code, exc.message)
+    return _json_error(exc.status, exc.message, exc.code, exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    ctx = request.scope.get("neuroserve")
+    metrics.reject(ctx.model if ctx else metrics.UNKNOWN_MODEL, "invalid")
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}" for err in exc.errors()
+    )
+    return _json_error(400, problems or "invalid request", "invalid_request")
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 415: "unsupported_media"}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    message = str(exc.detail) if exc.detail else code
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"no route {request.method} {request.url.path}"
+    return _json_error(exc.status_code, message, code, dict(exc.headers or {}))
+
+
+def _install_drain_on_sigterm(state: ServiceState) -> None:
+    """SIGTERM: turn not-ready and refuse new work, wait for admitted requests, then let the server
+    (uvicorn's own SIGTERM handler) stop. Only the main thread can own signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop_server() -> None:
+        if callable(previous):
+            previous(signal.SIGTERM, None)
+        else:
+            signal.signal(signal.SIGTERM, previous)
+            signal.raise_signal(signal.SIGTERM)
+
+    async def drain_then_stop() -> None:
+        await state.drain()
+        stop_server()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if state.draining:  # a second SIGTERM: stop now
+            loop.call_soon_threadsafe(stop_server)
+            return
+        state.draining = True
+        loop.call_soon_threadsafe(lambda: loop.create_task(drain_then_stop()))
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    service_logging.configure(settings.log_level)
+    state = ServiceState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics.worker_started()
+        # Load in the background: live answers at once, ready turns true when every model is warm.
+        state.load_task = asyncio.create_task(state.repository.load_all())
+        _install_drain_on_sigterm(state)
+        try:
+            yield
+        finally:
+            state.draining = True
+            if not state.load_task.done():
+                state.load_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await state.load_task
+            await state.repository.close()
+            metrics.worker_stopped()
+
+    app = FastAPI(
+        title="neuroserve",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "health", "description": "Liveness, readiness and Prometheus metrics"},
+            {"name": "v2", "description": "Open Inference Protocol (KServe/Triton V2 REST)"},
+            {"name": "v2 repository", "description": "Model repository extension: index, load, unload"},
+            {"name": "tasks", "description": "Upload an image, audio clip or text; get top-k labels"},
+        ],
+    )
+    app.state.service = state
+    app.add_exception_handler(errors.ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(ServiceMiddleware, state=state)
+    app.include_router(health.router)
+    app.include_router(v2.router)
+    app.include_router(tasks.router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, plus the wire models of routes that parse bodies themselves, and with the
+    validation error documented as the 400 JSON error it really is."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                         routes=app.routes, tags=app.openapi_tags)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in DOC_MODELS:
+        doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(doc.pop("$defs", {}))
+        components[model.__name__] = doc
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    error_ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    for path in schema.get("paths", {}).values():
+        for op in path.values():
+            responses = op.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses.setdefault("400", {"description": "Invalid request", **error_ref})
+    app.openapi_schema = schema
+    return schema

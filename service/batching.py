@@ -1,0 +1,423 @@
+"""Dynamic batching: a bounded queue per model version, merged into one ONNX Runtime call per batch.
+
+When does a batch close? As soon as it is full (`max_batch_size` rows). Otherwise the batcher asks
+whether waiting can help: if the runtime is idle and no other request is expected (the number of
+requests in flight is already what it recently peaked at, e.g. one client sending one request at a
+time), the batch goes at once, so a lone request pays no delay. Only while another instance is
+computing, or while more requests are expected to arrive, does it wait, and never longer than
+`max_queue_delay` counted from the oldest request's arrival. With one instance, requests that
+arrive while a batch computes simply queue and form the next batch.
+
+Variable-length inputs (text ids and masks) are padded to the longest row of their batch; the batch
+is chosen around the oldest request from requests of similar length, so little padding is wasted.
+An ORT error in a merged batch is retried request by request, so only the offending request fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from time import perf_counter
+
+import numpy as np
+
+from service.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, QueueFull, ServiceError
+from service.metrics import ModelMetrics
+from service.stats import Stats
+
+log = logging.getLogger("neuroserve.batching")
+
+# A batch never takes a request that would make more than this share of its padded tensor padding;
+# such a request goes into the next batch with requests of its own length instead.
+MAX_PADDING_RATIO = 0.5
+# How long the recent peak of concurrent requests is remembered (see `_expected_arrivals`).
+PEAK_WINDOW_S = 1.0
+
+RunFn = Callable[[int, dict[str, np.ndarray]], Sequence[np.ndarray]]
+ObserveFn = Callable[[dict[str, np.ndarray]], None]
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    """How one input is merged: concatenated, or padded along `variable_axes` with `pad_value`."""
+
+    name: str
+    variable_axes: tuple[int, ...] = ()
+    pad_value: int | float = 0
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int
+    max_queue_delay_s: float
+    max_queue_size: int
+    instances: int = 1
+
+
+@dataclass(slots=True)
+class BatchResult:
+    outputs: dict[str, np.ndarray]
+    queue_s: float
+    compute_s: float
+    batch_rows: int
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    length: int
+    future: asyncio.Future[BatchResult]
+    enqueued: float
+    deadline: float | None
+    timer: asyncio.TimerHandle | None = None
+    queued: bool = True
+
+
+class Batcher:
+    def __init__(
+        self,
+        run: RunFn,
+        output_names: Sequence[str],
+        layouts: Sequence[InputLayout],
+        policy: BatchPolicy,
+        metrics: ModelMetrics,
+        stats: Stats,
+        observe: ObserveFn | None = None,
+    ) -> None:
+        self._run_fn = run
+        self.output_names = list(output_names)
+        self.layouts = list(layouts)
+        self.policy = policy
+        self.metrics = metrics
+        self.stats = stats
+        self._observe = observe
+        self._variable = next((lay for lay in self.layouts if lay.variable_axes), None)
+        self._pending: deque[_Pending] = deque()
+        self._queued_rows = 0
+        self._inflight = 0
+        self._busy = 0
+        self._peak_cur = 0
+        self._peak_prev = 0
+        self._peak_epoch = 0.0
+        self._closing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._scheduler: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._wake: asyncio.Event | None = None
+        self._instances: asyncio.Queue[int] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._instances = asyncio.Queue()
+        for i in range(self.policy.instances):
+            self._instances.put_nowait(i)
+        self._executor = ThreadPoolExecutor(self.policy.instances, thread_name_prefix="ort")
+        self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
+
+    async def close(self) -> None:
+        """Stop admitting, finish everything already accepted, then release the threads."""
+        self._closing = True
+        if self._scheduler is None:
+            return
+        self._wake.set()
+        await self._scheduler
+        while self._tasks:
+            await asyncio.gather(*self._tasks)
+        self._executor.shutdown(wait=False)
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    # -- admission ---------------------------------------------------------------------------------
+
+    async def submit(
+        self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None = None
+    ) -> BatchResult:
+        """Queue `rows` rows (arrays with the batch axis first) and wait for their outputs.
+
+        `deadline` is a `time.perf_counter()` value; a request still queued then is shed (504).
+        """
+        if self._closing or self._scheduler is None:
+            raise ModelNotReady("model version is unloading")
+        if self._queued_rows + rows > self.policy.max_queue_size:
+            raise QueueFull(
+                f"queue full ({self._queued_rows} of {self.policy.max_queue_size} rows waiting)",
+                headers={"Retry-After": str(self._retry_after())},
+            )
+        loop = asyncio.get_running_loop()
+        now = perf_counter()
+        length = 0
+        if self._variable is not None:
+            arr = inputs[self._variable.name]
+            length = math.prod(arr.shape[1:])
+        p = _Pending(inputs, rows, length, loop.create_future(), now, deadline)
+        if deadline is not None:
+            p.timer = loop.call_later(max(0.0, deadline - now), self._expire, p)
+        self._pending.append(p)
+        self._queued_rows += rows
+        self.metrics.queue_depth.inc(rows)
+        self._track_inflight(loop.time())
+        self.metrics.inflight.inc()
+        self._wake.set()
+        try:
+            return await p.future
+        finally:
+            self._inflight -= 1
+            self.metrics.inflight.dec()
+            if p.queued:  # cancelled while waiting
+                self._dequeue(p)
+
+    def _track_inflight(self, now: float) -> None:
+        elapsed = now - self._peak_epoch
+        if elapsed >= PEAK_WINDOW_S:
+            self._peak_prev = self._peak_cur if elapsed < 2 * PEAK_WINDOW_S else 0
+            self._peak_cur = 0
+            self._peak_epoch = now
+        self._inflight += 1
+        if self._inflight > self._peak_cur:
+            self._peak_cur = self._inflight
+
+    def _expected_arrivals(self) -> int:
+        """Requests likely on their way: the recent peak of concurrent requests minus those here.
+
+        Clients that keep N requests in flight send the next one as soon as an answer arrives, so
+        after a batch returns, N minus what is already queued will come back shortly.
+        """
+        return max(self._peak_prev, self._peak_cur) - self._inflight
+
+    def _retry_after(self) -> int:
+        return 1
+
+    def _dequeue(self, p: _Pending) -> None:
+        p.queued = False
+        self._queued_rows -= p.rows
+        self.metrics.queue_depth.dec(p.rows)
+        if p.timer is not None:
+            p.timer.cancel()
+
+    def _expire(self, p: _Pending) -> None:
+        if not p.queued or p.future.done():
+            return
+        self._dequeue(p)
+        waited_ms = (perf_counter() - p.enqueued) * 1000
+        p.future.set_exception(
+            DeadlineExceeded(f"deadline passed after {waited_ms:.1f} ms in the queue; not computed")
+        )
+
+    # -- scheduling --------------------------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._queued_rows == 0:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            instance = await self._instances.get()
+            # Requests whose bytes already arrived are one loop turn away from the queue: let them in.
+            await asyncio.sleep(0)
+            batch = await self._collect()
+            if not batch:
+                self._instances.put_nowait(instance)
+                continue
+            self._busy += 1
+            task = loop.create_task(self._execute(batch, instance))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _collect(self) -> list[_Pending]:
+        max_rows = self.policy.max_batch_size
+        while self._queued_rows and self._queued_rows < max_rows and not self._closing:
+            if self._busy == 0 and self._expected_arrivals() <= 0:
+                break  # idle runtime and nobody else coming: waiting would only add latency
+            oldest = self._oldest()
+            if oldest is None:
+                break
+            remaining = oldest.enqueued + self.policy.max_queue_delay_s - perf_counter()
+            if remaining <= 0:
+                break
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
+            except TimeoutError:
+                break
+        return self._take()
+
+    def _oldest(self) -> _Pending | None:
+        while self._pending and not self._pending[0].queued:
+            self._pending.popleft()
+        return self._pending[0] if self._pending else None
+
+    def _live(self) -> list[_Pending]:
+        """Queued requests in arrival order, shedding those whose deadline has passed."""
+        now = perf_counter()
+        live = []
+        for p in self._pending:
+            if not p.queued:
+                continue
+            if p.deadline is not None and now >= p.deadline:
+                self._expire(p)
+                continue
+            live.append(p)
+        return live
+
+    def _take(self) -> list[_Pending]:
+        max_rows = self.policy.max_batch_size
+        live = self._live()
+        if not live:
+            self._pending.clear()
+            return []
+        if self._variable is None:
+            batch, rows = [], 0
+            for p in live:
+                if rows + p.rows <= max_rows:
+                    batch.append(p)
+                    rows += p.rows
+                    if rows == max_rows:
+                        break
+        else:
+            batch = self._take_similar_lengths(live, max_rows)
+        for p in batch:
+            self._dequeue(p)
+        self._pending = deque(p for p in live if p.queued)
+        return batch
+
+    @staticmethod
+    def _take_similar_lengths(live: list[_Pending], max_rows: int) -> list[_Pending]:
+        anchor = live[0]  # the oldest always goes, so no request starves
+        batch = [anchor]
+        rows, longest, useful = anchor.rows, anchor.length, anchor.rows * anchor.length
+        for p in sorted(live[1:], key=lambda q: abs(q.length - anchor.length)):
+            if rows + p.rows > max_rows:
+                continue
+            new_longest = max(longest, p.length)
+            new_useful = useful + p.rows * p.length
+            if 1 - new_useful / ((rows + p.rows) * new_longest) > MAX_PADDING_RATIO:
+                continue
+            batch.append(p)
+            rows, longest, useful = rows + p.rows, new_longest, new_useful
+            if rows == max_rows:
+                break
+        return batch
+
+    # -- execution ---------------------------------------------------------------------------------
+
+    async def _execute(self, batch: list[_Pending], instance: int) -> None:
+        start = perf_counter()
+        for p in batch:
+            queue_s = start - p.enqueued
+            self.metrics.queue.observe(queue_s)
+            self.stats.queue.add(queue_s)
+        loop = asyncio.get_running_loop()
+        try:
+            results, (input_s, infer_s, output_s), padding = await loop.run_in_executor(
+                self._executor, self._compute, batch, instance
+            )
+        finally:
+            self._busy -= 1
+            self._instances.put_nowait(instance)
+        rows = sum(p.rows for p in batch)
+        self.metrics.compute.observe(infer_s)
+        self.metrics.batch_size.observe(rows)
+        if padding is not None:
+            self.metrics.padding.observe(padding)
+        self.stats.batch(rows, len(batch), input_s, infer_s, output_s)
+        end = perf_counter()
+        for p, result in zip(batch, results, strict=True):
+            if p.future.done():
+                continue
+            if isinstance(result, BaseException):
+                self.stats.fail.add(end - p.enqueued)
+                if not isinstance(result, ServiceError):
+                    log.error("inference failed: %s", result, extra={"batch_rows": rows})
+                    result = InferenceFailed(f"inference failed: {result}")
+                p.future.set_exception(result)
+            else:
+                self.stats.success.add(end - p.enqueued)
+                p.future.set_result(BatchResult(result, start - p.enqueued, infer_s, rows))
+
+    def _compute(
+        self, batch: list[_Pending], instance: int
+    ) -> tuple[list[dict[str, np.ndarray] | Exception], tuple[float, float, float], float | None]:
+        """Runs in the executor thread: merge, one ORT call, split (ORT releases the GIL)."""
+        t0 = perf_counter()
+        try:
+            feeds, padding = self._merge(batch)
+        except Exception as e:  # inconsistent shapes the codec let through
+            return [e] * len(batch), (perf_counter() - t0, 0.0, 0.0), None
+        t1 = perf_counter()
+        try:
+            outs = self._run_fn(instance, feeds)
+        except Exception as e:
+            t2 = perf_counter()
+            if len(batch) == 1:
+                return [e], (t1 - t0, t2 - t1, 0.0), padding
+            # One bad request must not fail its neighbours: run each alone to find it.
+            return [self._run_alone(p, instance) for p in batch], (t1 - t0, t2 - t1, 0.0), padding
+        t2 = perf_counter()
+        named = dict(zip(self.output_names, outs, strict=True))
+        if len(batch) == 1:
+            results: list[dict[str, np.ndarray] | Exception] = [named]
+        else:
+            results, offset = [], 0
+            for p in batch:
+                results.append({k: v[offset:offset + p.rows] for k, v in named.items()})
+                offset += p.rows
+        if self._observe is not None:
+            self._observe(named)
+        return results, (t1 - t0, t2 - t1, perf_counter() - t2), padding
+
+    def _run_alone(self, p: _Pending, instance: int) -> dict[str, np.ndarray] | Exception:
+        try:
+            named = dict(zip(self.output_names, self._run_fn(instance, p.inputs), strict=True))
+        except Exception as e:
+            return e
+        if self._observe is not None:
+            self._observe(named)
+        return named
+
+    def _merge(self, batch: list[_Pending]) -> tuple[dict[str, np.ndarray], float | None]:
+        """One feed dict for the whole batch; also the padding ratio of the first padded input."""
+        if len(batch) == 1:
+            return batch[0].inputs, (0.0 if self._variable is not None else None)
+        feeds: dict[str, np.ndarray] = {}
+        padding = None
+        total = sum(p.rows for p in batch)
+        for layout in self.layouts:
+            arrays = [p.inputs[layout.name] for p in batch]
+            if not layout.variable_axes:
+                feeds[layout.name] = np.concatenate(arrays)
+                continue
+            shape = (total, *(max(a.shape[ax] for a in arrays) for ax in range(1, arrays[0].ndim)))
+            out = np.full(shape, layout.pad_value, dtype=arrays[0].dtype)
+            offset = 0
+            for a in arrays:
+                out[(slice(offset, offset + len(a)), *(slice(0, d) for d in a.shape[1:]))] = a
+                offset += len(a)
+            feeds[layout.name] = out
+            if padding is None:
+                padding = 1.0 - sum(a.size for a in arrays) / out.size
+        return feeds, padding
+
+
+async def cancel_quietly(task: asyncio.Task[object]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,0 +1,111 @@
+"""`neuroserve serve`: validate the settings, prepare multi-worker metrics, start uvicorn.
+
+Every `Settings` field is a flag here (`--max-body-bytes` for `max_body_bytes`); a flag overrides
+the matching `NEUROSERVE_*` environment variable, which overrides the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import types
+import typing
+from typing import Any, get_args, get_origin
+
+from pydantic import ValidationError
+
+from service import __version__
+from service import logging as service_logging
+from service.settings import Settings
+
+log = logging.getLogger("neuroserve.cli")
+
+
+def _flag_kwargs(annotation: Any) -> dict[str, Any]:
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if get_origin(annotation) is typing.Literal:
+        return {"choices": list(get_args(annotation))}
+    if isinstance(annotation, types.UnionType):
+        return {}
+    return {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuroserve", description="ONNX inference service")
+    parser.add_argument("--version", action="version", version=f"neuroserve {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve", help="serve the model repository over HTTP",
+        description="Every option can also be set by the environment variable NEUROSERVE_<OPTION> "
+                    "(e.g. NEUROSERVE_PORT=9000).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"NEUROSERVE_{name.upper()}"
+        serve.add_argument(flag, dest=name, default=None, help=f"{field.description} [{env}; default "
+                           f"{field.default}]", **_flag_kwargs(field.annotation))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        print(f"neuroserve: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+def serve(settings: Settings) -> int:
+    service_logging.configure(settings.log_level)
+    from service.runtime import cuda_available
+
+    if settings.providers == "cuda" and not cuda_available():
+        log.error("--providers cuda, but this onnxruntime has no CUDA execution provider "
+                  "(install onnxruntime-gpu, or use --providers auto|cpu)")
+        return 2
+    if not settings.model_repository.is_dir():
+        log.error("model repository %s is not a directory", settings.model_repository)
+        return 2
+    # Workers are separate processes that read their settings from the environment.
+    os.environ.update(settings.to_environ())
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    if settings.workers > 1:
+        # A fresh directory per run: values from an earlier run must not leak into this one.
+        directory = tempfile.mkdtemp(prefix="neuroserve-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+
+    import uvicorn
+
+    log.info("starting", extra={"host": settings.host, "port": settings.port, "workers": settings.workers,
+                                "providers": settings.providers, "cores": settings.cores,
+                                "model_repository": str(settings.model_repository)})
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="httptools",
+        log_config=service_logging.config_dict(settings.log_level),
+        access_log=False,  # the service writes its own access line, with request id and model
+        server_header=False,
+        backlog=2048,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,356 @@
+"""Open Inference Protocol (V2) bodies ⇄ numpy arrays: JSON tensors and the binary tensor extension.
+
+On the hot path on purpose: JSON goes through orjson straight to numpy (no pydantic per tensor),
+binary tensors are `np.frombuffer` views of the request body, and responses are written by orjson,
+which serialises numpy arrays natively.
+
+Binary layout (Triton's extension): the body starts with `Inference-Header-Content-Length` bytes of
+JSON; then each input with `parameters.binary_data_size` takes its bytes in input order. Numeric
+tensors are raw little-endian row-major; BYTES tensors are each element prefixed by its uint32 length.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from service.codecs.text import TextModel
+from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
+from service.model_config import V2_TO_NUMPY, ModelConfig
+
+HEADER_LENGTH = "inference-header-content-length"
+_NUMPY_DTYPES = {k: np.dtype(v) for k, v in V2_TO_NUMPY.items()}
+_DTYPE_TO_V2 = {np.dtype(v): k for k, v in V2_TO_NUMPY.items()}
+_JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+    classification: int = 0  # >0: top-k "score:index:label" strings instead of the tensor
+
+
+@dataclass(slots=True)
+class InferRequest:
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    datatypes: dict[str, str]
+    outputs: list[RequestedOutput] | None  # None: every output
+    binary_output: bool
+    timeout_s: float | None
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Undo `Content-Encoding: gzip|deflate` (tritonclient can compress requests), within `limit`."""
+    if not encoding or encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise UnsupportedMedia(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
+    d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise InvalidInput(f"corrupt {encoding} body: {e}") from e
+    if len(out) > limit:
+        raise PayloadTooLarge(f"decompressed body exceeds {limit} bytes")
+    return out
+
+
+def decode_request(body: bytes, header_length: str | None) -> InferRequest:
+    """Parse an infer request body (JSON, or JSON header + binary tensors)."""
+    view = memoryview(body)
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+        if not 0 < n <= len(body):
+            raise InvalidInput(f"{HEADER_LENGTH} {n} is outside the body of {len(body)} bytes")
+        header_view, binary = view[:n], view[n:]
+    else:
+        header_view, binary = view, view[:0]
+    try:
+        doc = orjson.loads(header_view)
+    except orjson.JSONDecodeError as e:
+        raise InvalidInput(f"request body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidInput("request needs a non-empty 'inputs' list")
+
+    inputs: dict[str, np.ndarray] = {}
+    datatypes: dict[str, str] = {}
+    offset = 0
+    for i, item in enumerate(raw_inputs):
+        if not isinstance(item, dict):
+            raise InvalidInput(f"inputs[{i}] must be an object")
+        name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
+        if not isinstance(name, str):
+            raise InvalidInput(f"inputs[{i}] needs a string 'name'")
+        if name in inputs:
+            raise InvalidInput(f"input {name!r} appears twice")
+        if datatype != "BYTES" and datatype not in _NUMPY_DTYPES:
+            raise InvalidInput(f"input {name!r}: unknown datatype {datatype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers")
+        params = item.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidInput(f"input {name!r}: 'parameters' must be an object")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if type(size) is not int or size < 0 or offset + size > len(binary):
+                raise InvalidInput(f"input {name!r}: binary_data_size {size!r} exceeds the binary data")
+            inputs[name] = _from_binary(name, datatype, shape, binary[offset:offset + size])
+            offset += size
+        elif "data" in item:
+            inputs[name] = _from_json(name, datatype, shape, item["data"])
+        else:
+            raise InvalidInput(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+        datatypes[name] = datatype
+    if offset != len(binary):
+        raise InvalidInput(f"{len(binary) - offset} bytes of binary data belong to no input")
+
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput("'parameters' must be an object")
+    binary_output = params.get("binary_data_output") is True
+    outputs = None
+    if doc.get("outputs") is not None:
+        outputs = _requested_outputs(doc["outputs"], binary_output)
+    timeout_s = None
+    timeout = params.get("timeout")  # Triton's per-request timeout, in microseconds
+    if timeout is not None:
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
+            raise InvalidInput("parameters.timeout must be a non-negative number of microseconds")
+        timeout_s = timeout / 1e6 if timeout else None
+    rid = doc.get("id")
+    rid = None if rid is None else str(rid)
+    return InferRequest(rid, inputs, datatypes, outputs, binary_output, timeout_s)
+
+
+def _requested_outputs(raw: Any, binary_default: bool) -> list[RequestedOutput]:
+    if not isinstance(raw, list):
+        raise InvalidInput("'outputs' must be a list")
+    out = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidInput(f"outputs[{i}] needs a string 'name'")
+        params = item.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidInput(f"outputs[{i}].parameters must be an object")
+        binary = params.get("binary_data", binary_default)
+        k = params.get("classification", 0)
+        if type(k) is not int or k < 0:
+            raise InvalidInput(f"output {item['name']!r}: classification must be a non-negative integer")
+        out.append(RequestedOutput(item["name"], binary is True, k))
+    return out
+
+
+def _from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
+    n = math.prod(shape)
+    if datatype == "BYTES":
+        flat = list(_flatten(data))
+        try:
+            arr = np.array([s.encode() if isinstance(s, str) else bytes(s) for s in flat], dtype=object)
+        except (TypeError, ValueError) as e:
+            raise InvalidInput(f"input {name!r}: BYTES data must be strings") from e
+    else:
+        try:
+            arr = np.array(data, dtype=_NUMPY_DTYPES[datatype])
+        except (TypeError, ValueError, OverflowError) as e:
+            raise InvalidInput(f"input {name!r}: data is not valid {datatype}: {e}") from None
+    if arr.size != n:
+        raise InvalidInput(f"input {name!r}: shape {shape} holds {n} elements but data has {arr.size}")
+    return arr.reshape(shape)
+
+
+def _flatten(data: Any):
+    if isinstance(data, list):
+        for x in data:
+            yield from _flatten(x)
+    else:
+        yield data
+
+
+def _from_binary(name: str, datatype: str, shape: list[int], buf: memoryview) -> np.ndarray:
+    n = math.prod(shape)
+    if datatype == "BYTES":
+        items, pos = [], 0
+        while pos < len(buf):
+            if pos + 4 > len(buf):
+                raise InvalidInput(f"input {name!r}: truncated BYTES element length")
+            (length,) = struct.unpack_from("<I", buf, pos)
+            pos += 4
+            if pos + length > len(buf):
+                raise InvalidInput(f"input {name!r}: truncated BYTES element")
+            items.append(bytes(buf[pos:pos + length]))
+            pos += length
+        if len(items) != n:
+            raise InvalidInput(f"input {name!r}: shape {shape} holds {n} elements but data has {len(items)}")
+        return np.array(items, dtype=object).reshape(shape)
+    dtype = _NUMPY_DTYPES[datatype]
+    if len(buf) != n * dtype.itemsize:
+        raise InvalidInput(
+            f"input {name!r}: shape {shape} of {datatype} needs {n * dtype.itemsize} bytes, got {len(buf)}"
+        )
+    arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    if not arr.flags.aligned:  # the JSON header's length decides the offset; ORT wants aligned data
+        arr = arr.copy()
+    return arr
+
+
+# -- model-aware checks -----------------------------------------------------------------------------
+
+
+def to_feeds(
+    req: InferRequest, config: ModelConfig, text: TextModel | None
+) -> tuple[dict[str, np.ndarray], int]:
+    """Check the request's tensors against the model and return the feeds and their row count."""
+    if text is not None and len(req.inputs) == 1 and next(iter(req.datatypes.values())) == "BYTES":
+        return _tokenize(next(iter(req.inputs.items())), config, text)
+    specs = {s.name: s for s in config.inputs}
+    missing = [n for n in specs if n not in req.inputs]
+    if missing:
+        raise InvalidInput(f"missing input(s) {missing}; model {config.name!r} takes {list(specs)}")
+    extra = [n for n in req.inputs if n not in specs]
+    if extra:
+        raise InvalidInput(f"unexpected input(s) {extra}; model {config.name!r} takes {list(specs)}")
+    rows = None
+    for name, arr in req.inputs.items():
+        spec = specs[name]
+        if req.datatypes[name] != spec.datatype:
+            raise InvalidInput(
+                f"input {name!r}: datatype {req.datatypes[name]}, the model takes {spec.datatype}"
+            )
+        if arr.ndim != len(spec.shape):
+            raise InvalidInput(f"input {name!r}: shape {list(arr.shape)}, the model takes {spec.shape}")
+        for axis, (got, want) in enumerate(zip(arr.shape, spec.shape, strict=True)):
+            if got == 0 or (want != -1 and got != want):
+                raise InvalidInput(f"input {name!r}: shape {list(arr.shape)}, the model takes {spec.shape} "
+                                   f"(axis {axis})")
+        if rows is None:
+            rows = arr.shape[0]
+        elif arr.shape[0] != rows:
+            raise InvalidInput("all inputs must have the same batch size (first axis)")
+    assert rows is not None
+    max_rows = config.batching.max_batch_size
+    if rows > max_rows:
+        raise InvalidInput(f"batch of {rows} rows exceeds max_batch_size {max_rows}; split the request")
+    if text is not None:
+        _check_tokens(req.inputs, config, text)
+    return req.inputs, rows
+
+
+def _check_tokens(inputs: dict[str, np.ndarray], config: ModelConfig, text: TextModel) -> None:
+    shapes = {a.shape for a in inputs.values()}
+    if len(shapes) != 1:
+        raise InvalidInput("token ids, attention mask (and token types) must all have the same shape")
+    length = next(iter(shapes))[1]
+    if config.text is not None and length > config.text.max_tokens:
+        raise InvalidInput(f"{length} tokens per row; the model takes at most {config.text.max_tokens}")
+    ids = inputs[text.ids]
+    vocab = text.vocab_size
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise InvalidInput(f"input {text.ids!r}: token ids must lie in [0, {vocab})")
+
+
+def _tokenize(
+    item: tuple[str, np.ndarray], config: ModelConfig, text: TextModel
+) -> tuple[dict[str, np.ndarray], int]:
+    name, arr = item
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1 or not len(arr):
+        raise InvalidInput(f"BYTES input {name!r} must be shaped [n] or [n, 1] (one string per row)")
+    if len(arr) > config.batching.max_batch_size:
+        raise InvalidInput(f"{len(arr)} texts exceed max_batch_size {config.batching.max_batch_size}")
+    try:
+        texts = [b.decode("utf-8") for b in arr]
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"BYTES input {name!r} is not UTF-8 text") from e
+    return text.feeds(text.encode(texts)), len(texts)
+
+
+# -- responses --------------------------------------------------------------------------------------
+
+
+def encode_response(
+    model_name: str,
+    version: str,
+    req: InferRequest,
+    outputs: dict[str, np.ndarray],
+    labels: Sequence[str],
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary tensors follow it."""
+    wanted = req.outputs
+    if wanted is None:
+        wanted = [RequestedOutput(name, req.binary_output) for name in outputs]
+    entries: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for out in wanted:
+        arr = outputs[out.name]
+        if out.classification:
+            arr = classify(arr, out.classification, labels)
+        datatype = "BYTES" if arr.dtype == object else _DTYPE_TO_V2[arr.dtype]
+        entry: dict[str, Any] = {"name": out.name, "datatype": datatype, "shape": list(arr.shape)}
+        if out.binary:
+            raw = _bytes_to_binary(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        elif datatype == "BYTES":
+            entry["data"] = [b.decode("utf-8", "replace") for b in arr.reshape(-1)]
+        else:
+            entry["data"] = np.ascontiguousarray(arr).reshape(-1)
+        entries.append(entry)
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": entries}
+    if req.id is not None:
+        doc["id"] = req.id
+    header = orjson.dumps(doc, option=_JSON_OPTS)
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+
+def check_outputs(req: InferRequest, config: ModelConfig) -> None:
+    """Reject unknown output names and classification of non-matrix outputs before any compute."""
+    if req.outputs is None:
+        return
+    specs = {o.name: o for o in config.outputs}
+    for out in req.outputs:
+        spec = specs.get(out.name)
+        if spec is None:
+            raise InvalidInput(f"unknown output {out.name!r}; model {config.name!r} has {list(specs)}")
+        if out.classification and len(spec.shape) != 2:
+            raise InvalidInput(
+                f"classification needs a [batch, classes] output; {out.name!r} is {spec.shape}"
+            )
+
+
+def classify(scores: np.ndarray, k: int, labels: Sequence[str]) -> np.ndarray:
+    """Triton's classification extension: per row the top-k as b"score:index:label" strings."""
+    k = min(k, scores.shape[-1])
+    top = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+    named = len(labels) == scores.shape[-1]
+    out = np.empty(top.shape, dtype=object)
+    for row in range(top.shape[0]):
+        for j, idx in enumerate(top[row].tolist()):
+            s = f"{float(scores[row, idx]):f}:{idx}"
+            out[row, j] = (f"{s}:{labels[idx]}" if named else s).encode()
+    return out
+
+
+def _bytes_to_binary(arr: np.ndarray) -> bytes:
+    parts = []
+    for b in arr.reshape(-1):
+        parts.append(struct.pack("<I", len(b)))
+        parts.append(b)
+    return b"".join(parts)

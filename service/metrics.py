@@ -1,0 +1,238 @@
+"""Prometheus metrics: the names below are a public contract (alert rules and dashboards use them).
+
+With several uvicorn workers the CLI sets PROMETHEUS_MULTIPROC_DIR before any worker imports this
+module; prometheus-client then keeps each value in a per-process file, `/metrics` sums the files,
+and `ProcessCollector` is replaced by `WorkerProcessCollector`, which reports every live worker's
+memory and CPU with a `pid` label.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+UNKNOWN_MODEL = "_unknown"  # label for requests naming no known model: user input never becomes a label
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                   0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+RMS_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+PROVIDER_LABELS = ("model", "version", "provider")
+
+REQUEST_DURATION = Histogram(
+    "neuroserve_request_duration_seconds", "End-to-end request time inside the service",
+    ["model", "version", "provider", "endpoint", "code"], buckets=LATENCY_BUCKETS)
+QUEUE_DURATION = Histogram(
+    "neuroserve_queue_duration_seconds", "Time a request waited in the batch queue",
+    PROVIDER_LABELS, buckets=LATENCY_BUCKETS)
+COMPUTE_DURATION = Histogram(
+    "neuroserve_compute_duration_seconds", "ONNX Runtime time per batch",
+    PROVIDER_LABELS, buckets=LATENCY_BUCKETS)
+BATCH_SIZE = Histogram(
+    "neuroserve_batch_size", "Rows per ONNX Runtime call", PROVIDER_LABELS, buckets=BATCH_BUCKETS)
+PADDING_RATIO = Histogram(
+    "neuroserve_padding_ratio", "Padding elements / all elements of a padded batch tensor",
+    PROVIDER_LABELS, buckets=RATIO_BUCKETS)
+PREDICTION_CONFIDENCE = Histogram(
+    "neuroserve_prediction_confidence", "Top-1 probability per prediction",
+    ["model", "version"], buckets=RATIO_BUCKETS)
+INPUT_IMAGE_INTENSITY = Histogram(
+    "neuroserve_input_image_mean_intensity", "Mean pixel value of an input image, 0 (black) to 1",
+    ["model", "version"], buckets=RATIO_BUCKETS)
+INPUT_TEXT_TOKENS = Histogram(
+    "neuroserve_input_text_tokens", "Tokens per input text", ["model", "version"], buckets=TOKEN_BUCKETS)
+INPUT_AUDIO_DURATION = Histogram(
+    "neuroserve_input_audio_duration_seconds", "Duration of an input clip before fitting to the model",
+    ["model", "version"], buckets=DURATION_BUCKETS)
+INPUT_AUDIO_RMS = Histogram(
+    "neuroserve_input_audio_rms", "Root-mean-square level of an input clip (full scale = 1)",
+    ["model", "version"], buckets=RMS_BUCKETS)
+
+REQUESTS = Counter(
+    "neuroserve_requests", "Requests by outcome (success|client_error|rejected|error)",
+    ["model", "version", "endpoint", "outcome"])
+REJECTIONS = Counter(
+    "neuroserve_rejections", "Requests refused, by reason (queue_full|deadline|too_large|invalid|not_ready)",
+    ["model", "reason"])
+PREDICTIONS = Counter(
+    "neuroserve_predictions", "Predictions by top-1 label", ["model", "version", "label"])
+
+# Gauges: what each mode means once several workers write them.
+QUEUE_DEPTH = Gauge(
+    "neuroserve_queue_depth", "Rows waiting in batch queues (sum over workers)",
+    ["model", "version"], multiprocess_mode="livesum")
+INFLIGHT = Gauge(
+    "neuroserve_inflight_requests", "Requests accepted by a batcher and not yet answered (sum over workers)",
+    ["model", "version"], multiprocess_mode="livesum")
+MODEL_STATE = Gauge(
+    "neuroserve_model_state", "1 for the model version's current state (max over workers)",
+    ["model", "version", "state"], multiprocess_mode="livemax")
+MODEL_LOAD_DURATION = Gauge(
+    "neuroserve_model_load_duration_seconds", "Seconds the last load (session + warm-up) took",
+    ["model", "version"], multiprocess_mode="livemax")
+MODEL_INFO = Gauge(
+    "neuroserve_model_info", "1 for each loaded model version, labelled by execution provider",
+    PROVIDER_LABELS, multiprocess_mode="livemax")
+
+MODEL_STATES = ("loading", "ready", "unavailable", "unloaded")
+
+# Outcome of a response, from its status code.
+_REJECTED_CODES = {413, 429, 503, 504}
+
+
+def outcome(status: int) -> str:
+    if status < 400:
+        return "success"
+    if status in _REJECTED_CODES:
+        return "rejected"
+    if status < 500:
+        return "client_error"
+    return "error"
+
+
+def set_model_state(model: str, version: str, state: str) -> None:
+    for s in MODEL_STATES:
+        MODEL_STATE.labels(model, version, s).set(1 if s == state else 0)
+
+
+@dataclass
+class ModelMetrics:
+    """The label children of one model version, resolved once instead of on every request."""
+
+    model: str
+    version: str
+    provider: str
+    labels: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        p = (self.model, self.version, self.provider)
+        mv = (self.model, self.version)
+        self.queue = QUEUE_DURATION.labels(*p)
+        self.compute = COMPUTE_DURATION.labels(*p)
+        self.batch_size = BATCH_SIZE.labels(*p)
+        self.padding = PADDING_RATIO.labels(*p)
+        self.confidence = PREDICTION_CONFIDENCE.labels(*mv)
+        self.image_intensity = INPUT_IMAGE_INTENSITY.labels(*mv)
+        self.text_tokens = INPUT_TEXT_TOKENS.labels(*mv)
+        self.audio_duration = INPUT_AUDIO_DURATION.labels(*mv)
+        self.audio_rms = INPUT_AUDIO_RMS.labels(*mv)
+        self.queue_depth = QUEUE_DEPTH.labels(*mv)
+        self.inflight = INFLIGHT.labels(*mv)
+        self._predictions = [PREDICTIONS.labels(self.model, self.version, label) for label in self.labels]
+        self._requests: dict[tuple[str, int], tuple[Histogram, Counter]] = {}
+
+    def request(self, endpoint: str, status: int, seconds: float) -> None:
+        children = self._requests.get((endpoint, status))
+        if children is None:
+            children = (
+                REQUEST_DURATION.labels(self.model, self.version, self.provider, endpoint, str(status)),
+                REQUESTS.labels(self.model, self.version, endpoint, outcome(status)),
+            )
+            self._requests[(endpoint, status)] = children
+        children[0].observe(seconds)
+        children[1].inc()
+
+    def predictions(self, scores: np.ndarray) -> None:
+        """Count top-1 labels and observe top-1 confidence for a (rows, classes) score matrix."""
+        if scores.ndim != 2 or scores.shape[1] != len(self._predictions) or not len(scores):
+            return
+        top = scores.argmax(axis=1)
+        for conf in scores[np.arange(len(top)), top].tolist():
+            self.confidence.observe(conf)
+        for idx, n in enumerate(np.bincount(top, minlength=len(self._predictions)).tolist()):
+            if n:
+                self._predictions[idx].inc(n)
+
+
+def request_without_model(endpoint: str, status: int, seconds: float, model: str = UNKNOWN_MODEL) -> None:
+    """Requests that never reached a model version (unknown model, not ready, malformed)."""
+    REQUEST_DURATION.labels(model, "", "", endpoint, str(status)).observe(seconds)
+    REQUESTS.labels(model, "", endpoint, outcome(status)).inc()
+
+
+def reject(model: str, reason: str) -> None:
+    REJECTIONS.labels(model, reason).inc()
+
+
+class WorkerProcessCollector:
+    """`process_resident_memory_bytes` and `process_cpu_seconds_total` for every live worker.
+
+    prometheus-client's ProcessCollector only sees the process that answers the scrape; in
+    multiprocess mode each worker announces its pid with a file in the metrics directory and the
+    scraping worker reads every announced pid's /proc entry.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+        self.ticks = os.sysconf("SC_CLK_TCK")
+        self.pagesize = os.sysconf("SC_PAGE_SIZE")
+
+    @staticmethod
+    def announce(directory: str) -> None:
+        (Path(directory) / f"worker_{os.getpid()}.pid").touch()
+
+    @staticmethod
+    def retire(directory: str) -> None:
+        (Path(directory) / f"worker_{os.getpid()}.pid").unlink(missing_ok=True)
+
+    def collect(self) -> Iterable[Metric]:
+        rss = GaugeMetricFamily("process_resident_memory_bytes", "Resident memory size in bytes.",
+                                labels=["pid"])
+        cpu = CounterMetricFamily("process_cpu_seconds_total", "Total user and system CPU time in seconds.",
+                                  labels=["pid"])
+        for path in sorted(self.directory.glob("worker_*.pid")):
+            pid = path.stem.removeprefix("worker_")
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # the worker died without retiring its file
+            # Fields after the command name: utime and stime are the 12th and 13th, rss the 22nd.
+            cpu.add_metric([pid], (int(stat[11]) + int(stat[12])) / self.ticks)
+            rss.add_metric([pid], int(stat[21]) * self.pagesize)
+        yield rss
+        yield cpu
+
+
+def registry() -> CollectorRegistry:
+    if MULTIPROC_DIR is None:
+        return REGISTRY
+    reg = CollectorRegistry()
+    MultiProcessCollector(reg)
+    reg.register(WorkerProcessCollector(MULTIPROC_DIR))
+    return reg
+
+
+def worker_started() -> None:
+    if MULTIPROC_DIR is not None:
+        WorkerProcessCollector.announce(MULTIPROC_DIR)
+
+
+def worker_stopped() -> None:
+    """Drop this worker's live gauges from the aggregate (the `live*` multiprocess modes)."""
+    if MULTIPROC_DIR is not None:
+        WorkerProcessCollector.retire(MULTIPROC_DIR)
+        mark_process_dead(os.getpid(), MULTIPROC_DIR)
+
+
+def exposition() -> tuple[bytes, str]:
+    return generate_latest(registry()), CONTENT_TYPE_LATEST

@@ -1,0 +1,91 @@
+"""All service configuration in one place: command-line flags and `NEUROSERVE_*` environment variables.
+
+The CLI turns every field below into a `--kebab-case` flag, so a flag and its environment variable
+always mean the same thing (`--max-body-bytes` ⇔ `NEUROSERVE_MAX_BODY_BYTES`). Worker processes read
+the environment only; the CLI exports the validated values before it starts them.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Providers = Literal["auto", "cuda", "cpu"]
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (respects taskset/cgroup CPU affinity, unlike os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NEUROSERVE_", extra="ignore", frozen=True)
+
+    # Where and how to listen.
+    model_repository: Path = Field(Path("models"), description="Directory holding <model>/config.toml")
+    host: str = Field("127.0.0.1", description="Interface to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    workers: int = Field(1, ge=1, description="Worker processes (each loads every model)")
+
+    # ONNX Runtime.
+    providers: Providers = Field(
+        "auto", description="auto: CUDA when it binds, else CPU; cuda: CUDA or fail; cpu: CPU only"
+    )
+    cuda_device_id: int = Field(0, ge=0, description="GPU ordinal for the CUDA provider")
+    gpu_mem_limit_mb: int = Field(0, ge=0, description="CUDA arena limit per session in MiB (0: no limit)")
+    intra_op_threads: int = Field(
+        0, ge=0, description="Threads per ORT session (0: cores / (workers × instances), at least 1)"
+    )
+    inter_op_threads: int = Field(1, ge=1, description="ORT inter-op threads (graphs run sequentially)")
+    graph_optimization: GraphOptimization = Field("all", description="ORT graph optimisation level")
+    warmup: bool = Field(True, description="Run every batch shape once before reporting ready")
+
+    # Readiness and shutdown.
+    strict_readiness: bool = Field(
+        True, description="Server ready only when every model to load is READY (else: when any is)"
+    )
+    drain_timeout_s: float = Field(30.0, gt=0, description="Longest wait for in-flight work on SIGTERM")
+
+    # Limits on what a request may carry.
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest request body")
+    max_image_pixels: int = Field(25_000_000, gt=0, description="Largest image (width × height)")
+    max_audio_duration_s: float = Field(30.0, gt=0, description="Longest audio clip in seconds")
+    max_text_chars: int = Field(10_000, gt=0, description="Longest text in characters")
+    max_items: int = Field(256, gt=0, description="Most texts/files in one task-endpoint request")
+    default_timeout_ms: float = Field(
+        0.0, ge=0, description="Deadline for requests that set none (0: no deadline)"
+    )
+
+    # Logs.
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+    access_log: bool = Field(True, description="One JSON log line per request")
+
+    @cached_property
+    def cores(self) -> int:
+        return available_cores()
+
+    def intra_op_threads_for(self, instances: int) -> int:
+        """Threads for one session so that all sessions of all workers fit in the cores.
+
+        Every worker runs every model, and each instance of a model may compute at the same time as
+        the others; give each its share of the cores rather than letting each grab all of them.
+        """
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        return max(1, self.cores // (self.workers * instances))
+
+    def to_environ(self) -> dict[str, str]:
+        """The `NEUROSERVE_*` variables that rebuild these exact settings in a worker process."""
+        env = {}
+        for key, value in self.model_dump(mode="json").items():
+            env[f"NEUROSERVE_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env

@@ -1,0 +1,45 @@
+"""What one worker process holds while it serves: settings, the repository, and its lifecycle flags."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from service.errors import ModelNotReady
+from service.repository import ModelVersion, Repository
+from service.settings import Settings
+
+log = logging.getLogger("neuroserve.state")
+
+
+class ServiceState:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.repository = Repository(settings)
+        self.draining = False
+        self.active = 0  # admitted inference requests not yet answered
+        self.load_task: asyncio.Task[None] | None = None
+
+    def model(self, name: str, version: str | None = None) -> ModelVersion:
+        if self.draining:
+            raise ModelNotReady("server is shutting down")
+        return self.repository.get(name, version)
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return not self.draining and self.repository.ready(strict=self.settings.strict_readiness)
+
+    async def drain(self) -> None:
+        """Refuse new work (ready turns false, infer answers 503) and wait for admitted requests."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout_s
+        log.info("draining: refusing new requests", extra={"active": self.active})
+        while self.active > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if self.active:
+            log.warning("drain timeout passed with requests in flight", extra={"active": self.active})
+        else:
+            log.info("drained: no request in flight")

@@ -1,0 +1,167 @@
+"""Fixtures: model repositories built from small ONNX graphs, a real server in a subprocess, and an
+in-process app for fine-grained cases.
+
+Set NEUROSERVE_TEST_MODEL_REPOSITORY=models to run the same tests against the shipped models (the
+first image, text and speech model found there); the slow/fragile/broken models stay synthetic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service import models as m
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class TestModels:
+    __test__ = False  # not a test class
+    repository: Path
+    image: str
+    text: str
+    audio: str
+
+
+def _shipped(repo: Path) -> TestModels:
+    by_task: dict[str, str] = {}
+    for d in sorted(repo.iterdir()):
+        if (d / "config.toml").is_file():
+            task = tomllib.loads((d / "config.toml").read_text())["task"]
+            by_task.setdefault(task, d.name)
+    return TestModels(repo, by_task["image"], by_task["text"], by_task["speech"])
+
+
+@pytest.fixture(scope="session")
+def test_models(tmp_path_factory: pytest.TempPathFactory) -> TestModels:
+    shipped = os.environ.get("NEUROSERVE_TEST_MODEL_REPOSITORY")
+    if shipped:
+        return _shipped(Path(shipped).resolve())
+    repo = tmp_path_factory.mktemp("models")
+    m.image_model(repo, versions=(1, 2))
+    m.text_model(repo)
+    m.audio_model(repo)
+    return TestModels(repo, "tiny-image", "tiny-text", "tiny-audio")
+
+
+@pytest.fixture(scope="session")
+def special_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Models made to be slow or to fail, next to a healthy one."""
+    repo = tmp_path_factory.mktemp("special")
+    m.image_model(repo)
+    m.slow_model(repo)
+    m.fragile_model(repo)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def broken_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("broken")
+    m.image_model(repo)
+    m.broken_config_model(repo)
+    m.corrupt_onnx_model(repo)
+    m.mismatched_model(repo)
+    return repo
+
+
+# -- a real server in a subprocess ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def host_port(self) -> str:
+        return self.url.removeprefix("http://")
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode
+
+
+def start_server(repo: Path, log: Path, *args: str, wait: str = "ready", timeout: float = 120) -> Server:
+    """Start `python -m service serve` on a free port and wait until it is ready (or done loading)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEUROSERVE_")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    cmd = [sys.executable, "-m", "service", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
+           "--port", str(port), "--intra-op-threads", "1", *args]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=server.url, timeout=5) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{server.logs()}")
+            try:
+                if wait == "ready" and client.get("/v2/health/ready").status_code == 200:
+                    return server
+                if wait == "loaded":
+                    index = client.post("/v2/repository/index").json()
+                    if index and all(e["state"] != "LOADING" for e in index):
+                        return server
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"server not ready within {timeout}s:\n{server.logs()}")
+
+
+@pytest.fixture(scope="session")
+def server(test_models: TestModels, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(test_models.repository, tmp_path_factory.mktemp("logs") / "server.log")
+    yield srv
+    srv.stop()
+
+
+# -- the app in this process ------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def running_app(repo: Path, **settings: object) -> AsyncIterator[httpx.AsyncClient]:
+    """The ASGI app with its lifespan, models loaded, behind an httpx client (no sockets)."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(model_repository=repo, intra_op_threads=1, access_log=False, **settings))
+    async with app.router.lifespan_context(app):
+        state = app.state.service
+        while state.repository.loading or state.load_task is None or not state.load_task.done():
+            await asyncio.sleep(0.02)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://neuroserve.test", timeout=30) as c:
+            c.app = app  # type: ignore[attr-defined]
+            yield c
