@@ -167,7 +167,8 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_repository(tmp_path_factory.mktemp("models"))
 
 
-@pytest.fixture(scope="session")
+# Module scope: the servers stop as soon as the module using them is done, not at the end of the run.
+@pytest.fixture(scope="module")
 def service(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The service on the tiny repository, started as `python -m service serve` on a free port."""
     port = free_port()
@@ -184,7 +185,7 @@ def service(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) ->
         yield url
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prometheus(service: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Debian's Prometheus with the shipped deploy/prometheus/prometheus.yml, pointed at the service.
 
