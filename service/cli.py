@@ -13,7 +13,6 @@ import os
 import shutil
 import sys
 import tempfile
-import types
 import typing
 from typing import Any, get_args, get_origin
 
@@ -31,9 +30,7 @@ def _flag_kwargs(annotation: Any) -> dict[str, Any]:
         return {"action": argparse.BooleanOptionalAction}
     if get_origin(annotation) is typing.Literal:
         return {"choices": list(get_args(annotation))}
-    if isinstance(annotation, types.UnionType):
-        return {}
-    return {}
+    return {}  # a string; pydantic converts and validates it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,11 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """Flags over environment over defaults (raises pydantic.ValidationError)."""
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        settings = Settings(**overrides)
+        settings = parse_settings(argv)
     except ValidationError as e:
         print(f"neuroserve: invalid settings:\n{e}", file=sys.stderr)
         return 2

@@ -99,7 +99,7 @@ class Repository:
         self.settings = settings
         self.root = settings.model_repository
         self.models: dict[str, Model] = {}
-        self.loading = False
+        self.loading = True  # until the first `load_all` has finished: not ready before that
         self._lock = asyncio.Lock()
 
     # -- queries ------------------------------------------------------------------------------------

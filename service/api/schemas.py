@@ -148,4 +148,5 @@ class ClassifyResponse(BaseModel):
 
 
 DOC_MODELS: list[type[BaseModel]] = [ErrorBody, V2InferRequest, V2InferResponse, V2ModelMetadata,
-                                     V2ServerMetadata, RepositoryIndexEntry, ClassifyResponse, TextRequest]
+                                     V2ServerMetadata, RepositoryIndexEntry, RepositoryIndexRequest,
+                                     ClassifyResponse, TextRequest]

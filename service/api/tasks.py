@@ -121,21 +121,22 @@ async def classify_text(request: Request, model: str, top_k: TopK = 3, version: 
     text = mv.model.text
     assert text is not None
     body = await request.body()
-    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "text/plain":
         try:
             texts = [body.decode("utf-8")]
         except UnicodeDecodeError:
             raise InvalidInput("text/plain body is not UTF-8") from None
-    elif content_type in ("application/json", ""):
+    elif content_type.startswith(("multipart/", "image/", "audio/", "application/octet-stream")):
+        raise UnsupportedMedia(f"send application/json ({{\"text\": ...}}) or text/plain, not {content_type}")
+    else:
+        # JSON, whatever the label says: `curl -d '{"text": ...}'` sends it as form-urlencoded.
         try:
             texts = TextRequest.model_validate_json(body).items()
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}"
                                  for err in e.errors())
             raise InvalidInput(problems) from None
-    else:
-        raise UnsupportedMedia(f"send application/json ({{\"text\": ...}}) or text/plain, not {content_type}")
     _check_items(len(texts), state_of(request).settings.max_items)
     pairs = text.encode(texts)
     return await _classify(request, mv, ctx, [text.feeds([pair]) for pair in pairs], top_k)

@@ -116,8 +116,21 @@ def start_server(repo: Path, log: Path, *args: str, wait: str = "ready", timeout
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEUROSERVE_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    cmd = [sys.executable, "-m", "service", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
-           "--port", str(port), "--intra-op-threads", "1", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service",
+        "serve",
+        "--model-repository",
+        str(repo),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--intra-op-threads",
+        "1",
+        *args,
+    ]
     with open(log, "wb") as out:
         process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}", process, log)
@@ -165,3 +178,13 @@ async def running_app(repo: Path, **settings: object) -> AsyncIterator[httpx.Asy
         async with httpx.AsyncClient(transport=transport, base_url="http://neuroserve.test", timeout=30) as c:
             c.app = app  # type: ignore[attr-defined]
             yield c
+
+
+def with_app(repo: Path, scenario, **settings: object):
+    """Run `await scenario(client)` against a freshly started in-process app; return its result."""
+
+    async def main():
+        async with running_app(repo, **settings) as client:
+            return await scenario(client)
+
+    return asyncio.run(main())

@@ -1,0 +1,183 @@
+"""Readiness, failure isolation between models, and draining on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+
+from tests.service import models as m
+from tests.service.conftest import TestModels, start_server, with_app
+
+
+def _pixels() -> bytes:
+    return orjson.dumps(
+        {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}]}
+    )
+
+
+def test_broken_models_are_unavailable_with_a_reason_while_the_others_serve(broken_repository: Path):
+    async def scenario(c):
+        index = {e["name"]: e for e in (await c.post("/v2/repository/index")).json()}
+        return (
+            index,
+            await c.get("/v2/health/ready"),
+            await c.get("/v2/models/tiny-image/ready"),
+            await c.get("/v2/models/bad-onnx/ready"),
+            await c.get("/v2/models/bad-config/ready"),
+            await c.post("/v2/models/tiny-image/infer", content=_pixels()),
+            await c.post("/v2/models/bad-onnx/infer", content=_pixels()),
+            (await c.get("/metrics")).text,
+        )
+
+    index, ready, good, bad_onnx, bad_config, infer_ok, infer_bad, metrics = with_app(
+        broken_repository, scenario
+    )
+    assert index["tiny-image"]["state"] == "READY"
+    assert index["bad-config"]["state"] == "UNAVAILABLE" and "colour_typo" in index["bad-config"]["reason"]
+    assert (
+        index["bad-onnx"]["state"] == "UNAVAILABLE"
+        and "ONNX Runtime cannot load" in index["bad-onnx"]["reason"]
+    )
+    assert index["mismatch"]["state"] == "UNAVAILABLE" and "datatype" in index["mismatch"]["reason"]
+    # Like Triton's strict readiness: the server is not ready while a model that should load is not.
+    assert ready.status_code == 503 and ready.json()["code"] == "not_ready"
+    assert good.status_code == 200
+    assert bad_onnx.status_code == 503 and "INVALID_PROTOBUF" in bad_onnx.json()["error"]
+    assert bad_config.status_code == 503 and "colour_typo" in bad_config.json()["error"]
+    assert infer_ok.status_code == 200
+    assert infer_bad.status_code == 503 and infer_bad.json()["code"] == "not_ready"
+    assert 'neuroserve_model_state{model="bad-onnx",state="unavailable",version="1"} 1.0' in metrics
+    assert 'neuroserve_model_state{model="tiny-image",state="ready",version="1"} 1.0' in metrics
+
+
+def test_without_strict_readiness_one_ready_model_makes_the_server_ready(broken_repository: Path):
+    async def scenario(c):
+        return (await c.get("/v2/health/ready")).status_code
+
+    assert with_app(broken_repository, scenario, strict_readiness=False) == 200
+
+
+def test_live_answers_while_models_load_and_ready_follows_warm_up(test_models: TestModels):
+    import asyncio
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    async def main():
+        app = create_app(Settings(model_repository=test_models.repository, intra_op_threads=1))
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://t") as c,
+        ):
+            first_live = (await c.get("/v2/health/live")).status_code
+            first_ready = (await c.get("/v2/health/ready")).status_code
+            await app.state.service.load_task
+            return first_live, first_ready, (await c.get("/v2/health/ready")).status_code
+
+    live, ready_before, ready_after = asyncio.run(main())
+    assert (live, ready_before, ready_after) == (200, 503, 200)
+
+
+def test_reload_picks_up_a_fixed_model_and_reports_failures(tmp_path: Path):
+    m.image_model(tmp_path)
+    broken = m.corrupt_onnx_model(tmp_path, "later")
+
+    async def scenario(c):
+        first = await c.post("/v2/repository/models/later/load")
+        m.image_model(tmp_path, "later")  # fix it on disk
+        (broken / "1" / "model.onnx").unlink()
+        m.image_model(tmp_path, "later")
+        second = await c.post("/v2/repository/models/later/load")
+        ready = await c.get("/v2/models/later/ready")
+        missing = await c.post("/v2/repository/models/nothing-here/load")
+        return first, second, ready, missing
+
+    first, second, ready, missing = with_app(tmp_path, scenario)
+    assert first.status_code == 400 and first.json()["code"] == "load_failed"
+    assert second.status_code == 200 and ready.status_code == 200
+    assert missing.status_code == 404
+
+
+@pytest.fixture(scope="module")
+def drain_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("drain")
+    m.slow_model(repo, width=768, max_batch=2, queue=16)
+    return repo
+
+
+def test_sigterm_answers_every_accepted_request_then_exits(drain_repository: Path, tmp_path: Path):
+    server = start_server(drain_repository, tmp_path / "server.log")
+    try:
+        body = orjson.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "waveform",
+                        "datatype": "FP32",
+                        "shape": [1, 768],
+                        "data": np.linspace(-1, 1, 768).tolist(),
+                    }
+                ]
+            }
+        )
+        n = 6
+
+        def send() -> int:
+            with httpx.Client(base_url=server.url, timeout=60) as c:
+                return c.post("/v2/models/slow/infer", content=body).status_code
+
+        pool = ThreadPoolExecutor(n)
+        futures = [pool.submit(send) for _ in range(n)]
+        # Wait until the service has accepted all of them, then ask it to stop.
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            deadline = time.monotonic() + 30
+            inflight = 0.0
+            while inflight < n and time.monotonic() < deadline:
+                metrics = c.get("/metrics").text
+                line = next(x for x in metrics.splitlines() if x.startswith("neuroserve_inflight_requests{"))
+                inflight = float(line.split()[-1])
+            assert inflight == n, "the requests should all be in flight when SIGTERM arrives"
+            server.process.send_signal(signal.SIGTERM)
+            refused = None
+            while server.process.poll() is None and refused is None:
+                try:
+                    r = c.get("/v2/health/ready")
+                    if r.status_code == 503:
+                        refused = c.post("/v2/models/slow/infer", content=body)
+                except httpx.TransportError:
+                    break
+        codes = [f.result(timeout=60) for f in futures]
+        pool.shutdown()
+        assert codes == [200] * n
+        if refused is not None:  # the server was still draining when we asked
+            assert refused.status_code == 503 and refused.json()["code"] == "not_ready"
+        server.process.wait(30)
+        assert server.process.returncode is not None
+        assert "drained: no request in flight" in server.logs()
+    finally:
+        server.stop()
+
+
+def test_app_runs_outside_the_main_thread_without_signal_handling(test_models: TestModels):
+    # Only the main thread may install signal handlers; an app started elsewhere must still work.
+    results = []
+
+    def run():
+        async def scenario(c):
+            return (await c.get("/v2/health/live")).status_code
+
+        results.append(with_app(test_models.repository, scenario))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(60)
+    assert results == [200]

@@ -1,0 +1,169 @@
+"""Prometheus exposition: the agreed names, `promtool check metrics` clean, correct with 2 workers."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+
+from tests.service import media
+from tests.service.conftest import Server, TestModels, start_server
+
+HISTOGRAMS = [
+    "neuroserve_request_duration_seconds",
+    "neuroserve_queue_duration_seconds",
+    "neuroserve_compute_duration_seconds",
+    "neuroserve_batch_size",
+    "neuroserve_padding_ratio",
+    "neuroserve_prediction_confidence",
+    "neuroserve_input_image_mean_intensity",
+    "neuroserve_input_text_tokens",
+    "neuroserve_input_audio_duration_seconds",
+    "neuroserve_input_audio_rms",
+]
+COUNTERS = ["neuroserve_requests_total", "neuroserve_rejections_total", "neuroserve_predictions_total"]
+GAUGES = [
+    "neuroserve_queue_depth",
+    "neuroserve_inflight_requests",
+    "neuroserve_model_state",
+    "neuroserve_model_load_duration_seconds",
+    "neuroserve_model_info",
+]
+
+
+def _traffic(url: str, test_models: TestModels, n: int = 5, keepalive: bool = True) -> None:
+    limits = httpx.Limits(max_keepalive_connections=None if keepalive else 0)
+    with httpx.Client(base_url=url, timeout=30, limits=limits) as c:
+        for _ in range(n):
+            assert c.post(f"/v1/image/{test_models.image}", content=media.png()).status_code == 200
+        assert (
+            c.post(f"/v1/text/{test_models.text}", json={"texts": ["a great film", "the plot"]}).status_code
+            == 200
+        )
+        assert c.post(f"/v1/audio/{test_models.audio}", content=media.wav()).status_code == 200
+        assert c.post(f"/v1/text/{test_models.text}", json={"text": ""}).status_code == 400
+        assert c.post("/v2/models/nope/infer", content=b"{}").status_code == 404
+
+
+def _samples(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def _value(samples: dict[str, float], name: str, **labels: str) -> float:
+    total = 0.0
+    for key, value in samples.items():
+        m = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})?", key)
+        assert m, key
+        if m.group(1) != name:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += value
+    return total
+
+
+def _promtool(text: str) -> None:
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (Debian package `prometheus`)")
+    done = subprocess.run(
+        ["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=60
+    )
+    assert done.returncode == 0 and not done.stdout.strip() and not done.stderr.strip(), (
+        done.stdout.decode() + done.stderr.decode()
+    )
+
+
+def test_metrics_use_the_agreed_names_and_pass_promtool(server: Server, test_models: TestModels):
+    _traffic(server.url, test_models)
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in HISTOGRAMS:
+        assert f"# TYPE {name} histogram" in text, name
+    for name in COUNTERS:
+        assert f"# TYPE {name} counter" in text, name
+    for name in GAUGES:
+        assert f"# TYPE {name} gauge" in text, name
+    assert "process_resident_memory_bytes" in text and "process_cpu_seconds_total" in text
+    assert "_created" not in text  # one series per counter/histogram, not two
+    s = _samples(text)
+    image = test_models.image
+    assert (
+        _value(s, "neuroserve_request_duration_seconds_count", model=image, endpoint="image", code="200") >= 5
+    )
+    assert (
+        _value(
+            s, "neuroserve_requests_total", model=test_models.text, endpoint="text", outcome="client_error"
+        )
+        >= 1
+    )
+    assert _value(s, "neuroserve_rejections_total", model=test_models.text, reason="invalid") >= 1
+    assert _value(s, "neuroserve_requests_total", model="_unknown", endpoint="v2_infer") >= 1
+    assert _value(s, "neuroserve_model_info", model=image, provider="CPUExecutionProvider") >= 1
+    assert _value(s, "neuroserve_model_state", model=image, state="ready") >= 1
+    assert _value(s, "neuroserve_padding_ratio_count", model=test_models.text) >= 1
+    assert _value(s, "neuroserve_predictions_total", model=image) >= 5
+    assert _value(s, "neuroserve_input_audio_duration_seconds_count", model=test_models.audio) >= 1
+    buckets = [k for k in s if k.startswith("neuroserve_batch_size_bucket{")]
+    assert {re.search(r'le="([^"]+)"', k).group(1) for k in buckets} >= {"1.0", "2.0", "256.0", "+Inf"}
+    latency = [k for k in s if k.startswith("neuroserve_compute_duration_seconds_bucket{")]
+    assert {re.search(r'le="([^"]+)"', k).group(1) for k in latency} >= {"0.0001", "10.0"}
+    _promtool(text)
+
+
+def test_metrics_with_two_workers_add_up_and_show_each_process(test_models: TestModels, tmp_path: Path):
+    server = start_server(test_models.repository, tmp_path / "server.log", "--workers", "2")
+    try:
+        n = 24
+        # New connection per request, so that both workers take some.
+        _traffic(server.url, test_models, n=n, keepalive=False)
+        body = orjson.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "pixels",
+                        "datatype": "UINT8",
+                        "shape": [1, 1, 28, 28],
+                        "data": np.zeros(784, dtype=np.uint8).tolist(),
+                    }
+                ]
+            }
+        )
+        with httpx.Client(
+            base_url=server.url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)
+        ) as c:
+            for _ in range(n):
+                assert c.post(f"/v2/models/{test_models.image}/infer", content=body).status_code == 200
+            scrapes = [c.get("/metrics").text for _ in range(4)]
+        for text in scrapes:  # whichever worker answers, the totals are the same
+            s = _samples(text)
+            image = test_models.image
+            assert (
+                _value(s, "neuroserve_requests_total", model=image, endpoint="image", outcome="success") == n
+            )
+            assert (
+                _value(s, "neuroserve_requests_total", model=image, endpoint="v2_infer", outcome="success")
+                == n
+            )
+            assert (
+                _value(s, "neuroserve_request_duration_seconds_count", model=image, endpoint="v2_infer") == n
+            )
+            assert _value(s, "neuroserve_batch_size_sum", model=image) == 2 * n
+            assert _value(s, "neuroserve_queue_depth", model=image) == 0
+            pids = set(re.findall(r'process_resident_memory_bytes\{pid="(\d+)"\}', text))
+            assert len(pids) == 2, pids
+            assert len(set(re.findall(r'process_cpu_seconds_total\{pid="(\d+)"\}', text))) == 2
+            # Both workers loaded the model: state gauges aggregate with max, not sum.
+            assert _value(s, "neuroserve_model_state", model=image, state="ready", version="1") == 1
+        _promtool(scrapes[-1])
+    finally:
+        server.stop()
