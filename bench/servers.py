@@ -45,6 +45,11 @@ class Server:
     def rss_mib(self) -> dict[int, float]:
         return {pid: rss for pid in self.worker_pids() if (rss := rss_mib(pid)) is not None}
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time used so far by the main process and its workers."""
+        pids = {self.proc.pid, *self.worker_pids()}
+        return sum(cpu_seconds(pid) for pid in pids)
+
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc.poll() is not None:
             return
@@ -80,6 +85,17 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
 
 
 def rss_mib(pid: int) -> float | None:
