@@ -169,9 +169,15 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # Module scope: the servers stop as soon as the module using them is done, not at the end of the run.
 @pytest.fixture(scope="module")
-def service(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def service_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def service(model_repository: Path, service_port: int,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The service on the tiny repository, started as `python -m service serve` on a free port."""
-    port = free_port()
+    port = service_port
     log = tmp_path_factory.mktemp("service") / "service.log"
     args = [sys.executable, "-m", "service", "serve", "--model-repository", str(model_repository),
             "--host", "127.0.0.1", "--port", str(port)]
@@ -186,18 +192,19 @@ def service(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
-def prometheus(service: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def prometheus(service_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Debian's Prometheus with the shipped deploy/prometheus/prometheus.yml, pointed at the service.
 
     Only the target address, the intervals (1 s, so a test need not wait 15 s for a scrape) and the
-    absolute path of alerts.yml differ from the deployed file."""
+    absolute path of alerts.yml differ from the deployed file. Request it before `service`: it then
+    starts while the service loads (Prometheus takes about 5 s to begin scraping)."""
     work = tmp_path_factory.mktemp("prometheus")
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
     config["rule_files"] = [str(DEPLOY / "prometheus" / name) for name in config["rule_files"]]
     port = free_port()
     for job in config["scrape_configs"]:
-        target = service.removeprefix("http://") if job["job_name"] == "neuroserve" else f"127.0.0.1:{port}"
+        target = f"127.0.0.1:{service_port if job['job_name'] == 'neuroserve' else port}"
         job["static_configs"] = [{"targets": [target]}]
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
     url = f"http://127.0.0.1:{port}"

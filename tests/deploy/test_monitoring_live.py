@@ -150,7 +150,7 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
-def prom(service: str, prometheus: str) -> Prometheus:
+def prom(prometheus: str, service: str) -> Prometheus:
     """Prometheus after the traffic: the last scrape has seen every request the test sent."""
     p = Prometheus(prometheus)
     wait_until(lambda: p.values('up{job="neuroserve"}') == {(): 1.0}, timeout=30,
