@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -12,12 +13,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 VENV_BIN = Path(sys.executable).parent
+DASHBOARD_FILE = DEPLOY / "grafana" / "dashboards" / "neuroserve.json"
 
 
 def tool(name: str) -> str:
@@ -80,3 +83,16 @@ def tail(log: Path, n: int = 40) -> str:
         return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return ""
+
+
+def load_dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD_FILE.read_text())
+
+
+def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel, rows included, and the panels inside collapsed rows."""
+    out = []
+    for panel in dashboard["panels"]:
+        out.append(panel)
+        out.extend(panel.get("panels", []))
+    return out

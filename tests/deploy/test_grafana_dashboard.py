@@ -20,22 +20,9 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.cog.plugins import register_default_plugins
 from grafana_foundation_sdk.models.dashboard import Dashboard
 
-from tests.deploy.support import DEPLOY
+from tests.deploy.support import DEPLOY, load_dashboard, panels
 
 GRAFANA = DEPLOY / "grafana"
-DASHBOARD_FILE = GRAFANA / "dashboards" / "neuroserve.json"
-
-
-def load_dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD_FILE.read_text())
-
-
-def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for panel in dashboard["panels"]:
-        out.append(panel)
-        out.extend(panel.get("panels", []))  # panels inside collapsed rows
-    return out
 
 
 def queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:

@@ -10,7 +10,6 @@ metric family of the contract has samples.
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
 import wave
@@ -23,8 +22,7 @@ import pytest
 from PIL import Image
 
 from tests.deploy.conftest import IMAGE_SIZE, SAMPLE_RATE, VOCAB
-from tests.deploy.support import DEPLOY, wait_until
-from tests.deploy.test_grafana_dashboard import panels
+from tests.deploy.support import load_dashboard, panels, wait_until
 
 MODELS = ("tiny-image", "tiny-speech", "tiny-text")
 PROVIDER = "CPUExecutionProvider"
@@ -267,8 +265,7 @@ def test_alert_rules_load_and_none_fires_on_a_healthy_service(prom: Prometheus):
 
 
 def dashboard_queries() -> list[tuple[str, dict[str, Any]]]:
-    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "neuroserve.json").read_text())
-    return [(f"{p['title']} {t['refId']}", t) for p in panels(dashboard) for t in p.get("targets", [])]
+    return [(f"{p['title']} {t['refId']}", t) for p in panels(load_dashboard()) for t in p.get("targets", [])]
 
 
 def grafana_substitute(expr: str) -> str:
@@ -290,8 +287,7 @@ def test_dashboard_query_returns_data(prom: Prometheus, target: dict[str, Any]):
 
 
 def test_dashboard_model_variable_lists_the_served_models(prom: Prometheus):
-    variable = next(v for v in json.loads((DEPLOY / "grafana" / "dashboards" / "neuroserve.json").read_text())
-                    ["templating"]["list"] if v["name"] == "model")
+    variable = next(v for v in load_dashboard()["templating"]["list"] if v["name"] == "model")
     metric = variable["query"].removeprefix("label_values(").split(",")[0]
     response = httpx.get(f"{prom.url}/api/v1/label/model/values", params={"match[]": metric}, timeout=10)
     assert response.json()["data"] == sorted(MODELS)
