@@ -10,6 +10,8 @@ ARG PYTHON_IMAGE=python:3.11-slim
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 
 # ---- CUDA: build a virtual environment with onnxruntime-gpu on the same base it runs on -------
+# onnxruntime-gpu wheels on PyPI are built for CUDA 12 and cuDNN 9, which this image carries; its
+# Ubuntu 24.04 brings Python 3.12 (the project needs 3.11 or newer; Ubuntu 22.04 has 3.10).
 FROM ${CUDA_IMAGE} AS cuda-build
 # Ubuntu's python3 is not pinned to a version: security updates replace old package versions, so a
 # pin would break rebuilds; the CUDA image tag pins the Ubuntu release.
@@ -26,6 +28,7 @@ RUN /opt/venv/bin/pip install ".[gpu]"
 
 # ---- CUDA runtime image ----------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS cuda
+# Unpinned for the same reason as in cuda-build.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 \
