@@ -2,15 +2,17 @@
 #
 # neuroserve images. Two final stages:
 #   docker build -t neuroserve:cpu .                  CPU image (the default: the last stage)
-#   docker build -t neuroserve:cuda --target cuda .   CUDA 12 + cuDNN 9 image with onnxruntime-gpu
+#   docker build -t neuroserve:cuda --target cuda .   CUDA 13 + cuDNN 9 image with onnxruntime-gpu
 # The models in models/ are baked in at /models; mount a model repository over /models to serve
 # other models without rebuilding. Settings come from NEUROSERVE_* environment variables.
 
 ARG PYTHON_IMAGE=python:3.11-slim
-ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 # ---- CUDA: build a virtual environment with onnxruntime-gpu on the same base it runs on -------
-# onnxruntime-gpu wheels on PyPI are built for CUDA 12 and cuDNN 9, which this image carries; its
+# The onnxruntime-gpu wheels on PyPI (1.31) are built for CUDA 13 and cuDNN 9 (their `cuda` extra
+# requires nvidia-cuda-runtime~=13.0), which this image carries; the host needs a driver for CUDA 13.
+# When moving to another onnxruntime-gpu, match CUDA_IMAGE to its CUDA major version.
 # Ubuntu 24.04 brings Python 3.12 (the project needs 3.11 or newer; Ubuntu 22.04 has 3.10).
 FROM ${CUDA_IMAGE} AS cuda-build
 # Ubuntu's python3 is not pinned to a version: security updates replace old package versions, so a
