@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,6 +29,7 @@ from service.settings import Settings
 from service.state import ServiceState
 
 log = logging.getLogger("neuroserve.app")
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 # Which `neuroserve_rejections_total` reason each refusal counts as.
 _REJECTION_REASONS: dict[type[errors.ServiceError], str] = {
@@ -127,6 +129,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The ORT thread needs the GIL briefly before and after each batch; while the event loop is
+        # busy with HTTP, CPython would make it wait up to the 5 ms default switch interval.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         metrics.worker_started()
         # Load in the background: live answers at once, ready turns true when every model is warm.
         state.load_task = asyncio.create_task(state.repository.load_all())
@@ -159,9 +164,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(ServiceMiddleware, state=state)
-    app.include_router(health.router)
     app.include_router(v2.router)
     app.include_router(tasks.router)
+    app.include_router(health.router)
+    app.router.routes[0:0] = v2.HOT_ROUTES  # matched first; see service.api.v2
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

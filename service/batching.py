@@ -40,7 +40,8 @@ MAX_PADDING_RATIO = 0.5
 PEAK_WINDOW_S = 1.0
 
 RunFn = Callable[[int, dict[str, np.ndarray]], Sequence[np.ndarray]]
-ObserveFn = Callable[[dict[str, np.ndarray]], None]
+# Called with (merged inputs, outputs) of every batch, in the executor thread.
+ObserveFn = Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], None]
 
 
 @dataclass(frozen=True)
@@ -381,7 +382,7 @@ class Batcher:
                 results.append({k: v[offset:offset + p.rows] for k, v in named.items()})
                 offset += p.rows
         if self._observe is not None:
-            self._observe(named)
+            self._observe(feeds, named)
         return results, (t1 - t0, t2 - t1, perf_counter() - t2), padding
 
     def _run_alone(self, p: _Pending, instance: int) -> dict[str, np.ndarray] | Exception:
@@ -390,7 +391,7 @@ class Batcher:
         except Exception as e:
             return e
         if self._observe is not None:
-            self._observe(named)
+            self._observe(p.inputs, named)
         return named
 
     def _merge(self, batch: list[_Pending]) -> tuple[dict[str, np.ndarray], float | None]:

@@ -21,6 +21,7 @@ from service.batching import Batcher, BatchPolicy, InputLayout
 from service.codecs.text import TextEncoder, TextModel
 from service.errors import ModelNotFound, ModelNotReady
 from service.model_config import V2_TO_NUMPY, ModelConfig, TensorSpec, load_model_config
+from service.monitoring import batch_observer
 from service.runtime import LoadError, Runtime
 from service.settings import Settings
 from service.stats import Stats
@@ -116,10 +117,10 @@ class Repository:
         if model is None:
             raise ModelNotFound(f"unknown model {name!r}")
         if version is None:
-            ready = model.ready_versions()
-            if not ready:
-                raise ModelNotReady(f"model {name!r} is not ready: {self._why_not(model)}")
-            return ready[-1]
+            for mv in reversed(model.versions.values()):  # versions are kept in ascending order
+                if mv.state is State.READY:
+                    return mv
+            raise ModelNotReady(f"model {name!r} is not ready: {self._why_not(model)}")
         try:
             mv = model.versions.get(int(version))
         except ValueError:
@@ -305,15 +306,11 @@ def _batcher(mv: ModelVersion) -> Batcher:
     runtime = mv.runtime
     assert runtime is not None and mv.metrics is not None
     output_names = [o.name for o in config.outputs]
-    scores_output = config.scores_output
-    model_metrics = mv.metrics
 
     def run(instance: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return runtime.run(instance, feeds, output_names)
 
-    def observe(outputs: dict[str, np.ndarray]) -> None:
-        model_metrics.predictions(outputs[scores_output])
-
+    observe = batch_observer(config, model.text, mv.metrics)
     return Batcher(run, output_names, layouts, policy, mv.metrics, mv.stats, observe)
 
 

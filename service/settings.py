@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     cuda_device_id: int = Field(0, ge=0, description="GPU ordinal for the CUDA provider")
     gpu_mem_limit_mb: int = Field(0, ge=0, description="CUDA arena limit per session in MiB (0: no limit)")
     intra_op_threads: int = Field(
-        0, ge=0, description="Threads per ORT session (0: cores / (workers × instances), at least 1)"
+        0, ge=0, description="Threads per ORT session (0: (cores − workers) / (workers × instances), ≥ 1)"
     )
     inter_op_threads: int = Field(1, ge=1, description="ORT inter-op threads (graphs run sequentially)")
     graph_optimization: GraphOptimization = Field("all", description="ORT graph optimisation level")
@@ -67,7 +67,8 @@ class Settings(BaseSettings):
 
     # Logs.
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
-    access_log: bool = Field(True, description="One JSON log line per request")
+    # Off by default: a log line costs about as much as the rest of a small model's request.
+    access_log: bool = Field(False, description="One JSON log line per request")
 
     @cached_property
     def cores(self) -> int:
@@ -76,12 +77,14 @@ class Settings(BaseSettings):
     def intra_op_threads_for(self, instances: int) -> int:
         """Threads for one session so that all sessions of all workers fit in the cores.
 
-        Every worker runs every model, and each instance of a model may compute at the same time as
-        the others; give each its share of the cores rather than letting each grab all of them.
+        Each worker's event loop needs about a core of its own under load (HTTP, JSON); every
+        worker runs every model, and each instance of a model may compute at the same time as the
+        others. So the cores left after the event loops are shared out, never oversubscribed: on
+        2 cores with 1 worker, ORT gets 1 thread and the event loop the other core.
         """
         if self.intra_op_threads:
             return self.intra_op_threads
-        return max(1, self.cores // (self.workers * instances))
+        return max(1, (self.cores - self.workers) // (self.workers * instances))
 
     def to_environ(self) -> dict[str, str]:
         """The `NEUROSERVE_*` variables that rebuild these exact settings in a worker process."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 from fastapi import Request
 
 from service.api.middleware import RequestContext, context
@@ -55,24 +54,3 @@ def deadline(request: Request, state: ServiceState, timeout_s: float | None = No
         return None
     # Counted from arrival: time spent reading and decoding the body is part of the budget.
     return context(request.scope).start + timeout_s
-
-
-def observe_inputs(mv: ModelVersion, feeds: dict[str, np.ndarray], rows: int) -> None:
-    """Input distribution metrics for model monitoring (drift shows here before accuracy drops)."""
-    m = mv.metrics
-    if m is None:
-        return
-    config = mv.config
-    if config.task == "image":
-        arr = feeds[config.inputs[0].name]
-        for v in (arr.reshape(rows, -1).mean(axis=1) / 255.0).tolist():
-            m.image_intensity.observe(v)
-    elif config.task == "text" and mv.model.text is not None:
-        t = mv.model.text
-        tokens = feeds[t.mask].sum(axis=1) if t.mask else np.full(rows, feeds[t.ids].shape[1])
-        for v in tokens.tolist():
-            m.text_tokens.observe(v)
-    elif config.task == "speech" and config.audio is not None:
-        arr = feeds[config.inputs[0].name].reshape(rows, -1).astype(np.float64, copy=False)
-        for v in np.sqrt((arr * arr).mean(axis=1)).tolist():
-            m.audio_rms.observe(v)

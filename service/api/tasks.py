@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
-from service.api.common import admit, deadline, observe_inputs, state_of
+from service.api.common import admit, deadline, state_of
 from service.api.middleware import RequestContext
 from service.api.schemas import ClassifyResponse, ErrorBody, TextRequest
 from service.codecs import audio, image
@@ -184,8 +184,6 @@ async def _classify(request: Request, mv: ModelVersion, ctx: RequestContext,
                     rows: list[dict[str, np.ndarray]], top_k: int) -> Response:
     state = state_of(request)
     until = deadline(request, state)
-    for feeds in rows:
-        observe_inputs(mv, feeds, 1)
     assert mv.batcher is not None
     results = await asyncio.gather(*(mv.batcher.submit(feeds, 1, until) for feeds in rows),
                                    return_exceptions=True)

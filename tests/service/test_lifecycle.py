@@ -110,7 +110,7 @@ def test_reload_picks_up_a_fixed_model_and_reports_failures(tmp_path: Path):
 @pytest.fixture(scope="module")
 def drain_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("drain")
-    m.slow_model(repo, width=768, max_batch=2, queue=16)
+    m.slow_model(repo, width=768, max_batch=1, queue=16)
     return repo
 
 
@@ -130,9 +130,12 @@ def test_sigterm_answers_every_accepted_request_then_exits(drain_repository: Pat
             }
         )
         n = 6
+        barrier = threading.Barrier(n)
 
         def send() -> int:
             with httpx.Client(base_url=server.url, timeout=60) as c:
+                c.get("/v2/health/live")  # connected before the burst
+                barrier.wait()
                 return c.post("/v2/models/slow/infer", content=body).status_code
 
         pool = ThreadPoolExecutor(n)

@@ -39,11 +39,14 @@ def test_settings_round_trip_through_the_environment(monkeypatch: pytest.MonkeyP
 
 
 def test_default_threads_share_the_cores_between_workers_and_instances():
-    base = Settings()
-    cores = base.cores
-    assert Settings(workers=1).intra_op_threads_for(1) == cores
-    assert Settings(workers=2).intra_op_threads_for(1) == max(1, cores // 2)
+    cores = Settings().cores
+    assert Settings(workers=1).intra_op_threads_for(1) == max(1, cores - 1)
+    assert Settings(workers=2).intra_op_threads_for(1) == max(1, (cores - 2) // 2)
     assert Settings(workers=cores * 2).intra_op_threads_for(2) == 1
+    for workers in (1, 2, 4):
+        for instances in (1, 2, 3):
+            threads = Settings(workers=workers).intra_op_threads_for(instances)
+            assert threads * workers * instances <= max(cores - workers, workers * instances)
     assert Settings(intra_op_threads=3).intra_op_threads_for(4) == 3
 
 
