@@ -42,6 +42,7 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
         self.heads = cfg.heads
+        self.head_size = cfg.hidden // cfg.heads
         self.query = nn.Linear(cfg.hidden, cfg.hidden)
         self.key = nn.Linear(cfg.hidden, cfg.hidden)
         self.value = nn.Linear(cfg.hidden, cfg.hidden)
@@ -51,9 +52,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
         # (b, t, c) → (b, heads, t, head size)
-        q, k, v = (proj(x).view(b, t, self.heads, c // self.heads).transpose(1, 2)
+        q, k, v = (proj(x).view(b, t, self.heads, self.head_size).transpose(1, 2)
                    for proj in (self.query, self.key, self.value))
-        scores = q @ k.transpose(-2, -1) / math.sqrt(c // self.heads) + bias
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size) + bias
         attention = self.dropout(torch.softmax(scores, dim=-1))
         y = (attention @ v).transpose(1, 2).reshape(b, t, c)
         return self.out(y)

@@ -36,7 +36,8 @@ def evaluate(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> Evalua
 
 def plot_confusion(ev: Evaluation, labels: list[str], path: Path, title: str) -> None:
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n), dpi=100)
+    # At least 5 inches wide so the title of a two-class matrix is not cut off.
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.6 * n), max(4.0, 0.8 + 0.6 * n)), dpi=100)
     normalised = ev.confusion / np.maximum(ev.confusion.sum(axis=1, keepdims=True), 1)
     ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
     for i in range(n):
