@@ -28,6 +28,7 @@ from time import perf_counter
 import numpy as np
 
 from service.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, QueueFull, ServiceError
+from service.logging import request_id
 from service.metrics import ModelMetrics
 from service.stats import Stats
 
@@ -77,6 +78,7 @@ class _Pending:
     future: asyncio.Future[BatchResult]
     enqueued: float
     deadline: float | None
+    request_id: str | None = None  # for logs about the batch it ends up in
     timer: asyncio.TimerHandle | None = None
     queued: bool = True
 
@@ -165,7 +167,7 @@ class Batcher:
         if self._variable is not None:
             arr = inputs[self._variable.name]
             length = math.prod(arr.shape[1:])
-        p = _Pending(inputs, rows, length, loop.create_future(), now, deadline)
+        p = _Pending(inputs, rows, length, loop.create_future(), now, deadline, request_id.get())
         if deadline is not None:
             p.timer = loop.call_later(max(0.0, deadline - now), self._expire, p)
         self._pending.append(p)
@@ -347,7 +349,8 @@ class Batcher:
             if isinstance(result, BaseException):
                 self.stats.fail.add(end - p.enqueued)
                 if not isinstance(result, ServiceError):
-                    log.error("inference failed: %s", result, extra={"batch_rows": rows})
+                    log.error("inference failed: %s", result,
+                              extra={"request_id": p.request_id, "batch_rows": rows})
                     result = InferenceFailed(f"inference failed: {result}")
                 p.future.set_exception(result)
             else:

@@ -1,0 +1,83 @@
+"""When a batch closes and which requests it takes, seen through the real service."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from tests.service import models as m
+from tests.service.conftest import with_app
+
+
+def _timing(header: str) -> dict[str, str]:
+    out = {}
+    for part in header.split(","):
+        name, _, rest = part.strip().partition(";")
+        out[name] = rest.split("=", 1)[1].strip('"')
+    return out
+
+
+def test_a_lone_request_does_not_wait_for_max_queue_delay(tmp_path: Path):
+    m.image_model(tmp_path, max_batch=32, delay_ms=300)
+    body = orjson.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28],
+                                     "data": [3] * 784}]})
+
+    async def scenario(c):
+        timings = []
+        for _ in range(5):  # one client, one request at a time
+            r = await c.post("/v2/models/tiny-image/infer", content=body)
+            assert r.status_code == 200
+            timings.append(_timing(r.headers["server-timing"]))
+        return timings
+
+    for t in with_app(tmp_path, scenario):
+        assert float(t["queue"]) < 100, t  # milliseconds; the delay allowed is 300
+        assert t["batch"] == "1"
+
+
+def test_concurrent_requests_wait_for_each_other_up_to_the_delay(tmp_path: Path):
+    m.image_model(tmp_path, max_batch=8, delay_ms=50)
+    body = orjson.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28],
+                                     "data": [3] * 784}]})
+
+    async def scenario(c):
+        # Establish a recent concurrency of 8, then send 8 at once: they should share few batches.
+        for _ in range(2):
+            await asyncio.gather(*(c.post("/v2/models/tiny-image/infer", content=body) for _ in range(8)))
+        rs = await asyncio.gather(*(c.post("/v2/models/tiny-image/infer", content=body) for _ in range(8)))
+        return [int(_timing(r.headers["server-timing"])["batch"]) for r in rs]
+
+    sizes = with_app(tmp_path, scenario)
+    assert max(sizes) >= 4, sizes
+
+
+def test_similar_lengths_are_batched_together_to_limit_padding(tmp_path: Path):
+    m.text_model(tmp_path, max_batch=8, delay_ms=20)
+    rng = np.random.default_rng(2)
+
+    def body(length: int) -> bytes:
+        ids = rng.integers(2, 20, (1, length)).tolist()
+        return orjson.dumps({"inputs": [
+            {"name": "input_ids", "datatype": "INT64", "shape": [1, length], "data": ids},
+            {"name": "attention_mask", "datatype": "INT64", "shape": [1, length], "data": [[1] * length]}]})
+
+    lengths = [2, 30, 3, 29, 2, 31, 3, 30] * 3
+
+    async def scenario(c):
+        rs = await asyncio.gather(*(c.post("/v2/models/tiny-text/infer", content=body(n)) for n in lengths))
+        assert all(r.status_code == 200 for r in rs)
+        return (await c.get("/metrics")).text
+
+    metrics = with_app(tmp_path, scenario)
+    total = count = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("neuroserve_padding_ratio_sum{"):
+            total = float(line.split()[-1])
+        if line.startswith("neuroserve_padding_ratio_count{"):
+            count = float(line.split()[-1])
+    assert count > 0
+    # Mixing 2-token and 30-token rows would pad ~45% of every batch; grouping keeps it far lower.
+    assert total / count < 0.25, (total, count)
