@@ -37,21 +37,30 @@ class TestModels:
     audio: str
 
 
-def _shipped(repo: Path) -> TestModels:
+def _shipped(shipped: Path, repo: Path) -> TestModels:
+    """The first shipped model of each task (linked into `repo`); synthetic ones for missing tasks."""
     by_task: dict[str, str] = {}
-    for d in sorted(repo.iterdir()):
+    for d in sorted(shipped.iterdir()):
         if (d / "config.toml").is_file():
             task = tomllib.loads((d / "config.toml").read_text())["task"]
-            by_task.setdefault(task, d.name)
+            if task not in by_task:
+                by_task[task] = d.name
+                (repo / d.name).symlink_to(d, target_is_directory=True)
+    if "image" not in by_task:
+        by_task["image"] = m.image_model(repo, versions=(1, 2)).name
+    if "text" not in by_task:
+        by_task["text"] = m.text_model(repo).name
+    if "speech" not in by_task:
+        by_task["speech"] = m.audio_model(repo).name
     return TestModels(repo, by_task["image"], by_task["text"], by_task["speech"])
 
 
 @pytest.fixture(scope="session")
 def test_models(tmp_path_factory: pytest.TempPathFactory) -> TestModels:
+    repo = tmp_path_factory.mktemp("models")
     shipped = os.environ.get("NEUROSERVE_TEST_MODEL_REPOSITORY")
     if shipped:
-        return _shipped(Path(shipped).resolve())
-    repo = tmp_path_factory.mktemp("models")
+        return _shipped(Path(shipped).resolve(), repo)
     m.image_model(repo, versions=(1, 2))
     m.text_model(repo)
     m.audio_model(repo)

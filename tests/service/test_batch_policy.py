@@ -22,8 +22,9 @@ def _timing(header: str) -> dict[str, str]:
 
 def test_a_lone_request_does_not_wait_for_max_queue_delay(tmp_path: Path):
     m.image_model(tmp_path, max_batch=32, delay_ms=300)
-    body = orjson.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28],
-                                     "data": [3] * 784}]})
+    body = orjson.dumps(
+        {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [3] * 784}]}
+    )
 
     async def scenario(c):
         timings = []
@@ -40,8 +41,9 @@ def test_a_lone_request_does_not_wait_for_max_queue_delay(tmp_path: Path):
 
 def test_concurrent_requests_wait_for_each_other_up_to_the_delay(tmp_path: Path):
     m.image_model(tmp_path, max_batch=8, delay_ms=50)
-    body = orjson.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28],
-                                     "data": [3] * 784}]})
+    body = orjson.dumps(
+        {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [3] * 784}]}
+    )
 
     async def scenario(c):
         # Establish a recent concurrency of 8, then send 8 at once: they should share few batches.
@@ -60,9 +62,19 @@ def test_similar_lengths_are_batched_together_to_limit_padding(tmp_path: Path):
 
     def body(length: int) -> bytes:
         ids = rng.integers(2, 20, (1, length)).tolist()
-        return orjson.dumps({"inputs": [
-            {"name": "input_ids", "datatype": "INT64", "shape": [1, length], "data": ids},
-            {"name": "attention_mask", "datatype": "INT64", "shape": [1, length], "data": [[1] * length]}]})
+        return orjson.dumps(
+            {
+                "inputs": [
+                    {"name": "input_ids", "datatype": "INT64", "shape": [1, length], "data": ids},
+                    {
+                        "name": "attention_mask",
+                        "datatype": "INT64",
+                        "shape": [1, length],
+                        "data": [[1] * length],
+                    },
+                ]
+            }
+        )
 
     lengths = [2, 30, 3, 29, 2, 31, 3, 30] * 3
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import tomllib
 
 import numpy as np
 import orjson
@@ -28,6 +29,8 @@ def _assert_error(r, status: int, code: str | None = None) -> None:
 
 def test_bad_v2_tensors_return_400_json_and_the_server_keeps_answering(test_models: TestModels):
     image = test_models.image
+    config = tomllib.loads((test_models.repository / image / "config.toml").read_text())
+    too_many_rows = config.get("batching", {}).get("max_batch_size", 32) + 1
 
     async def scenario(c):
         url = f"/v2/models/{image}/infer"
@@ -43,7 +46,7 @@ def test_bad_v2_tensors_return_400_json_and_the_server_keeps_answering(test_mode
             orjson.dumps({"inputs": [{**_pixels(), "data": [300] * 784}]}),  # out of UINT8 range
             orjson.dumps({"inputs": [{**_pixels(), "name": "nope"}]}),  # unknown input
             orjson.dumps({"inputs": [_pixels(), _pixels()]}),  # input twice
-            orjson.dumps({"inputs": [_pixels(9)]}),  # more rows than max_batch_size (8)
+            orjson.dumps({"inputs": [_pixels(too_many_rows)]}),  # more rows than max_batch_size
             orjson.dumps({"inputs": [_pixels()], "outputs": [{"name": "nope"}]}),
             orjson.dumps(
                 {"inputs": [_pixels()], "outputs": [{"name": "logits", "parameters": {"classification": -1}}]}
