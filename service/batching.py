@@ -16,7 +16,6 @@ An ORT error in a merged batch is retried request by request, so only the offend
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections import deque
@@ -224,7 +223,6 @@ class Batcher:
     # -- scheduling --------------------------------------------------------------------------------
 
     async def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if self._queued_rows == 0:
                 if self._closing:
@@ -232,17 +230,32 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            instance = await self._instances.get()
+            try:
+                await self._dispatch_next()
+            except Exception:
+                # A bug here must not leave the model silently dead with requests waiting forever.
+                log.exception("batch scheduling failed; failing the queued requests")
+                for p in self._live():
+                    self._dequeue(p)
+                    if not p.future.done():
+                        p.future.set_exception(InferenceFailed("internal error while batching"))
+
+    async def _dispatch_next(self) -> None:
+        instance = await self._instances.get()
+        try:
             # Requests whose bytes already arrived are one loop turn away from the queue: let them in.
             await asyncio.sleep(0)
             batch = await self._collect()
-            if not batch:
-                self._instances.put_nowait(instance)
-                continue
-            self._busy += 1
-            task = loop.create_task(self._execute(batch, instance))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        except BaseException:
+            self._instances.put_nowait(instance)
+            raise
+        if not batch:
+            self._instances.put_nowait(instance)
+            return
+        self._busy += 1
+        task = asyncio.get_running_loop().create_task(self._execute(batch, instance))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _collect(self) -> list[_Pending]:
         max_rows = self.policy.max_batch_size
@@ -323,6 +336,16 @@ class Batcher:
     # -- execution ---------------------------------------------------------------------------------
 
     async def _execute(self, batch: list[_Pending], instance: int) -> None:
+        try:
+            await self._execute_batch(batch, instance)
+        finally:
+            # Whatever went wrong, every request of the batch gets an answer.
+            for p in batch:
+                if not p.future.done():
+                    log.error("batch ended without a result", extra={"request_id": p.request_id})
+                    p.future.set_exception(InferenceFailed("internal error while running the batch"))
+
+    async def _execute_batch(self, batch: list[_Pending], instance: int) -> None:
         start = perf_counter()
         for p in batch:
             queue_s = start - p.enqueued
@@ -337,11 +360,6 @@ class Batcher:
             self._busy -= 1
             self._instances.put_nowait(instance)
         rows = sum(p.rows for p in batch)
-        self.metrics.compute.observe(infer_s)
-        self.metrics.batch_size.observe(rows)
-        if padding is not None:
-            self.metrics.padding.observe(padding)
-        self.stats.batch(rows, len(batch), input_s, infer_s, output_s)
         end = perf_counter()
         for p, result in zip(batch, results, strict=True):
             if p.future.done():
@@ -356,6 +374,11 @@ class Batcher:
             else:
                 self.stats.success.add(end - p.enqueued)
                 p.future.set_result(BatchResult(result, start - p.enqueued, infer_s, rows))
+        self.metrics.compute.observe(infer_s)
+        self.metrics.batch_size.observe(rows)
+        if padding is not None:
+            self.metrics.padding.observe(padding)
+        self.stats.batch(rows, len(batch), input_s, infer_s, output_s)
 
     def _compute(
         self, batch: list[_Pending], instance: int
@@ -384,8 +407,7 @@ class Batcher:
             for p in batch:
                 results.append({k: v[offset:offset + p.rows] for k, v in named.items()})
                 offset += p.rows
-        if self._observe is not None:
-            self._observe(feeds, named)
+        self._monitor(feeds, named)
         return results, (t1 - t0, t2 - t1, perf_counter() - t2), padding
 
     def _run_alone(self, p: _Pending, instance: int) -> dict[str, np.ndarray] | Exception:
@@ -393,9 +415,16 @@ class Batcher:
             named = dict(zip(self.output_names, self._run_fn(instance, p.inputs), strict=True))
         except Exception as e:
             return e
-        if self._observe is not None:
-            self._observe(p.inputs, named)
+        self._monitor(p.inputs, named)
         return named
+
+    def _monitor(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        if self._observe is None:
+            return
+        try:
+            self._observe(feeds, outputs)
+        except Exception:  # monitoring must never cost a prediction
+            log.exception("recording input/prediction metrics failed")
 
     def _merge(self, batch: list[_Pending]) -> tuple[dict[str, np.ndarray], float | None]:
         """One feed dict for the whole batch; also the padding ratio of the first padded input."""
@@ -419,9 +448,3 @@ class Batcher:
             if padding is None:
                 padding = 1.0 - sum(a.size for a in arrays) / out.size
         return feeds, padding
-
-
-async def cancel_quietly(task: asyncio.Task[object]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

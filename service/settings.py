@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NEUROSERVE_", extra="ignore", frozen=True)
 
     # Where and how to listen.
-    model_repository: Path = Field(Path("models"), description="Directory with one folder per model (config.toml + version folders)")
+    model_repository: Path = Field(
+        Path("models"), description="Directory with one folder per model (config.toml + version folders)"
+    )
     host: str = Field("127.0.0.1", description="Interface to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     workers: int = Field(1, ge=1, description="Worker processes (each loads every model)")
