@@ -159,10 +159,10 @@ def _from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndar
     n = math.prod(shape)
     if datatype == "BYTES":
         flat = list(_flatten(data))
-        try:
-            arr = np.array([s.encode() if isinstance(s, str) else bytes(s) for s in flat], dtype=object)
-        except (TypeError, ValueError) as e:
-            raise InvalidInput(f"input {name!r}: BYTES data must be strings") from e
+        if not all(isinstance(s, str) for s in flat):
+            raise InvalidInput(f"input {name!r}: BYTES data must be strings")
+        arr = np.empty(len(flat), dtype=object)
+        arr[:] = [s.encode() for s in flat]
     else:
         arr = None
         if datatype == "UINT8" and type(data) is list:

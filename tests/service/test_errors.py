@@ -115,6 +115,14 @@ def test_text_token_ids_are_checked_before_compute(test_models: TestModels):
         _assert_error(await c.post(url, content=body([[5, -3]], [[1, 1]])), 400, "invalid_input")
         _assert_error(await c.post(url, content=body([[5, 6, 7]], [[1, 1]])), 400, "invalid_input")
         _assert_error(await c.post(url, content=body([[5] * 100], [[1] * 100])), 400, "invalid_input")
+        not_strings = orjson.dumps(
+            {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": [5, 6]}]}
+        )
+        _assert_error(await c.post(url, content=not_strings), 400, "invalid_input")
+        empty_text = orjson.dumps(
+            {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [" "]}]}
+        )
+        _assert_error(await c.post(url, content=empty_text), 400, "invalid_input")
         assert (await c.post(url, content=body([[5, 6]], [[1, 1]]))).status_code == 200
 
     with_app(test_models.repository, scenario)
