@@ -69,15 +69,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(settings: Settings) -> int:
     service_logging.configure(settings.log_level)
-    from service.runtime import cuda_available
-
-    if settings.providers == "cuda" and not cuda_available():
-        log.error("--providers cuda, but this onnxruntime has no CUDA execution provider "
-                  "(install onnxruntime-gpu, or use --providers auto|cpu)")
-        return 2
     if not settings.model_repository.is_dir():
         log.error("model repository %s is not a directory", settings.model_repository)
         return 2
+    if settings.providers == "cuda":
+        problem = _cuda_problem(settings)
+        if problem:
+            # Fail before serving: a "GPU" deployment quietly computing on CPU is worse than none.
+            log.error("--providers cuda: %s (or use --providers auto|cpu)", problem)
+            return 2
     # Workers are separate processes that read their settings from the environment.
     os.environ.update(settings.to_environ())
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -107,6 +107,16 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
     )
     return 0
+
+
+def _cuda_problem(settings: Settings) -> str | None:
+    """Try CUDA on the first model of the repository (onnxruntime-gpu may fall back silently)."""
+    from service.runtime import cuda_available, cuda_binds
+
+    if not cuda_available():
+        return "this onnxruntime has no CUDA execution provider (install onnxruntime-gpu)"
+    first = next(iter(sorted(settings.model_repository.glob("*/[0-9]*/model.onnx"))), None)
+    return cuda_binds(first, settings) if first is not None else None
 
 
 if __name__ == "__main__":

@@ -77,6 +77,22 @@ def provider_chain(settings: Settings) -> list[str | tuple[str, dict[str, str]]]
     return [(CUDA, cuda_options), CPU]
 
 
+def cuda_binds(model_path: Path, settings: Settings) -> str | None:
+    """None when a CUDA session on `model_path` really runs on CUDA, else the reason it does not."""
+    if not cuda_available():
+        return "this onnxruntime has no CUDA execution provider (install onnxruntime-gpu)"
+    try:
+        session = ort.InferenceSession(str(model_path), sess_options=session_options(settings, 1),
+                                       providers=provider_chain(settings))
+    except Exception as e:  # ORT raises its own exception types
+        return f"a CUDA session cannot be created: {e}"
+    bound = session.get_providers()[0]
+    if bound != CUDA:
+        return f"the CUDA execution provider did not bind (the session fell back to {bound}); " \
+               "check the CUDA and cuDNN libraries and the driver"
+    return None
+
+
 class Runtime:
     """The ORT sessions of one model version: one per instance, so instances run concurrently."""
 

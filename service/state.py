@@ -22,7 +22,9 @@ class ServiceState:
 
     def model(self, name: str, version: str | None = None) -> ModelVersion:
         if self.draining:
-            raise ModelNotReady("server is shutting down")
+            # Closing the connection sends the client's next attempt to another replica.
+            raise ModelNotReady("server is shutting down",
+                                headers={"Connection": "close", "Retry-After": "1"})
         return self.repository.get(name, version)
 
     def live(self) -> bool:
