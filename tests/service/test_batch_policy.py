@@ -93,3 +93,41 @@ def test_similar_lengths_are_batched_together_to_limit_padding(tmp_path: Path):
     assert count > 0
     # Mixing 2-token and 30-token rows would pad ~45% of every batch; grouping keeps it far lower.
     assert total / count < 0.25, (total, count)
+
+
+def test_a_model_with_two_instances_answers_every_request_correctly(tmp_path: Path):
+    import onnxruntime as ort
+
+    m.image_model(tmp_path, max_batch=4, delay_ms=1, instances=2)
+    sess = ort.InferenceSession(
+        str(tmp_path / "tiny-image" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    rng = np.random.default_rng(9)
+    xs = [rng.integers(0, 256, (1, 1, 28, 28), dtype=np.uint8) for _ in range(40)]
+
+    async def scenario(c):
+        bodies = [
+            orjson.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "pixels",
+                            "datatype": "UINT8",
+                            "shape": [1, 1, 28, 28],
+                            "data": x.reshape(-1).tolist(),
+                        }
+                    ]
+                }
+            )
+            for x in xs
+        ]
+        rs = await asyncio.gather(*(c.post("/v2/models/tiny-image/infer", content=b) for b in bodies))
+        config = (await c.get("/v2/models/tiny-image/config")).json()
+        return rs, config
+
+    rs, config = with_app(tmp_path, scenario)
+    assert config["instance_group"][0]["count"] == 2
+    for x, r in zip(xs, rs, strict=True):
+        out = {o["name"]: o for o in r.json()["outputs"]}["probabilities"]
+        want = sess.run(["probabilities"], {"pixels": x})[0]
+        np.testing.assert_allclose(np.array(out["data"]).reshape(out["shape"]), want, rtol=1e-5, atol=1e-6)
