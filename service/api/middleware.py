@@ -5,6 +5,7 @@ or body buffering per request.)
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 from dataclasses import dataclass
@@ -50,6 +51,15 @@ def context(scope: Scope) -> RequestContext:
     return scope["neuroserve"]
 
 
+# Generated ids: a random per-process prefix and a counter — unique, and no syscall per request.
+_ID_PREFIX = secrets.token_hex(4)
+_id_counter = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter):08x}"
+
+
 def _valid_request_id(value: bytes) -> bool:
     return 0 < len(value) <= 128 and all(0x21 <= c <= 0x7E for c in value)
 
@@ -72,7 +82,7 @@ class ServiceMiddleware:
                 rid_header = value
             elif key == b"content-length":
                 length = int(value) if value.isdigit() else -1
-        rid = rid_header.decode() if _valid_request_id(rid_header) else secrets.token_hex(8)
+        rid = rid_header.decode() if _valid_request_id(rid_header) else _new_request_id()
         ctx = RequestContext(rid, perf_counter())
         scope["neuroserve"] = ctx
         token = request_id.set(rid)
