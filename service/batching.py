@@ -108,6 +108,7 @@ class Batcher:
         self._peak_cur = 0
         self._peak_prev = 0
         self._peak_epoch = 0.0
+        self._row_seconds = 0.0  # moving average of compute time per row
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._scheduler: asyncio.Task[None] | None = None
@@ -202,7 +203,9 @@ class Batcher:
         return max(self._peak_prev, self._peak_cur) - self._inflight
 
     def _retry_after(self) -> int:
-        return 1
+        """Seconds until the queue has room again, from the recent compute time per row."""
+        seconds = self._queued_rows * self._row_seconds / self.policy.instances
+        return max(1, min(60, math.ceil(seconds)))
 
     def _dequeue(self, p: _Pending) -> None:
         p.queued = False
@@ -374,6 +377,8 @@ class Batcher:
             else:
                 self.stats.success.add(end - p.enqueued)
                 p.future.set_result(BatchResult(result, start - p.enqueued, infer_s, rows))
+        per_row = infer_s / rows
+        self._row_seconds = 0.9 * self._row_seconds + 0.1 * per_row if self._row_seconds else per_row
         self.metrics.compute.observe(infer_s)
         self.metrics.batch_size.observe(rows)
         if padding is not None:

@@ -273,3 +273,60 @@ def test_gzip_request_body_is_accepted(test_models: TestModels):
         assert r.status_code == 200, r.text
 
     with_app(test_models.repository, scenario)
+
+
+def test_garbage_on_every_endpoint_never_gets_a_500(test_models: TestModels):
+    rng = np.random.default_rng(123)
+    valid = orjson.dumps({"inputs": [_pixels()]})
+    bodies = [
+        b"",
+        b"null",
+        b"{}",
+        b'{"inputs": null}',
+        b'{"inputs": [null]}',
+        b'{"inputs": [{"name": 1, "datatype": [], "shape": {}}]}',
+        b'{"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [-1], "data": []}]}',
+        b'{"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1e9], "data": [1]}]}',
+        b'{"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1,1,28,28], "data": [[[[1]]]]}]}',
+        b'{"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1,1,28,28], "data": {"a": 1}}]}',
+        b'{"text": 5}',
+        b'{"texts": [1, 2]}',
+        b'{"texts": "abc"}',
+        b"[" * 5000,
+        valid[: len(valid) // 2],
+        valid.replace(b'"UINT8"', b'"BYTES"'),
+        *(rng.integers(0, 256, int(n), dtype=np.uint8).tobytes() for n in rng.integers(1, 3000, 12)),
+    ]
+    headers = [
+        {},
+        {"content-type": "application/json"},
+        {"content-type": "multipart/form-data; boundary=xyz"},
+        {"content-type": "image/png"},
+        {"content-type": "audio/wav"},
+        {"inference-header-content-length": "5"},
+        {"content-encoding": "gzip"},
+        {"x-request-timeout-ms": "abc"},
+    ]
+    paths = [
+        f"/v2/models/{test_models.image}/infer",
+        f"/v2/models/{test_models.text}/infer",
+        f"/v2/models/{test_models.audio}/versions/1/infer",
+        f"/v1/image/{test_models.image}",
+        f"/v1/text/{test_models.text}?top_k=2",
+        f"/v1/audio/{test_models.audio}",
+        "/v2/repository/index",
+    ]
+
+    async def scenario(c):
+        codes = set()
+        for path in paths:
+            for i, body in enumerate(bodies):
+                r = await c.post(path, content=body, headers=headers[i % len(headers)])
+                assert r.status_code < 500, (path, body[:80], headers[i % len(headers)], r.text)
+                assert r.headers["content-type"].startswith("application/json") or r.status_code == 200
+                codes.add(r.status_code)
+        assert (await c.post(f"/v2/models/{test_models.image}/infer", content=valid)).status_code == 200
+        return codes
+
+    codes = with_app(test_models.repository, scenario)
+    assert {400, 415} <= codes
