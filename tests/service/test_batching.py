@@ -13,6 +13,7 @@ import onnxruntime as ort
 import orjson
 import tritonclient.http as triton
 
+from tests.service import models as m
 from tests.service.conftest import Server, TestModels, with_app
 
 
@@ -187,13 +188,15 @@ def test_error_in_one_request_fails_only_that_request(special_repository: Path):
     assert stats["model_stats"][0]["inference_stats"]["fail"]["count"] == 2
 
 
-def test_requests_past_their_deadline_are_shed_with_504(special_repository: Path):
+def test_requests_past_their_deadline_are_shed_with_504(tmp_path: Path):
+    m.slow_model(tmp_path, max_batch=4, queue=32)
+
     async def scenario(c):
-        # Occupy the only instance with a full batch, then queue requests with a 3 ms budget.
-        busy = asyncio.create_task(
-            c.post("/v2/models/slow/infer", content=_v2({"waveform": np.ones((4, 512), dtype=np.float32)}))
-        )
-        await asyncio.sleep(0.01)
+        # Two full batches ahead (one computing, one queued), then requests with a 3 ms budget:
+        # they cannot start before a whole batch has been computed.
+        full = _v2({"waveform": np.ones((4, 512), dtype=np.float32)})
+        busy = [asyncio.create_task(c.post("/v2/models/slow/infer", content=full)) for _ in range(2)]
+        await asyncio.sleep(0.005)
         body = _v2({"waveform": np.zeros((1, 512), dtype=np.float32)})
         by_header = [
             c.post("/v2/models/slow/infer", content=body, headers={"x-request-timeout-ms": "3"})
@@ -205,13 +208,13 @@ def test_requests_past_their_deadline_are_shed_with_504(special_repository: Path
         after = await c.post("/v2/models/slow/infer", content=body)
         metrics = (await c.get("/metrics")).text
         stats = (await c.get("/v2/models/slow/stats")).json()["model_stats"][0]
-        return await busy, shed, after, metrics, stats
+        return await asyncio.gather(*busy), shed, after, metrics, stats
 
-    busy, shed, after, metrics, stats = with_app(special_repository, scenario)
-    assert busy.status_code == 200 and after.status_code == 200
+    busy, shed, after, metrics, stats = with_app(tmp_path, scenario)
+    assert all(r.status_code == 200 for r in busy) and after.status_code == 200
     for r in shed:
         assert r.status_code == 504, r.text
         assert r.json()["code"] == "deadline"
     assert 'neuroserve_rejections_total{model="slow",reason="deadline"} 4.0' in metrics
-    # shed before compute: only the busy batch and the request after it ran (plus warm-up, not counted)
-    assert stats["inference_count"] == 5
+    # shed before compute: only the two busy batches and the request after them ran
+    assert stats["inference_count"] == 9
