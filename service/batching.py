@@ -26,7 +26,14 @@ from time import perf_counter
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, QueueFull, ServiceError
+from service.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidInput,
+    ModelNotReady,
+    QueueFull,
+    ServiceError,
+)
 from service.logging import request_id
 from service.metrics import ModelMetrics
 from service.stats import Stats
@@ -156,6 +163,9 @@ class Batcher:
         """
         if self._closing or self._scheduler is None:
             raise ModelNotReady("model version is unloading")
+        if not 0 < rows <= self.policy.max_batch_size:
+            # Such a request could never be scheduled; callers split larger inputs.
+            raise InvalidInput(f"{rows} rows; a batch holds 1 to {self.policy.max_batch_size}")
         if self._queued_rows + rows > self.policy.max_queue_size:
             raise QueueFull(
                 f"queue full ({self._queued_rows} of {self.policy.max_queue_size} rows waiting)",
