@@ -242,18 +242,33 @@ _INFER_ERRORS = _errors(400, 404, 413, 429, 503, 504)
 @router.post("/v2/models/{model}/infer", summary="Infer (latest ready version)", openapi_extra=_INFER_DOC,
              responses=_INFER_ERRORS, response_class=Response)
 async def infer(request: Request, model: str) -> Response:
-    return await _infer(request, model, None)
+    return await infer_request(request, model, None)
 
 
 @router.post("/v2/models/{model}/versions/{version}/infer", summary="Infer (given version)",
              openapi_extra=_INFER_DOC, responses=_INFER_ERRORS, response_class=Response)
 async def infer_version(request: Request, model: str, version: str) -> Response:
-    return await _infer(request, model, version)
+    return await infer_request(request, model, version)
 
 
 async def _plain_infer(request: Request) -> Response:
     params = request.path_params
-    return await _infer(request, params["model"], params.get("version"))
+    return await infer_request(request, params["model"], params.get("version"))
+
+
+def infer_path_params(path: str) -> dict[str, str] | None:
+    """`{"model": ..., ["version": ...]}` when `path` is one of the two infer paths, else None.
+
+    Matches exactly what the routes below match (non-empty segments without a slash)."""
+    parts = path.split("/")
+    n = len(parts)
+    if n == 5 and parts[4] == "infer" and parts[1] == "v2" and parts[2] == "models" and parts[3] \
+            and not parts[0]:
+        return {"model": parts[3]}
+    if n == 7 and parts[6] == "infer" and parts[4] == "versions" and parts[1] == "v2" \
+            and parts[2] == "models" and parts[3] and parts[5] and not parts[0]:
+        return {"model": parts[3], "version": parts[5]}
+    return None
 
 
 # The FastAPI routes above are the documented contract (OpenAPI). The app serves the same two paths
@@ -265,7 +280,7 @@ HOT_ROUTES = [
 ]
 
 
-async def _infer(request: Request, model: str, version: str | None) -> Response:
+async def infer_request(request: Request, model: str, version: str | None) -> Response:
     mv, ctx = admit(request, "v2_infer", model, version)
     state = state_of(request)
     headers = request.headers
