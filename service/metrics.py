@@ -99,6 +99,10 @@ MODEL_INFO = Gauge(
     PROVIDER_LABELS, multiprocess_mode="livemax")
 
 MODEL_STATES = ("loading", "ready", "unavailable", "unloaded")
+OUTCOMES = ("success", "client_error", "rejected", "error")
+REJECTION_REASONS = ("queue_full", "deadline", "too_large", "invalid", "not_ready")
+# The `endpoint` label of each task's own endpoint (besides `v2_infer`, which every model has).
+TASK_ENDPOINTS = {"image": "image", "text": "text", "speech": "audio"}
 
 # Outcome of a response, from its status code.
 _REJECTED_CODES = {413, 429, 503, 504}
@@ -166,6 +170,20 @@ class ModelMetrics:
         for idx, n in enumerate(np.bincount(top, minlength=len(self._predictions)).tolist()):
             if n:
                 self._predictions[idx].inc(n)
+
+
+def count_from_zero(model: str, version: str, task: str) -> None:
+    """Create a ready model version's request and rejection counters at 0.
+
+    A series that first appears at 1 has no earlier sample, so `rate()` and `increase()` miss the
+    first request after a restart; created at 0 when the model becomes ready, it counts from there.
+    """
+    for endpoint in ("v2_infer", TASK_ENDPOINTS.get(task)):
+        if endpoint is not None:
+            for outcome_ in OUTCOMES:
+                REQUESTS.labels(model, version, endpoint, outcome_)
+    for reason in REJECTION_REASONS:
+        REJECTIONS.labels(model, reason)
 
 
 def request_without_model(endpoint: str, status: int, seconds: float, model: str = UNKNOWN_MODEL) -> None:

@@ -273,6 +273,7 @@ class Repository:
         mv.batcher.start()
         metrics.MODEL_LOAD_DURATION.labels(mv.name, str(mv.version)).set(mv.load_seconds)
         metrics.MODEL_INFO.labels(mv.name, str(mv.version), runtime.provider).set(1)
+        metrics.count_from_zero(mv.name, str(mv.version), mv.config.task)
         mv.set_state(State.READY)
         log.info("model version ready", extra={
             "model": mv.name, "version": mv.version, "provider": runtime.provider,

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
+from service import metrics
 from service.api.common import admit, deadline, state_of
 from service.api.middleware import RequestContext
 from service.api.schemas import ClassifyResponse, ErrorBody, TextRequest
@@ -36,7 +37,6 @@ router = APIRouter(prefix="/v1", tags=["tasks"])
 T = TypeVar("T")
 # Decoding a large upload takes milliseconds; do it off the event loop so other requests flow.
 _DECODE_IN_THREAD_BYTES = 256 * 1024
-_ENDPOINT_OF_TASK = {"image": "image", "text": "text", "speech": "audio"}
 
 TopK = Annotated[int, Query(ge=1, le=1000, description="How many labels to return per input")]
 Version = Annotated[str | None, Query(description="Model version (default: the newest ready one)")]
@@ -145,7 +145,7 @@ async def classify_text(request: Request, model: str, top_k: TopK = 3, version: 
 def _check_task(mv: ModelVersion, task: str) -> None:
     if mv.config.task != task:
         raise InvalidInput(f"model {mv.name!r} is a {mv.config.task} model; "
-                           f"use /v1/{_ENDPOINT_OF_TASK[mv.config.task]}/{mv.name}")
+                           f"use /v1/{metrics.TASK_ENDPOINTS[mv.config.task]}/{mv.name}")
 
 
 def _check_items(n: int, limit: int) -> None:

@@ -167,3 +167,30 @@ def test_metrics_with_two_workers_add_up_and_show_each_process(test_models: Test
         _promtool(scrapes[-1])
     finally:
         server.stop()
+
+
+def test_request_and_rejection_counters_start_at_zero_when_a_model_is_ready(
+    test_models: TestModels, tmp_path: Path
+):
+    # So that rate() and increase() count the first request after a restart.
+    server = start_server(test_models.repository, tmp_path / "server.log")
+    try:
+        text = httpx.get(f"{server.url}/metrics").text
+    finally:
+        server.stop()
+    s = _samples(text)
+    series: dict[tuple[str, ...], float] = {}
+    for key, value in s.items():
+        if key.startswith(("neuroserve_requests_total{", "neuroserve_rejections_total{")):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', key))
+            series[(key.split("{")[0], labels["model"], labels.get("endpoint", ""),
+                    labels.get("outcome", labels.get("reason", "")))] = value
+    for model, task_endpoint in ((test_models.image, "image"), (test_models.text, "text"),
+                                 (test_models.audio, "audio")):
+        for endpoint in ("v2_infer", task_endpoint):
+            for outcome in ("success", "client_error", "rejected", "error"):
+                assert series.get(("neuroserve_requests_total", model, endpoint, outcome)) == 0, (
+                    model, endpoint, outcome)
+        for reason in ("queue_full", "deadline", "too_large", "invalid", "not_ready"):
+            assert series.get(("neuroserve_rejections_total", model, "", reason)) == 0, (model, reason)
+    _promtool(text)
