@@ -36,7 +36,7 @@ from service.errors import (
     ServiceError,
 )
 from service.logging import request_id
-from service.metrics import ModelMetrics
+from service.metrics import ModelMetrics, observe_many
 from service.stats import Stats
 
 log = logging.getLogger("neuroserve.batching")
@@ -381,10 +381,9 @@ class Batcher:
 
     async def _execute_batch(self, batch: list[_Pending], instance: int) -> None:
         start = perf_counter()
-        for p in batch:
-            queue_s = start - p.enqueued
-            self.metrics.queue.observe(queue_s)
-            self.stats.queue.add(queue_s)
+        queue_s = [start - p.enqueued for p in batch]
+        observe_many(self.metrics.queue, queue_s)
+        self.stats.queue.add(sum(queue_s), len(batch))
         done = asyncio.get_running_loop().create_future()
         self._compute_queues[instance].put((batch, done))
         try:

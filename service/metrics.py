@@ -9,7 +9,7 @@ memory and CPU with a `pid` label.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +118,33 @@ def outcome(status: int) -> str:
     return "error"
 
 
+_FEW = 4  # below this many values, numpy's call overhead costs more than it saves
+
+
+def observe_many(histogram: Histogram, values: np.ndarray | Sequence[float]) -> None:
+    """`histogram.observe(v)` for every v, with one write per touched bucket instead of per value.
+
+    With several workers every write goes to a memory-mapped file under a lock; a batch's 64 queue
+    times or prediction confidences then cost 64 × 2 writes instead of a few. Uses the histogram's
+    own bounds and value cells (prometheus-client has no bulk observe); NaNs are skipped.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    cells = getattr(histogram, "_buckets", None)
+    if len(values) <= _FEW or bounds is None or cells is None or len(cells) != len(bounds):
+        for v in (values.tolist() if isinstance(values, np.ndarray) else values):
+            if v == v:  # not NaN
+                histogram.observe(v)
+        return
+    values = np.asarray(values, dtype=np.float64).ravel()
+    values = values[~np.isnan(values)]
+    histogram._raise_if_not_observable()
+    # Bucket i holds bounds[i-1] < v <= bounds[i], as observe() files it; the last bound is +Inf.
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for i in np.flatnonzero(counts).tolist():
+        cells[i].inc(int(counts[i]))
+    histogram._sum.inc(float(values.sum()))
+
+
 def set_model_state(model: str, version: str, state: str) -> None:
     for s in MODEL_STATES:
         MODEL_STATE.labels(model, version, s).set(1 if s == state else 0)
@@ -165,8 +192,7 @@ class ModelMetrics:
         if scores.ndim != 2 or scores.shape[1] != len(self._predictions) or not len(scores):
             return
         top = scores.argmax(axis=1)
-        for conf in scores[np.arange(len(top)), top].tolist():
-            self.confidence.observe(conf)
+        observe_many(self.confidence, scores[np.arange(len(top)), top])
         for idx, n in enumerate(np.bincount(top, minlength=len(self._predictions)).tolist()):
             if n:
                 self._predictions[idx].inc(n)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from service.codecs.text import TextModel
-from service.metrics import ModelMetrics
+from service.metrics import ModelMetrics, observe_many
 from service.model_config import ModelConfig
 
 Observer = Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], None]
@@ -27,19 +27,16 @@ def batch_observer(config: ModelConfig, text: TextModel | None, metrics: ModelMe
         rows = len(outputs[scores_output])
         if task == "image":
             pixels = feeds[first_input].reshape(rows, -1)
-            for v in (pixels.mean(axis=1) / 255.0).tolist():
-                metrics.image_intensity.observe(v)
+            observe_many(metrics.image_intensity, pixels.mean(axis=1) / 255.0)
         elif task == "text" and text is not None:
             if text.mask is not None:
-                tokens = feeds[text.mask].sum(axis=1).tolist()
+                tokens = feeds[text.mask].sum(axis=1)
             else:
-                tokens = [feeds[text.ids].shape[1]] * rows
-            for v in tokens:
-                metrics.text_tokens.observe(v)
+                tokens = np.full(rows, feeds[text.ids].shape[1])
+            observe_many(metrics.text_tokens, tokens)
         elif task == "speech":
             wave = feeds[first_input].reshape(rows, -1).astype(np.float64, copy=False)
-            for v in np.sqrt(np.einsum("ij,ij->i", wave, wave) / wave.shape[1]).tolist():
-                metrics.audio_rms.observe(v)
+            observe_many(metrics.audio_rms, np.sqrt(np.einsum("ij,ij->i", wave, wave) / wave.shape[1]))
         metrics.predictions(outputs[scores_output])
 
     return observe

@@ -194,3 +194,28 @@ def test_request_and_rejection_counters_start_at_zero_when_a_model_is_ready(
         for reason in ("queue_full", "deadline", "too_large", "invalid", "not_ready"):
             assert series.get(("neuroserve_rejections_total", model, "", reason)) == 0, (model, reason)
     _promtool(text)
+
+
+@pytest.mark.parametrize("n", [1, 3, 64])
+def test_observe_many_files_values_as_observe_does(n: int):
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from service.metrics import LATENCY_BUCKETS, observe_many
+
+    rng = np.random.default_rng(n)
+    # Values on and around the bucket bounds, beyond the last one, and a NaN (skipped by both).
+    values = np.concatenate([rng.choice(LATENCY_BUCKETS, n), rng.uniform(0, 12, n), [np.nan]])
+    texts = []
+    for bulk in (False, True):
+        registry = CollectorRegistry()
+        h = Histogram("t_seconds", "t", ["model"], buckets=LATENCY_BUCKETS, registry=registry).labels("m")
+        if bulk:
+            observe_many(h, values)
+        else:
+            for v in values[:-1].tolist():
+                h.observe(v)
+        texts.append(_samples(generate_latest(registry).decode()))
+    bulk_sum = texts[1].pop('t_seconds_sum{model="m"}')
+    loop_sum = texts[0].pop('t_seconds_sum{model="m"}')
+    assert texts[1] == texts[0]
+    assert bulk_sum == pytest.approx(loop_sum)
