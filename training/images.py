@@ -361,7 +361,7 @@ SPECS = {
         ImagePreprocessing(width=28, height=28, color="L", invert="never"),
         (0.286, 0.353),
         Augment(shift=2.0, flip=True),
-        cnn=Recipe(epochs=13, lr=4e-3, batch=128, label_smoothing=0.1, bf16=True),
+        cnn=Recipe(epochs=20, lr=4e-3, batch=128, label_smoothing=0.1, bf16=True),
         mlp=Recipe(epochs=10, lr=2e-3, batch=128, augment=False),
         rnn=Recipe(epochs=6, lr=4e-3, batch=128),
         bar=0.93,
