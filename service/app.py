@@ -175,8 +175,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # busy with HTTP, CPython would make it wait up to the 5 ms default switch interval.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         metrics.worker_started()
-        # Load in the background: live answers at once, ready turns true when every model is warm.
+        # One worker loads in the background: live answers at once, ready turns true when every
+        # model is warm. Several workers share one listening socket, and a worker takes connections
+        # only once its start-up is over, so each loads first: traffic never meets a cold worker.
         state.load_task = asyncio.create_task(state.repository.load_all())
+        if settings.workers > 1:
+            await asyncio.shield(state.load_task)
         _install_drain_on_sigterm(state)
         try:
             yield

@@ -115,7 +115,7 @@ class Repository:
         """The version to serve: the one asked for, else the newest READY one."""
         model = self.models.get(name)
         if model is None:
-            raise ModelNotFound(f"unknown model {name!r}")
+            raise self._unknown(name)
         if version is None:
             for mv in reversed(model.versions.values()):  # versions are kept in ascending order
                 if mv.state is State.READY:
@@ -135,8 +135,15 @@ class Repository:
     def model(self, name: str) -> Model:
         model = self.models.get(name)
         if model is None:
-            raise ModelNotFound(f"unknown model {name!r}")
+            raise self._unknown(name)
         return model
+
+    def _unknown(self, name: str) -> ModelNotFound | ModelNotReady:
+        # During the first load a model further down the list is not registered yet: it exists and
+        # will serve soon, so the answer is "not ready" (503, retry), not "no such model" (404).
+        if self.loading and name in self.scan():
+            return ModelNotReady(f"model {name!r} is loading")
+        return ModelNotFound(f"unknown model {name!r}")
 
     @staticmethod
     def _why_not(model: Model) -> str:
