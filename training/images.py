@@ -473,7 +473,7 @@ def write_model_dir(model_dir: Path, data: ImageData, spec: Spec, model: nn.Modu
         labels="labels.txt",
         scores_output="probabilities",
         image=spec.image,
-        batching=Batching(max_batch_size=64, max_queue_delay_ms=2.0, max_queue_size=512, instances=1),
+        batching=Batching(max_batch_size=16, max_queue_delay_ms=0.0, max_queue_size=512, instances=1),
     ))
     title = "Fashion-MNIST" if data.name == "fashion-mnist" else "MNIST digits"
     report.plot_confusion(ev, data.labels, model_dir / "confusion_matrix.png", f"{title} CNN (ONNX, test)")
