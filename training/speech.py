@@ -360,7 +360,8 @@ def zoo_row(architecture: str, model: nn.Module, path: Path, ev: report.Evaluati
 
 # ------------------------------------------------------------------------------------------------ main
 
-SERVED_RECIPE = Recipe(epochs=20, lr=4e-3)
+SERVED_WIDTHS = (32, 64, 128, 192)
+SERVED_RECIPE = Recipe(epochs=32, lr=4e-3)
 CRNN_RECIPE = Recipe(epochs=6, lr=4e-3)
 MLP_RECIPE = Recipe(epochs=12, lr=1e-3, freq_masks=1, time_masks=1)
 FAST_LIMITS = {"train": 300, "val": 100, "test": 100}  # clips of each split for --fast
@@ -383,7 +384,7 @@ def main(args: argparse.Namespace) -> None:
     # The served model.
     model_dir = args.models / NAME
     onnx_path = model_dir / "1" / "model.onnx"
-    cnn, history, seconds = train(CNN(), x_train, train_split.labels, x_val, val.labels,
+    cnn, history, seconds = train(CNN(SERVED_WIDTHS), x_train, train_split.labels, x_val, val.labels,
                                   recipe(SERVED_RECIPE), args.seed, "CNN")
     served = Served(frontend, cnn)
     ev, predicted, parity_text = measure(served, onnx_path, test, test_wave, "CNN")
@@ -395,8 +396,9 @@ def main(args: argparse.Namespace) -> None:
     if args.no_zoo:
         return
     # The comparison architectures: same corpus, split, waveform contract and measurements.
-    rows = [zoo_row("CNN conv(16)-pool-conv(32)-pool-conv(64)-pool-conv(128), global average (log-mel "
-                    "in the graph)", served, onnx_path, ev, seconds, test_wave, served=True)]
+    w1, w2, w3, w4 = SERVED_WIDTHS
+    rows = [zoo_row(f"CNN conv({w1})-pool-conv({w2})-pool-conv({w3})-pool-conv({w4}), global average "
+                    "(log-mel in the graph)", served, onnx_path, ev, seconds, test_wave, served=True)]
     candidates = [
         ("MLP 1960→256→256→12 on the flattened log-mel, dropout 0.3", MLP(), MLP_RECIPE),
         ("CRNN conv(16)-pool-conv(32)-pool → bidirectional GRU 64 → mean over time", CRNN(), CRNN_RECIPE),
@@ -456,6 +458,7 @@ def write_model_dir(model_dir: Path, model: Served, ev: report.Evaluation, predi
     package_list = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
     command = f"python -m training {NAME} --seed {args.seed}" + (" --fast" if args.fast else "")
     splits = {s: speech_corpus.SPLITS[s] for s in ("train", "val", "test")}
+    tr = splits["train"]
     report.ModelCard(
         name=NAME,
         title=f"{NAME}: keyword spotting of the ten spoken digits",
@@ -466,9 +469,10 @@ def write_model_dir(model_dir: Path, model: Served, ev: report.Evaluation, predi
                  f"convolution with fixed DFT kernels, power, {N_MELS} mel bands (20–7600 Hz), "
                  f"log(x + {LOG_EPS:g}) and per-utterance mean removal. It returns `logits` and "
                  f"`probabilities` [N, {n}] over {', '.join(LABELS)}."),
-        architecture=("BatchNorm, then conv3×3(16)-BN-ReLU-maxpool, conv(32)-BN-ReLU-maxpool, "
-                      "conv(64)-BN-ReLU-maxpool, conv(128)-BN-ReLU, global average, dropout 0.2, "
-                      f"FC 128→{n}"),
+        architecture=(f"BatchNorm, then conv3×3({SERVED_WIDTHS[0]})-BN-ReLU-maxpool, "
+                      f"conv({SERVED_WIDTHS[1]})-BN-ReLU-maxpool, conv({SERVED_WIDTHS[2]})-BN-ReLU-maxpool, "
+                      f"conv({SERVED_WIDTHS[3]})-BN-ReLU, global average, dropout 0.2, "
+                      f"FC {SERVED_WIDTHS[3]}→{n}"),
         parameters=parameter_count(model),
         data_sources=[
             "No registry package ships real recordings of these words big enough to train on, so the "
@@ -483,7 +487,9 @@ def write_model_dir(model_dir: Path, model: Served, ev: report.Evaluation, predi
             f"`en_US-joe-medium.onnx` sha256 {speech_corpus.PIPER_VOICE_SHA256}.",
             f"Versions used for this model: {package_list}.",
             "Augmentation (sox in repeatable mode, numpy with seeded RNGs): silence trimming, speed "
-            "×0.85–1.15, pitch ±300 cents, random bass/treble tilt, 8 kHz telephone round-trip "
+            f"×0.85–1.15, pitch shifts of {tr.cents[0]}…+{tr.cents[1] - 1} cents in training "
+            f"(±300 in validation and test; espeak -p {tr.synth_pitch[0]}–{tr.synth_pitch[1] - 1} in "
+            "training, 15–85 elsewhere), random bass/treble tilt, 8 kHz telephone round-trip "
             "(15 %), reverb (30 %), level −30…−1 dBFS peak, a random place in the 1 s window framed "
             "by `service.codecs.audio.fit_length`, background noise (white, pink, brown, blue, mains "
             "hum) at 5–40 dB SNR on 90 % of the clips; 16-bit PCM.",

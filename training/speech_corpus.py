@@ -83,11 +83,17 @@ class SplitRecipe:
     seed: int
     espeak_variants: list[str]
     engines: dict[str, float]  # "espeak" | "flite:<voice>" | "festival:<voice>" | "piper:joe" → share
+    synth_pitch: tuple[int, int] = (15, 86)  # espeak -p, drawn from [low, high)
+    cents: tuple[int, int] = (-300, 301)  # sox pitch shift, drawn from [low, high)
 
 
 SPLITS = {
-    "train": SplitRecipe(10800, 1, ESPEAK_TRAIN_VARIANTS,
-                         {"espeak": 0.80, "festival:ked": 0.08, "piper:joe": 0.12}),
+    # Training voices reach higher than the held-out ones: espeak's whole pitch range and sox shifts of
+    # up to +700 cents turn its many male variants and the two male voices of festival and piper
+    # into higher, shorter vocal tracts (pitch and formants shift together).
+    "train": SplitRecipe(14400, 1, ESPEAK_TRAIN_VARIANTS,
+                         {"espeak": 0.80, "festival:ked": 0.08, "piper:joe": 0.12},
+                         synth_pitch=(0, 100), cents=(-400, 701)),
     "val": SplitRecipe(1500, 2, ESPEAK_VAL_VARIANTS,
                        {"espeak": 0.60, "festival:kal": 0.20, "festival:slt_hts": 0.20}),
     "test": SplitRecipe(2400, 3, ESPEAK_TEST_VARIANTS,
@@ -161,9 +167,9 @@ def plan(split: str) -> list[Clip]:
             reverb = (int(rng.integers(10, 71)), int(rng.integers(20, 81)), int(rng.integers(20, 101)))
         clips.append(Clip(
             label=label, word=word, engine=engine, voice=voice, stretch=stretch,
-            synth_pitch=int(rng.integers(15, 86)),
+            synth_pitch=int(rng.integers(*recipe.synth_pitch)),
             speed=round(float(rng.uniform(0.85, 1.15)), 3),
-            cents=int(rng.integers(-300, 301)),
+            cents=int(rng.integers(*recipe.cents)),
             telephone=bool(rng.random() < 0.15),
             reverb=reverb,
             tilt=(int(rng.integers(-8, 9)), int(rng.integers(-8, 9))) if rng.random() < 0.5 else (0, 0),
