@@ -9,13 +9,11 @@ card, config.toml and the model-zoo rows of the comparison architectures.
 from __future__ import annotations
 
 import argparse
-import copy
 import gzip
 import json
 import math
 import tarfile
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -27,7 +25,6 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch import nn
-from tqdm import tqdm
 
 from service.codecs.image import to_pixels
 from service.model_config import Batching, ImagePreprocessing, ModelConfig, TensorSpec
@@ -35,6 +32,7 @@ from training import report, zoo
 from training.data_cache import cached_arrays, verified
 from training.export import WithProbabilities, check_parity, cpu_session, export, onnx_predict
 from training.fetch import ARCHIVES, archive_path
+from training.loop import fit
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -273,54 +271,14 @@ def predict(model: nn.Module, x: np.ndarray, batch: int = 1000) -> np.ndarray:
 
 def train(model: nn.Module, data: ImageData, recipe: Recipe, augment: Augment, seed: int,
           title: str) -> tuple[nn.Module, dict[str, list[float]], float]:
-    """Train with AdamW + one-cycle; return the epoch with the best validation accuracy."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    """Train with the shared loop; return the epoch with the best validation accuracy."""
     # oneDNN runs bfloat16 convolutions far faster on channels-last tensors; the export goes back below.
     model.to(memory_format=torch.channels_last if recipe.bf16 else torch.contiguous_format)
-    x_train, y_train = torch.from_numpy(data.x_train[:, None]), torch.from_numpy(data.y_train)
-    steps = math.ceil(len(x_train) / recipe.batch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.epochs * steps,
-                                                   pct_start=0.25)
-    history: dict[str, list[float]] = {"train loss": [], "train accuracy": [], "val accuracy": []}
-    best, best_acc = copy.deepcopy(model.state_dict()), -1.0
-    started = time.perf_counter()
-    for epoch in range(1, recipe.epochs + 1):
-        model.train()
-        order = torch.randperm(len(x_train), generator=gen)
-        total_loss, correct = 0.0, 0
-        bar = tqdm(range(steps), desc=f"{title} epoch {epoch}/{recipe.epochs}", leave=False, mininterval=1)
-        for step in bar:
-            idx = order[step * recipe.batch:(step + 1) * recipe.batch]
-            x, y = x_train[idx], y_train[idx]
-            if recipe.augment:
-                x = augment(x, gen)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total_loss += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        val_acc = float((predict(model, data.x_val) == data.y_val).mean())
-        history["train loss"].append(total_loss / len(x_train))
-        history["train accuracy"].append(correct / len(x_train))
-        history["val accuracy"].append(val_acc)
-        if val_acc > best_acc:
-            best, best_acc = copy.deepcopy(model.state_dict()), val_acc
-        print(f"{title} epoch {epoch:2d}/{recipe.epochs}: train loss {history['train loss'][-1]:.4f}, "
-              f"train acc {correct / len(x_train):.2%}, val acc {val_acc:.2%}, "
-              f"{time.perf_counter() - started:.0f} s", flush=True)
-    seconds = time.perf_counter() - started
-    model.load_state_dict(best)
+    model, history, seconds = fit(
+        model, torch.from_numpy(data.x_train[:, None]), torch.from_numpy(data.y_train),
+        validate=lambda m: float((predict(m, data.x_val) == data.y_val).mean()),
+        recipe=recipe, seed=seed, title=title, augment=augment if recipe.augment else None, pct_start=0.25)
     model.to(memory_format=torch.contiguous_format).eval()
-    print(f"{title}: best val acc {best_acc:.2%} (epoch {history['val accuracy'].index(best_acc) + 1}), "
-          f"trained in {seconds:.0f} s")
     return model, history, seconds
 
 

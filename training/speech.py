@@ -14,10 +14,8 @@ the very module that is exported, and the networks behind it train on those.
 from __future__ import annotations
 
 import argparse
-import copy
 import io
 import json
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from service.codecs.audio import decode
 from service.model_config import AudioPreprocessing, Batching, ModelConfig, TensorSpec
 from training import report, speech_corpus, zoo
 from training.export import WithProbabilities, check_parity, cpu_session, export, onnx_predict
+from training.loop import fit
 
 NAME = "spoken-digits"
 LABELS = speech_corpus.LABELS
@@ -264,51 +263,11 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 512) -> np.ndarray:
 def train(model: nn.Module, x_train: torch.Tensor, y_train: np.ndarray, x_val: torch.Tensor,
           y_val: np.ndarray, recipe: Recipe, seed: int, title: str
           ) -> tuple[nn.Module, dict[str, list[float]], float]:
-    """Train on log-mel features with AdamW + one-cycle; return the epoch with the best val accuracy."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.from_numpy(y_train)
-    steps = math.ceil(len(x_train) / recipe.batch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.epochs * steps,
-                                                   pct_start=0.2)
-    history: dict[str, list[float]] = {"train loss": [], "train accuracy": [], "val accuracy": []}
-    best, best_acc = copy.deepcopy(model.state_dict()), -1.0
-    started = time.perf_counter()
-    for epoch in range(1, recipe.epochs + 1):
-        model.train()
-        order = torch.randperm(len(x_train), generator=gen)
-        total_loss, correct = 0.0, 0
-        bar = tqdm(range(steps), desc=f"{title} epoch {epoch}/{recipe.epochs}", leave=False, mininterval=2)
-        for step in bar:
-            idx = order[step * recipe.batch:(step + 1) * recipe.batch]
-            xb, yb = spec_augment(x_train[idx], recipe, gen), y[idx]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
-                logits = model(xb)
-            loss = F.cross_entropy(logits.float(), yb, label_smoothing=recipe.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total_loss += loss.item() * len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        val_acc = float((predict(model, x_val) == y_val).mean())
-        history["train loss"].append(total_loss / len(x_train))
-        history["train accuracy"].append(correct / len(x_train))
-        history["val accuracy"].append(val_acc)
-        if val_acc > best_acc:
-            best, best_acc = copy.deepcopy(model.state_dict()), val_acc
-        print(f"{title} epoch {epoch:2d}/{recipe.epochs}: train loss {history['train loss'][-1]:.4f}, "
-              f"train acc {correct / len(x_train):.2%}, val acc {val_acc:.2%}, "
-              f"{time.perf_counter() - started:.0f} s", flush=True)
-    seconds = time.perf_counter() - started
-    model.load_state_dict(best)
-    model.eval()
-    print(f"{title}: best val acc {best_acc:.2%} (epoch {history['val accuracy'].index(best_acc) + 1}), "
-          f"trained in {seconds:.0f} s")
-    return model, history, seconds
+    """Train on log-mel features with the shared loop and SpecAugment; keep the best val epoch."""
+    return fit(model, x_train, torch.from_numpy(y_train),
+               validate=lambda m: float((predict(m, x_val) == y_val).mean()),
+               recipe=recipe, seed=seed, title=title,
+               augment=lambda x, gen: spec_augment(x, recipe, gen), pct_start=0.2)
 
 
 # ------------------------------------------------------------------------------ export and evaluation
