@@ -23,7 +23,7 @@ from service.api.schemas import (
     V2ServerMetadata,
 )
 from service.codecs import v2 as codec
-from service.errors import InvalidInput, ModelLoadFailed, ModelNotFound, ModelNotReady, Unsupported
+from service.errors import ModelLoadFailed, ModelNotFound, ModelNotReady, Unsupported
 from service.repository import Model, ModelVersion, State
 from service.runtime import CUDA
 
@@ -310,13 +310,7 @@ async def _optional_json(request: Request) -> dict[str, Any]:
     body = await request.body()
     if not body.strip():
         return {}
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise InvalidInput(f"body is not valid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise InvalidInput("body must be a JSON object")
-    return doc
+    return codec.json_object(body, what="body")
 
 
 @repository_router.post(

@@ -77,12 +77,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         header_view, binary = view[:n], view[n:]
     else:
         header_view, binary = view, view[:0]
-    try:
-        doc = orjson.loads(header_view)
-    except orjson.JSONDecodeError as e:
-        raise InvalidInput(f"request body is not valid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise InvalidInput("request body must be a JSON object")
+    doc = json_object(header_view)
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("request needs a non-empty 'inputs' list")
@@ -363,3 +358,14 @@ def _bytes_to_binary(arr: np.ndarray) -> bytes:
         parts.append(struct.pack("<I", len(b)))
         parts.append(b)
     return b"".join(parts)
+
+
+def json_object(data: bytes | memoryview, *, what: str = "request body") -> dict[str, Any]:
+    """Parse `data` as a JSON object, or raise InvalidInput naming `what` was wrong."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise InvalidInput(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput(f"{what} must be a JSON object")
+    return doc
