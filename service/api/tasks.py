@@ -12,13 +12,11 @@ for text, with rows of similar length).
 from __future__ import annotations
 
 import asyncio
-import io
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import orjson
-import soundfile as sf
 from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -89,19 +87,17 @@ async def classify_audio(request: Request, model: str, top_k: TopK = 3, version:
     spec = mv.config.audio
     assert spec is not None
 
-    def prepare(data: bytes) -> tuple[np.ndarray, float]:
-        pcm = audio.decode(data, spec, max_duration_s=settings.max_audio_duration_s)
-        info = sf.info(io.BytesIO(data))
-        return pcm, info.frames / info.samplerate
+    def prepare(data: bytes) -> audio.Decoded:
+        return audio.decode_clip(data, spec, max_duration_s=settings.max_audio_duration_s)
 
     uploads = await _uploads(request, ("audio/",))
     clips = [await _off_loop_if_large(prepare, data) for data in uploads]
     if mv.metrics is not None:
-        for _, seconds in clips:
-            mv.metrics.audio_duration.observe(seconds)
+        for clip in clips:
+            mv.metrics.audio_duration.observe(clip.duration_s)
     name = mv.config.inputs[0].name
     dtype = np.float16 if mv.config.inputs[0].datatype == "FP16" else np.float32
-    rows = [{name: pcm[None].astype(dtype, copy=False)} for pcm, _ in clips]
+    rows = [{name: clip.pcm[None].astype(dtype, copy=False)} for clip in clips]
     return await _classify(request, mv, ctx, rows, top_k)
 
 
