@@ -123,45 +123,52 @@ def _install_drain_on_sigterm(state: ServiceState) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-class InferFastPath:
-    """The V2 infer POSTs go straight to their handler, wrapped only in ServiceMiddleware; every
-    other request takes the full stack.
+class FastPath:
+    """The prediction POSTs (V2 infer and the task endpoints) go straight to their handler, wrapped
+    only in ServiceMiddleware; every other request takes the full stack.
 
     FastAPI puts four middlewares (server errors, exception telemetry, body limit, handled
-    exceptions), an exit stack and the router around every route: on a small model's request
-    they cost about as much CPU as the route itself. Behaviour is the same: the route, request id,
-    Server-Timing, metrics, access log, body limit, and `ServiceError`s answered by the same handler.
+    exceptions), an exit stack, the router and per-route parameter solving around every route: on a
+    small model's request they cost about as much CPU as the route itself. Behaviour is the same:
+    the route, request id, Server-Timing, metrics, access log, body limit, and errors answered by
+    the same handlers.
     """
 
     def __init__(self, app: FastAPI, stack: ASGIApp, state: ServiceState) -> None:
         self.app = app
         self.stack = stack
-        self.infer = ServiceMiddleware(self._infer, state=state)
+        self.predict = ServiceMiddleware(self._predict, state=state)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
-            params = v2.infer_path_params(scope["path"])
+            path = scope["path"]
+            params = v2.infer_path_params(path) if path.startswith("/v2/") else tasks.task_path_params(path)
             if params is not None:
                 scope["app"] = self.app
                 scope["path_params"] = params
-                await self.infer(scope, receive, send)
+                await self.predict(scope, receive, send)
                 return
         await self.stack(scope, receive, send)
 
     @staticmethod
-    async def _infer(scope: Scope, receive: Receive, send: Send) -> None:
+    async def _predict(scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         params = scope["path_params"]
         try:
-            response = await v2.infer_request(request, params["model"], params.get("version"))
+            if "task" in params:
+                response = await tasks.task_request(request, params["task"], params["model"])
+            else:
+                response = await v2.infer_request(request, params["model"], params.get("version"))
         except errors.ServiceError as exc:
             response = await _service_error(request, exc)
+        except StarletteHTTPException as exc:  # e.g. a malformed multipart body
+            response = await _http_error(request, exc)
         await response(scope, receive, send)
 
 
 class _App(FastAPI):
     def build_middleware_stack(self) -> ASGIApp:
-        return InferFastPath(self, super().build_middleware_stack(), self.state.service)
+        return FastPath(self, super().build_middleware_stack(), self.state.service)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

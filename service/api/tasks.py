@@ -36,7 +36,8 @@ T = TypeVar("T")
 # Decoding a large upload takes milliseconds; do it off the event loop so other requests flow.
 _DECODE_IN_THREAD_BYTES = 256 * 1024
 
-TopK = Annotated[int, Query(ge=1, le=1000, description="How many labels to return per input")]
+TOP_K_DEFAULT, TOP_K_MAX = 3, 1000
+TopK = Annotated[int, Query(ge=1, le=TOP_K_MAX, description="How many labels to return per input")]
 Version = Annotated[str | None, Query(description="Model version (default: the newest ready one)")]
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -58,7 +59,8 @@ def _upload_doc(kind: str, media: list[str]) -> dict[str, Any]:
 @router.post("/image/{model}", summary="Classify an image", responses=_RESPONSES, response_class=Response,
              openapi_extra=_upload_doc("image", ["image/png", "image/jpeg", "image/bmp", "image/webp",
                                                  "image/gif", "application/octet-stream"]))
-async def classify_image(request: Request, model: str, top_k: TopK = 3, version: Version = None) -> Response:
+async def classify_image(request: Request, model: str, top_k: TopK = TOP_K_DEFAULT,
+                         version: Version = None) -> Response:
     """PNG, JPEG, BMP, WebP or GIF of any size and colour mode; resized to the model's input."""
     mv, ctx = admit(request, "image", model, version)
     _check_task(mv, "image")
@@ -79,7 +81,8 @@ async def classify_image(request: Request, model: str, top_k: TopK = 3, version:
              response_class=Response,
              openapi_extra=_upload_doc("audio", ["audio/wav", "audio/flac", "audio/ogg",
                                                  "application/octet-stream"]))
-async def classify_audio(request: Request, model: str, top_k: TopK = 3, version: Version = None) -> Response:
+async def classify_audio(request: Request, model: str, top_k: TopK = TOP_K_DEFAULT,
+                         version: Version = None) -> Response:
     """WAV, FLAC or OGG at any sample rate and channel count; downmixed, resampled, fitted in length."""
     mv, ctx = admit(request, "audio", model, version)
     _check_task(mv, "speech")
@@ -110,7 +113,8 @@ async def classify_audio(request: Request, model: str, top_k: TopK = 3, version:
         "text/plain": {"schema": {"type": "string"}, "example": "Loved it."},
     }}},
 )
-async def classify_text(request: Request, model: str, top_k: TopK = 3, version: Version = None) -> Response:
+async def classify_text(request: Request, model: str, top_k: TopK = TOP_K_DEFAULT,
+                        version: Version = None) -> Response:
     """One text or a list of texts, tokenized with the model's own tokenizer."""
     mv, ctx = admit(request, "text", model, version)
     _check_task(mv, "text")
@@ -136,6 +140,33 @@ async def classify_text(request: Request, model: str, top_k: TopK = 3, version: 
     _check_items(len(texts), state_of(request).settings.max_items)
     pairs = text.encode(texts)
     return await _classify(request, mv, ctx, [text.feeds([pair]) for pair in pairs], top_k)
+
+
+_HANDLERS = {"image": classify_image, "audio": classify_audio, "text": classify_text}
+
+
+def task_path_params(path: str) -> dict[str, str] | None:
+    """`{"task": ..., "model": ...}` when `path` is one of the task routes above, else None."""
+    parts = path.split("/")
+    if len(parts) == 4 and not parts[0] and parts[1] == "v1" and parts[2] in _HANDLERS and parts[3]:
+        return {"task": parts[2], "model": parts[3]}
+    return None
+
+
+async def task_request(request: Request, task: str, model: str) -> Response:
+    """A task route without FastAPI's parameter solving (see `service.app.FastPath`): the query
+    parameters are read and checked here, as the route signatures above declare them."""
+    query = request.query_params
+    raw_top_k = query.get("top_k")
+    top_k = TOP_K_DEFAULT
+    if raw_top_k is not None:
+        try:
+            top_k = int(raw_top_k)
+        except ValueError:
+            top_k = 0
+        if not 1 <= top_k <= TOP_K_MAX:
+            raise InvalidInput(f"query.top_k: must be an integer from 1 to {TOP_K_MAX}, not {raw_top_k!r}")
+    return await _HANDLERS[task](request, model, top_k, query.get("version"))
 
 
 def _check_task(mv: ModelVersion, task: str) -> None:

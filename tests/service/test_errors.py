@@ -144,7 +144,10 @@ def test_unknown_model_route_and_method_return_json_404_405(test_models: TestMod
         _assert_error(await c.post("/v1/image/nope", content=media.png()), 404, "model_not_found")
         _assert_error(await c.get("/no/such/route"), 404, "not_found")
         _assert_error(await c.get(f"/v2/models/{test_models.image}/infer"), 405, "method_not_allowed")
-        _assert_error(await c.post(f"/v1/text/{test_models.text}?top_k=0", json={"text": "a"}), 400)
+        for top_k in ("0", "1001", "abc", "1.5", ""):
+            _assert_error(await c.post(f"/v1/text/{test_models.text}?top_k={top_k}", json={"text": "a"}), 400)
+        ok = await c.post(f"/v1/text/{test_models.text}?top_k=1000&version=1", json={"text": "a"})
+        assert ok.status_code == 200, ok.text
 
     with_app(test_models.repository, scenario)
 
