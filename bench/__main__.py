@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from bench import breakdown, raw_ort, report, soak, suite, tune
-from bench.workloads import find_models, load_workload, model_file
+from bench.workloads import find_models, model_file, raw_workload
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         for d in find_models(args.repository):
             if args.models and d.name not in args.models.split(","):
                 continue
-            res = raw_ort.run(load_workload(d), model_file(d), threads=args.threads,
+            res = raw_ort.run(raw_workload(d), model_file(d), threads=args.threads,
                               batch_sizes=args.batch_sizes, duration_s=args.duration)
             for p in res["points"]:
                 print(f"{d.name:14s} batch {p['batch_size']:4d}: {p['samples_per_s']:10,.0f} samples/s  "

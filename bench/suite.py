@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import load, metrics, raw_ort, servers
-from bench.workloads import Workload, find_models, load_workload, model_file, requests_for
+from bench.workloads import Workload, find_models, load_workload, model_file, raw_workload, requests_for
 
 FULL_CONCURRENCIES = (1, 8, 32, 64, 128)
 QUICK_CONCURRENCIES = (1, 32, 64)
@@ -160,7 +160,7 @@ def run(plan: Plan) -> dict:
         results["workloads"][w.model] = {"source": w.source, "task": w.task,
                                          "inputs": [asdict(s) for s in w.inputs]}
         _say(plan, f"raw ORT {w.model} ({os.cpu_count()} threads)")
-        results["raw"][w.model] = raw_ort.run(w, model_file(d), threads=os.cpu_count(),
+        results["raw"][w.model] = raw_ort.run(raw_workload(d), model_file(d), threads=os.cpu_count(),
                                               batch_sizes=plan.raw_batch_sizes,
                                               duration_s=plan.raw_duration_s)
         if plan.workers > 1 or plan.threads_per_worker() != os.cpu_count():

@@ -14,7 +14,7 @@ import io
 import random
 import struct
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +78,15 @@ class Workload:
                 full[(i, *(slice(0, d) for d in a.shape[1:]))] = a[0]
             out[spec.name] = full
         return out
+
+    def length_sorted(self) -> Workload:
+        """The samples ordered by length (text), so that consecutive ones pad to the same length."""
+        dynamic = [s.name for s in self.inputs if -1 in s.shape[1:]]
+        if not dynamic:
+            return self
+        order = sorted(range(len(self.samples)), key=lambda i: self.samples[i][dynamic[0]].size)
+        return replace(self, samples=[self.samples[i] for i in order],
+                       texts=[self.texts[i] for i in order] if self.texts else [])
 
 
 def _spec(d: dict) -> TensorSpec:
@@ -149,6 +158,18 @@ def load_workload(model_dir: Path, n: int = 64, seed: int = 0) -> Workload:
     if not samples:
         samples = [{s.name: _synthetic(s, rng) for s in inputs} for _ in range(n)]
     return Workload(name, task, inputs, outputs, samples, source, texts, model_dir)
+
+
+RAW_TEXT_SAMPLES = 1024  # enough sentences of each length for length-uniform batches of 128
+
+
+def raw_workload(model_dir: Path) -> Workload:
+    """The workload of the raw ORT ceiling: for text, many sentences sorted by length, so each batch
+    pads as little as the best length-grouping server could (the same sentence-length mix as the
+    load tests, whose first sentences are these)."""
+    if read_config(model_dir)["task"] == "text":
+        return load_workload(model_dir, n=RAW_TEXT_SAMPLES).length_sorted()
+    return load_workload(model_dir)
 
 
 def _text_sample(inputs: list[TensorSpec], ids: np.ndarray) -> dict[str, np.ndarray]:
