@@ -32,6 +32,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from service.codecs.audio import fit_length
+from training import vocoder
 from training.data_cache import DataMissing, cached_arrays, verified
 
 SAMPLE_RATE = 16000
@@ -85,6 +86,7 @@ class SplitRecipe:
     engines: dict[str, float]  # "espeak" | "flite:<voice>" | "festival:<voice>" | "piper:joe" → share
     synth_pitch: tuple[int, int] = (15, 86)  # espeak -p, drawn from [low, high)
     cents: tuple[int, int] = (-300, 301)  # sox pitch shift, drawn from [low, high)
+    vocoded: float = 0.0  # share of spoken clips said again through `vocoder` at another pitch
 
 
 SPLITS = {
@@ -93,7 +95,7 @@ SPLITS = {
     # into higher, shorter vocal tracts (pitch and formants shift together).
     "train": SplitRecipe(14400, 1, ESPEAK_TRAIN_VARIANTS,
                          {"espeak": 0.80, "festival:ked": 0.08, "piper:joe": 0.12},
-                         synth_pitch=(0, 100), cents=(-400, 701)),
+                         synth_pitch=(0, 100), cents=(-400, 701), vocoded=0.3),
     "val": SplitRecipe(1500, 2, ESPEAK_VAL_VARIANTS,
                        {"espeak": 0.60, "festival:kal": 0.20, "festival:slt_hts": 0.20}),
     "test": SplitRecipe(2400, 3, ESPEAK_TEST_VARIANTS,
@@ -128,6 +130,7 @@ class Clip:
     snr_db: float  # for words; for silence the noise RMS in dBFS
     offset: float  # where the word sits in the window, 0 (start) … 1 (end)
     noise_seed: int
+    vocoder: tuple[float, float] | None = None  # pitch factor and breathiness of `vocoder.revoice`
 
 
 def plan(split: str) -> list[Clip]:
@@ -178,6 +181,10 @@ def plan(split: str) -> list[Clip]:
             snr_db=float(rng.uniform(5, 40)),
             offset=float(rng.random()),
             noise_seed=noise_seed,
+            # Drawn last and only where a split uses it, so other splits' clips stay bit-identical.
+            vocoder=((round(float(np.exp(rng.uniform(np.log(0.7), np.log(1.6)))), 3),
+                      round(float(rng.uniform(0.0, 0.3)), 3))
+                     if recipe.vocoded and rng.random() < recipe.vocoded else None),
         ))
     return clips
 
@@ -264,6 +271,13 @@ def _sox(pcm: np.ndarray, rate: int, clip: Clip) -> np.ndarray:
     return np.frombuffer(out, dtype=np.float32)
 
 
+def _resample(pcm: np.ndarray, rate: int) -> np.ndarray:
+    out = _run(["sox", "-R", "-t", "f32", "-r", str(rate), "-c", "1", "-",
+                "-t", "f32", "-r", str(SAMPLE_RATE), "-c", "1", "-", "rate", str(SAMPLE_RATE)],
+               input=pcm.astype(np.float32).tobytes())
+    return np.frombuffer(out, dtype=np.float32)
+
+
 def noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
     """Unit-RMS background noise: a colour (spectral slope) or mains hum with its harmonics."""
     if kind == "hum":
@@ -313,6 +327,11 @@ def _render_chunk(clips: list[Clip]) -> np.ndarray:
         words = [say(c) if say else (np.zeros(0, np.float32), SAMPLE_RATE) for c in clips]
     out = np.empty((len(clips), CLIP_SAMPLES), dtype=np.int16)
     for i, (clip, (pcm, rate)) in enumerate(zip(clips, words, strict=True)):
+        if clip.vocoder is not None:
+            f0_scale, breath = clip.vocoder
+            pcm = vocoder.revoice(_resample(pcm, rate), np.random.default_rng(clip.noise_seed + 1),
+                                  f0_scale=f0_scale, breath=breath)
+            rate = SAMPLE_RATE
         spoken = _sox(pcm, rate, clip) if clip.engine else pcm
         out[i] = finish(spoken, clip)
     return out
@@ -351,7 +370,7 @@ def require_synthesizers(split: str) -> None:
 
 def recipe_hash(split: str) -> str:
     """Changes whenever this module, the split's recipe or a synthesizer version changes."""
-    h = hashlib.sha256(Path(__file__).read_bytes())
+    h = hashlib.sha256(Path(__file__).read_bytes() + Path(vocoder.__file__).read_bytes())
     h.update(json.dumps([split, asdict(SPLITS[split]), installed_versions()], sort_keys=True).encode())
     return h.hexdigest()[:16]
 
