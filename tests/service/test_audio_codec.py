@@ -62,7 +62,7 @@ def test_truncated_wav_keeps_the_whole_samples_it_has():
 
 @pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24"])
 def test_too_long_audio_is_refused_on_both_paths(subtype: str):
-    with pytest.raises(PayloadTooLarge, match="lasts 3.00 s; the limit is 2 s"):
+    with pytest.raises(PayloadTooLarge, match=r"lasts 3\.00 s; the limit is 2 s"):
         audio.decode_clip(media.wav(seconds=3, rate=8000, channels=1, subtype=subtype), SPEC,
                           max_duration_s=2)
 
