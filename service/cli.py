@@ -18,7 +18,7 @@ from typing import Any, get_args, get_origin
 
 from pydantic import ValidationError
 
-from service import __version__
+from service import __version__, workers
 from service import logging as service_logging
 from service.settings import Settings
 
@@ -92,20 +92,24 @@ def serve(settings: Settings) -> int:
     log.info("starting", extra={"host": settings.host, "port": settings.port, "workers": settings.workers,
                                 "providers": settings.providers, "cores": settings.cores,
                                 "model_repository": str(settings.model_repository)})
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        loop="uvloop",
-        http="httptools",
-        log_config=service_logging.config_dict(settings.log_level),
-        access_log=False,  # the service writes its own access line, with request id and model
-        server_header=False,
-        backlog=2048,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
-    )
+    server = {
+        "app": "service.app:create_app",
+        "factory": True,
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "log_config": service_logging.config_dict(settings.log_level),
+        "access_log": False,  # the service writes its own access line, with request id and model
+        "server_header": False,
+        "backlog": 2048,
+        "timeout_graceful_shutdown": int(settings.drain_timeout_s) + 5,
+    }
+    if settings.workers > 1:
+        # A listening socket per worker (see service.workers), not uvicorn's shared one.
+        return workers.serve(server, workers=settings.workers, host=settings.host, port=settings.port,
+                             stop_timeout_s=settings.drain_timeout_s + 10)
+    uvicorn.run(**server)
     return 0
 
 
