@@ -428,7 +428,7 @@ def write_model_dir(model_dir: Path, model: Served, ev: report.Evaluation, predi
         labels="labels.txt",
         scores_output="probabilities",
         audio=AUDIO,
-        batching=Batching(max_batch_size=32, max_queue_delay_ms=5.0, max_queue_size=512, instances=1),
+        batching=Batching(max_batch_size=32, max_queue_delay_ms=0.0, max_queue_size=512, instances=1),
     ))
     versions = speech_corpus.installed_versions()
     (model_dir / FINGERPRINT).write_text(json.dumps({
