@@ -183,8 +183,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         metrics.worker_started()
         # One worker loads in the background: live answers at once, ready turns true when every
-        # model is warm. Several workers share one listening socket, and a worker takes connections
-        # only once its start-up is over, so each loads first: traffic never meets a cold worker.
+        # model is warm. With several workers each loads first: a worker's socket listens only once
+        # its start-up is over (see service.workers), so traffic never meets a cold worker.
         state.load_task = asyncio.create_task(state.repository.load_all())
         if settings.workers > 1:
             await asyncio.shield(state.load_task)
@@ -220,7 +220,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     app.include_router(tasks.router)
     app.include_router(health.router)
-    app.router.routes[0:0] = v2.HOT_ROUTES  # matched first; see service.api.v2
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

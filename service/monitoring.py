@@ -1,6 +1,6 @@
 """Model monitoring: input and prediction distributions, recorded once per batch.
 
-Runs in the batch's executor thread on the merged tensors, so the reductions are vectorised over
+Runs in the batch's compute thread on the merged tensors, so the reductions are vectorised over
 the batch instead of repeated per request on the event loop. Drift in these histograms (darker
 images, shorter texts, quieter audio, lower confidence) shows before accuracy visibly drops.
 """

@@ -77,10 +77,13 @@ def provider_chain(settings: Settings) -> list[str | tuple[str, dict[str, str]]]
     return [(CUDA, cuda_options), CPU]
 
 
-def cuda_binds(model_path: Path, settings: Settings) -> str | None:
-    """None when a CUDA session on `model_path` really runs on CUDA, else the reason it does not."""
+def cuda_binds(model_path: Path | None, settings: Settings) -> str | None:
+    """None when a CUDA session on `model_path` really runs on CUDA (or, without a model, when the
+    CUDA provider is at least available), else the reason it does not."""
     if not cuda_available():
         return "this onnxruntime has no CUDA execution provider (install onnxruntime-gpu)"
+    if model_path is None:
+        return None
     try:
         session = ort.InferenceSession(str(model_path), sess_options=session_options(settings, 1),
                                        providers=provider_chain(settings))

@@ -23,6 +23,7 @@ import time
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
 log = logging.getLogger("neuroserve.workers")
@@ -43,8 +44,6 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 def _worker(config: dict[str, Any], host: str, port: int) -> None:
-    import uvicorn
-
     try:
         sock = listening_socket(host, port)
     except OSError as e:

@@ -363,11 +363,11 @@ def main(args: argparse.Namespace) -> None:
     x_test = log_mel(frontend, test_wave, scaled=True)
     members, history, member_seconds, member_accuracy = [], {}, [], []
     for k in range(SERVED_MEMBERS):
-        cnn, member_history, seconds = train(CNN(SERVED_WIDTHS), x_train, train_split.labels, x_val,
-                                                    val.labels, recipe(SERVED_RECIPE), args.seed + k,
-                                                    f"CNN {k + 1}/{SERVED_MEMBERS}")
+        cnn, member_history, cnn_seconds = train(CNN(SERVED_WIDTHS), x_train, train_split.labels, x_val,
+                                                 val.labels, recipe(SERVED_RECIPE), args.seed + k,
+                                                 f"CNN {k + 1}/{SERVED_MEMBERS}")
         members.append(cnn)
-        member_seconds.append(seconds)
+        member_seconds.append(cnn_seconds)
         member_accuracy.append(float((predict(cnn, x_test) == test.labels).mean()))
         for key in ("train loss", "val accuracy"):
             history[f"{key} (CNN {k + 1})"] = member_history[key]

@@ -8,7 +8,6 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from service import __version__
 from service.api.common import admit, deadline, state_of
@@ -251,15 +250,10 @@ async def infer_version(request: Request, model: str, version: str) -> Response:
     return await infer_request(request, model, version)
 
 
-async def _plain_infer(request: Request) -> Response:
-    params = request.path_params
-    return await infer_request(request, params["model"], params.get("version"))
-
-
 def infer_path_params(path: str) -> dict[str, str] | None:
     """`{"model": ..., ["version": ...]}` when `path` is one of the two infer paths, else None.
 
-    Matches exactly what the routes below match (non-empty segments without a slash)."""
+    Matches exactly what the two routes above match (non-empty segments without a slash)."""
     parts = path.split("/")
     n = len(parts)
     if n == 5 and parts[4] == "infer" and parts[1] == "v2" and parts[2] == "models" and parts[3] \
@@ -269,15 +263,6 @@ def infer_path_params(path: str) -> dict[str, str] | None:
             and parts[2] == "models" and parts[3] and parts[5] and not parts[0]:
         return {"model": parts[3], "version": parts[5]}
     return None
-
-
-# The FastAPI routes above are the documented contract (OpenAPI). The app serves the same two paths
-# through these plain Starlette routes, placed first: they skip FastAPI's per-request parameter
-# solving, which costs more than all of the service's own work on a small model's request.
-HOT_ROUTES = [
-    Route("/v2/models/{model}/infer", _plain_infer, methods=["POST"]),
-    Route("/v2/models/{model}/versions/{version}/infer", _plain_infer, methods=["POST"]),
-]
 
 
 async def infer_request(request: Request, model: str, version: str | None) -> Response:

@@ -34,8 +34,7 @@ def decode_clip(data: bytes, spec: AudioPreprocessing, *, max_duration_s: float)
     """`decode`, and how long the upload lasted."""
     if not data:
         raise InvalidInput("empty audio")
-    read = _read_pcm16_wav(data, max_duration_s) or _read_any(data, max_duration_s)
-    mono, rate = read
+    mono, rate = _read_pcm16_wav(data, max_duration_s) or _read_any(data, max_duration_s)
     if not np.isfinite(mono).all():
         raise InvalidInput("audio holds NaN or infinite samples")
     pcm = fit_length(resample(mono, rate, spec.sample_rate), round(spec.sample_rate * spec.duration_s))
