@@ -32,7 +32,8 @@ from service.state import ServiceState
 log = logging.getLogger("neuroserve.app")
 GIL_SWITCH_INTERVAL_S = 0.0005
 
-# Which `neuroserve_rejections_total` reason each refusal counts as.
+# Which `neuroserve_rejections_total` reason each refusal counts as (by exact type: ServerNotReady,
+# the readiness probe's answer, is not a refusal).
 _REJECTION_REASONS: dict[type[errors.ServiceError], str] = {
     errors.QueueFull: "queue_full",
     errors.DeadlineExceeded: "deadline",

@@ -49,6 +49,11 @@ class ModelNotReady(ServiceError):
     code = "not_ready"
 
 
+class ServerNotReady(ModelNotReady):
+    """The readiness probe's 503: an answer about the server, not a refused request, so it is not
+    counted in `neuroserve_rejections_total` (a probe polling a loading server would inflate it)."""
+
+
 class DeadlineExceeded(ServiceError):
     """The request waited longer than its deadline; it was shed before any compute was spent."""
 

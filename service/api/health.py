@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from service import metrics
-from service.errors import ModelNotReady
+from service.errors import ServerNotReady
 from service.state import ServiceState
 
 router = APIRouter(tags=["health"])
@@ -34,10 +34,10 @@ async def ready(request: Request) -> Response:
     state = state_of(request)
     if not state.ready():
         if state.draining:
-            raise ModelNotReady("server is shutting down")
+            raise ServerNotReady("server is shutting down")
         if state.repository.loading:
-            raise ModelNotReady("models are still loading")
-        raise ModelNotReady("not every model is ready; see POST /v2/repository/index")
+            raise ServerNotReady("models are still loading")
+        raise ServerNotReady("not every model is ready; see POST /v2/repository/index")
     return Response(status_code=200)
 
 

@@ -87,6 +87,36 @@ def test_live_answers_while_models_load_and_ready_follows_warm_up(test_models: T
     assert (live, ready_before, ready_after) == (200, 503, 200)
 
 
+def test_a_readiness_probe_during_loading_is_not_counted_as_a_rejection(test_models: TestModels):
+    import asyncio
+
+    from prometheus_client import REGISTRY
+
+    from service.app import create_app
+    from service.metrics import UNKNOWN_MODEL
+    from service.settings import Settings
+
+    def not_ready_rejections() -> float:
+        return REGISTRY.get_sample_value("neuroserve_rejections_total",
+                                         {"model": UNKNOWN_MODEL, "reason": "not_ready"}) or 0.0
+
+    async def main():
+        app = create_app(Settings(model_repository=test_models.repository, intra_op_threads=1))
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://t") as c,
+        ):
+            probe = await c.get("/v2/health/ready")
+            await app.state.service.load_task
+            return probe
+
+    before = not_ready_rejections()
+    probe = asyncio.run(main())
+    assert probe.status_code == 503 and probe.json()["code"] == "not_ready"
+    assert not_ready_rejections() == before
+
+
 def test_reload_picks_up_a_fixed_model_and_reports_failures(tmp_path: Path):
     m.image_model(tmp_path)
     broken = m.corrupt_onnx_model(tmp_path, "later")
