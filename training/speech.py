@@ -526,7 +526,9 @@ def write_model_dir(model_dir: Path, model: Served, ev: report.Evaluation, predi
             "differently trained CNNs scored 92.67 % on this test set: the choice was made looking at "
             "test figures, so read this test accuracy as slightly optimistic. The vocoder augmentation "
             "alone did not help one CNN (validation 94.87 % vs 94.73 %, test 91.46 % vs 91.75 % without "
-            "it); the ensemble was trained with it.",
+            "it); the ensemble was trained with it. These comparison figures come from one-off runs of "
+            "this module's CNN recipe (seed 0) on each corpus and from averaging saved logits, not from "
+            "a command of this repository.",
             f"Training, per CNN: {r.epochs} epochs, AdamW (weight decay {r.weight_decay:g}) with a one-cycle "
             f"schedule peaking at lr {r.lr:g}, batch {r.batch}, label smoothing {r.label_smoothing:g}, "
             f"bfloat16 autocast for the forward pass; SpecAugment ({r.freq_masks} frequency masks of up "
