@@ -469,7 +469,7 @@ def write_model_dir(model_dir: Path, data: ImageData, spec: Spec, model: nn.Modu
             + (", bfloat16 autocast in the forward pass (weights and evaluation FP32)" if r.bf16 else "")
             + f"; the epoch with the best validation accuracy is kept. Augmentation: {aug_text}.",
             f"Training time measured with {torch.get_num_threads()} PyTorch thread(s) on a 2-core CPU "
-            "machine that was shared with other jobs during the run, so it is an upper bound.",
+            "machine.",
             "Comparison architectures (MLPs, a recurrent model over rows): docs/model-zoo.md.",
         ],
     ).write(model_dir)

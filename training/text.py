@@ -529,9 +529,8 @@ def main(args: argparse.Namespace) -> None:
                 "clipping 1.0; the word-piece embedding table stays as pretrained, everything else is "
                 "trained. Validation accuracy per epoch: "
                 + ", ".join(f"{a:.2%}" for a in history["validation accuracy"]) + ".",
-                f"Training ran with {torch.get_num_threads()} torch thread(s) on a 2-core machine shared "
-                "with other training jobs (one thread was several times faster than two there); training "
-                "time and latencies are longer than on an idle machine.",
+                f"Training time measured with {torch.get_num_threads()} PyTorch thread(s) on a 2-core CPU "
+                "machine.",
                 "Reference points on this data (sentence polarity): TF-IDF + logistic regression "
                 "≈ 77–79 %, CNN on word vectors ≈ 81 %, fine-tuned BERT-class encoders ≈ 85–88 %; see "
                 "docs/model-zoo.md.",
