@@ -33,6 +33,7 @@ from training.data_cache import cached_arrays, verified
 from training.export import WithProbabilities, check_parity, cpu_session, export, onnx_predict
 from training.fetch import ARCHIVES, archive_path
 from training.loop import fit
+from training.quantize import quantize_static_int8
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -359,6 +360,44 @@ def measure(model: nn.Module, path: Path, data: ImageData, test_pixels: np.ndarr
     return ev, parity_text
 
 
+CALIBRATION_IMAGES = 1024  # training images whose activation ranges set the int8 scales
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """The served int8 graph, measured against the FP32 graph it was made from."""
+
+    evaluation: report.Evaluation
+    fp32_accuracy: float
+    agreement: float  # argmax agreement with the FP32 graph on the test images
+    batch_difference: float  # max |Δlogit| of rows run alone vs in one batch
+
+
+def quantize(fp32_path: Path, served_path: Path, data: ImageData, test_pixels: np.ndarray,
+             seed: int) -> Quantized:
+    """Static int8 quantization of the FP32 graph, calibrated on training images; then the served
+    graph's accuracy, its agreement with the FP32 graph, and that a row's answer ignores its batch."""
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(data.x_train), min(CALIBRATION_IMAGES, len(data.x_train)), replace=False))
+    quantize_static_int8(fp32_path, served_path,
+                         [{"pixels": data.x_train[idx[i:i + 64], None]} for i in range(0, len(idx), 64)])
+    fp32 = onnx_predict(cpu_session(fp32_path), {"pixels": test_pixels}).argmax(1)
+    session = cpu_session(served_path)
+    served = onnx_predict(session, {"pixels": test_pixels}).argmax(1)
+    probe = test_pixels[:16]
+    batched = session.run(["logits"], {"pixels": probe})[0]
+    alone = np.concatenate([session.run(["logits"], {"pixels": row[None]})[0] for row in probe])
+    q = Quantized(report.evaluate(data.y_test, served, len(data.labels)),
+                  float((fp32 == data.y_test).mean()), float((served == fp32).mean()),
+                  float(np.abs(batched - alone).max()))
+    print(f"{data.name}: served int8 graph test accuracy {q.evaluation.accuracy:.2%} (FP32 graph "
+          f"{q.fp32_accuracy:.2%}), argmax agreement {q.agreement:.2%}, rows alone vs batched max "
+          f"|Δlogit| {q.batch_difference:.1e}; {fp32_path.stat().st_size / 1e6:.2f} MB → "
+          f"{served_path.stat().st_size / 1e6:.2f} MB")
+    assert q.batch_difference <= 1e-4, q.batch_difference
+    return q
+
+
 def zoo_row(architecture: str, model: nn.Module, path: Path, ev: report.Evaluation, seconds: float,
             test_pixels: np.ndarray, served: bool = False) -> zoo.ZooRow:
     return zoo.ZooRow(
@@ -381,32 +420,43 @@ def main(args: argparse.Namespace) -> None:
     def recipe(r: Recipe) -> Recipe:
         return replace(r, epochs=1) if args.fast else r
 
-    # The served model.
+    # The served model: the CNN exported in FP32 (checked against PyTorch, kept out of git), then
+    # quantized to int8.
     model_dir = args.models / data.name
     onnx_path = model_dir / "1" / "model.onnx"
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
     cnn = CNN(Pixels(*spec.pixels))
     cnn, history, seconds = train(cnn, data, recipe(spec.cnn), spec.augment, args.seed, f"{data.name} CNN")
-    ev, parity_text = measure(cnn, onnx_path, data, test_pixels, f"{data.name} CNN")
+    tmp = tempfile.TemporaryDirectory()
+    fp32_path = Path(tmp.name) / "model_fp32.onnx"
+    fp32_ev, parity_text = measure(cnn, fp32_path, data, test_pixels, f"{data.name} CNN (FP32 graph)")
+    quantized = quantize(fp32_path, onnx_path, data, test_pixels, args.seed)
+    ev = quantized.evaluation
     if not args.fast and ev.accuracy < spec.bar:
         print(f"warning: {data.name} test accuracy {ev.accuracy:.2%} is below the bar {spec.bar:.1%}")
-    write_model_dir(model_dir, data, spec, cnn, ev, history, seconds, onnx_path, parity_text, args)
+    write_model_dir(model_dir, data, spec, cnn, quantized, history, seconds, onnx_path, fp32_path,
+                    parity_text, args)
     if args.no_zoo:
+        tmp.cleanup()
         return
 
     # The comparison architectures: same data, split, pixel contract and measurements.
-    rows = [zoo_row(f"CNN: {CNN.summary}", cnn, onnx_path, ev, seconds, test_pixels, served=True)]
+    rows = [zoo_row(f"CNN: {CNN.summary}, int8 (static quantization)", cnn, onnx_path, ev, seconds,
+                    test_pixels, served=True),
+            zoo_row("CNN: the same, FP32 graph (not served)", cnn, fp32_path, fp32_ev, seconds,
+                    test_pixels)]
     candidates = [
         ("MLP 784→64→10, ReLU (Keras example)", MLP(Pixels(*spec.pixels), 64), spec.mlp),
         ("MLP 784→128→Dropout 0.2→10, ReLU (Keras example)", MLP(Pixels(*spec.pixels), 128, 0.2), spec.mlp),
         ("GRU 128 reading the 28 rows → linear", RowGRU(Pixels(*spec.pixels)), spec.rnn),
     ]
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    with tmp, warnings.catch_warnings():
         # The GRU takes no initial state input, so its graph serves any batch size (parity checks it).
         warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
         for architecture, model, zoo_recipe in candidates:
             model, _, zoo_seconds = train(model, data, recipe(zoo_recipe), spec.augment, args.seed,
                                           architecture)
-            path = Path(tmp) / f"{len(rows)}.onnx"  # zoo graphs are measured, not kept
+            path = Path(tmp.name) / f"{len(rows)}.onnx"  # zoo graphs are measured, not kept
             zoo_ev, _ = measure(model, path, data, test_pixels, architecture)
             rows.append(zoo_row(architecture, model, path, zoo_ev, zoo_seconds, test_pixels))
     for r in rows:
@@ -417,9 +467,10 @@ def main(args: argparse.Namespace) -> None:
         zoo.save_rows(f"image-{data.name}", rows)
 
 
-def write_model_dir(model_dir: Path, data: ImageData, spec: Spec, model: nn.Module, ev: report.Evaluation,
-                    history: dict[str, list[float]], seconds: float, onnx_path: Path, parity_text: str,
-                    args: argparse.Namespace) -> None:
+def write_model_dir(model_dir: Path, data: ImageData, spec: Spec, model: nn.Module, quantized: Quantized,
+                    history: dict[str, list[float]], seconds: float, onnx_path: Path, fp32_path: Path,
+                    parity_text: str, args: argparse.Namespace) -> None:
+    ev = quantized.evaluation
     (model_dir / "labels.txt").write_text("\n".join(data.labels) + "\n", encoding="utf-8")
     report.write_config(model_dir, ModelConfig(
         name=data.name,
@@ -434,7 +485,8 @@ def write_model_dir(model_dir: Path, data: ImageData, spec: Spec, model: nn.Modu
         batching=Batching(max_batch_size=16, max_queue_delay_ms=0.0, max_queue_size=512, instances=1),
     ))
     title = "Fashion-MNIST" if data.name == "fashion-mnist" else "MNIST digits"
-    report.plot_confusion(ev, data.labels, model_dir / "confusion_matrix.png", f"{title} CNN (ONNX, test)")
+    report.plot_confusion(ev, data.labels, model_dir / "confusion_matrix.png",
+                          f"{title} CNN (int8 ONNX graph, test)")
     report.plot_curves(history, model_dir / "training_curves.png", f"{title} CNN")
     r, aug = spec.cnn, spec.augment
     aug_text = (f"random shifts of up to ±{aug.shift:g} px"
@@ -447,7 +499,8 @@ def write_model_dir(model_dir: Path, data: ImageData, spec: Spec, model: nn.Modu
     report.ModelCard(
         name=data.name,
         title=f"{data.name}: {spec.description}",
-        summary=(f"A small convolutional network served by neuroserve. The graph takes uint8 pixels "
+        summary=(f"A small convolutional network, quantized to int8, served by neuroserve. The graph "
+                 f"takes uint8 pixels "
                  f"`pixels` [N, 1, 28, 28] and scales them itself (/255, then normalised with mean "
                  f"{spec.pixels[0]} and std {spec.pixels[1]}); it returns `logits` and `probabilities` "
                  f"[N, 10]. The service fits uploads into 28×28 greyscale; {invert}."),
@@ -459,11 +512,21 @@ def write_model_dir(model_dir: Path, data: ImageData, spec: Spec, model: nn.Modu
         labels=data.labels,
         training_seconds=seconds,
         onnx_bytes=onnx_path.stat().st_size,
-        parity=parity_text,
+        parity=(f"FP32 graph vs PyTorch: {parity_text}. Served int8 graph vs FP32 graph: argmax "
+                f"agreement {quantized.agreement:.2%} on all {ev.samples:,} test images; a row's logits "
+                f"alone vs in a batch of 16 differ by at most {quantized.batch_difference:.1e}"),
         training_command=f"python -m training {data.name} --seed {args.seed}" + (" --fast" * args.fast),
         notes=[
-            "Test accuracy is that of the ONNX graph under ONNX Runtime (CPU), on the test images passed "
-            "through the service's image codec (`service.codecs.image.to_pixels`), as the service would.",
+            "Test accuracy is that of the served int8 ONNX graph under ONNX Runtime (CPU), on the test "
+            "images passed through the service's image codec (`service.codecs.image.to_pixels`), as the "
+            "service would.",
+            "Quantization (`training/quantize.py`): the FP32 graph "
+            f"({fp32_path.stat().st_size / 1e6:.2f} MB, test accuracy {quantized.fp32_accuracy:.2%}, "
+            "not shipped) with BatchNorm folded into the convolutions, then convolutions and matrix "
+            "products in int8: weights per output channel, "
+            f"activation ranges fixed from {CALIBRATION_IMAGES:,} training images, so every scale is a "
+            "constant and a row's answer does not depend on its batch. The latencies of both graphs: "
+            "docs/model-zoo.md.",
             f"Training: {r.epochs} epochs, AdamW (weight decay {r.weight_decay:g}) with a one-cycle "
             f"schedule peaking at lr {r.lr:g}, batch {r.batch}, label smoothing {r.label_smoothing:g}"
             + (", bfloat16 autocast in the forward pass (weights and evaluation FP32)" if r.bf16 else "")

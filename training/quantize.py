@@ -1,19 +1,28 @@
-"""Weight-only INT8 quantization of an ONNX graph: smaller files, the same float arithmetic.
+"""INT8 quantization of ONNX graphs, always with answers that do not depend on the batch.
 
-ONNX Runtime's `quantize_dynamic` also quantizes activations, with one scale computed per call from
-the whole input tensor. A row's answer then depends on the other rows and the padding in its batch,
-which a dynamically batching server must not allow. Here only the weights are stored as int8
-(symmetric, one scale per output channel of a MatMul and per row of an embedding table) and are
-dequantized inside the graph, so every row is computed in float32 on its own.
+ONNX Runtime's `quantize_dynamic` quantizes activations with one scale computed per call from the
+whole input tensor. A row's answer then depends on the other rows and the padding in its batch,
+which a dynamically batching server must not allow. So:
+
+- `quantize_weights_int8` (the text model): only the weights are stored as int8 (symmetric, one
+  scale per output channel of a MatMul and per row of an embedding table) and dequantized inside
+  the graph; every row is computed in float32 on its own. Smaller files, the same arithmetic.
+- `quantize_static_int8` (the image CNNs): convolutions and matrix products run in int8, with every
+  activation scale a constant of the graph, measured once on calibration batches of training data.
+  Smaller and faster on CPUs with int8 dot-product instructions (VNNI), still row-independent.
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
 
 def _quantize(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,3 +95,25 @@ def quantize_weights_int8(src: Path, dst: Path, *, min_elements: int = 16384) ->
     graph.node.extend(nodes)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(dst))
+
+
+class _Batches(CalibrationDataReader):
+    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self._batches: Iterator[dict[str, np.ndarray]] = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def quantize_static_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> None:
+    """Conv, MatMul and Gemm in int8 (QDQ form: per-channel symmetric weights, uint8 activations
+    whose ranges are the min/max seen on the `calibration` feeds)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # Shape inference and ORT's own graph optimizations first, so BatchNorm is folded into the
+        # convolution it follows and gets quantized with it.
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(dst), _Batches(calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+    onnx.checker.check_model(onnx.load(str(dst)), full_check=True)

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from PIL import Image
@@ -66,6 +67,24 @@ def test_shipped_config_matches_the_graph_and_the_codec(shipped):
     assert np.array_equal(to_pixels(Image.fromarray(data.x_test[0]), config.image)[0], data.x_test[0])
 
 
+def int8_weights(onnx_path: Path) -> int:
+    """How many int8 initializers (quantized weights) the graph holds."""
+    graph = onnx.load(str(onnx_path)).graph
+    return sum(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
+
+
+def test_shipped_graph_is_int8_and_a_row_ignores_its_batch(shipped):
+    """Static quantization fixes every activation scale, so batching cannot change an answer."""
+    _name, model_dir, config, data = shipped
+    onnx_path = model_dir / "1" / "model.onnx"
+    assert int8_weights(onnx_path) >= 6  # five convolutions and two dense layers
+    session = cpu_session(onnx_path, threads=1)
+    rows = images.served_pixels(data.x_test[:64], config.image)
+    batched = session.run(["logits"], {"pixels": rows})[0]
+    alone = np.concatenate([session.run(["logits"], {"pixels": row[None]})[0] for row in rows])
+    np.testing.assert_allclose(alone, batched, rtol=0, atol=1e-5)
+
+
 def test_mnist_dark_on_light_digits_are_inverted_and_still_recognised():
     model_dir = MODELS / "mnist"
     config = load_model_config(model_dir)
@@ -93,5 +112,6 @@ def test_fast_training_trains_exports_and_checks_parity(tmp_path: Path, command:
     logits, probabilities = session.run(["logits", "probabilities"], {"pixels": batch})
     assert logits.shape == probabilities.shape == (3, 10)
     np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    assert int8_weights(model_dir / "1" / "model.onnx") >= 6
     # The smoke test writes only into the directory it was given.
     assert (zoo_file.read_bytes() if zoo_file.exists() else None) == zoo_before
