@@ -106,7 +106,8 @@ def targets(results: dict, rows: list[dict]) -> list[tuple[str, str, str, str]]:
     soak = results.get("soak")
     if soak:
         out.append(("RSS growth over the soak (per worker, max)", f"{soak['max_growth_mib']:.1f} MiB "
-                    f"over {soak['duration_s']:.0f} s at {soak['rate']:.0f} req/s",
+                    f"over {soak['duration_s']:.0f} s at {soak['rate']:.0f} req/s "
+                    f"({soak['rate'] / soak['peak_rps']:.0%} of peak)",
                     "no growth (≤ 10 MiB)", verdict(soak["max_growth_mib"] <= 10)))
     return out
 
@@ -186,8 +187,10 @@ def generated(results: dict, plot_rel: str | None) -> str:
     soak = results.get("soak")
     if soak:
         lines.append(f"- Soak ({soak['server']}, {soak['model']} via {soak['protocol']}, "
-                     f"{soak['rate']:.0f} req/s "
-                     f"≈ {soak['fraction']:.0%} of the measured peak {soak['peak_rps']:.0f} req/s, "
+                     f"{soak['rate']:.0f} req/s = {soak['rate'] / soak['peak_rps']:.0%} of the measured peak "
+                     f"{soak['peak_rps']:.0f} req/s"
+                     + (f" (asked: {soak['fraction']:.0%}; capped at the open-loop client's limit)"
+                        if soak["rate"] < 0.99 * soak["fraction"] * soak["peak_rps"] else "") + ", "
                      f"{soak['duration_s']:.0f} s): RSS per worker first → last sample "
                      f"{'; '.join(f'{a:.0f} → {b:.0f}' for a, b in soak['first_last_mib'])} MiB, "
                      f"max growth {soak['max_growth_mib']:.1f} MiB; {soak['requests']} requests, "
