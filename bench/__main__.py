@@ -148,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
                        fraction=args.fraction, peak_rps=args.peak, workers=args.workers,
                        use_service=not args.reference, out=args.out)
         print(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=1))
+        results_path = args.out / "results.json"
+        if results_path.exists() and not args.reference:  # `bench report` then shows this soak
+            results = json.loads(results_path.read_text())
+            results["soak"] = res
+            results_path.write_text(json.dumps(results, indent=1, default=float))
         return 0
 
     if args.cmd == "tune":

@@ -186,12 +186,15 @@ def generated(results: dict, plot_rel: str | None) -> str:
                      f"{', '.join(f'{x:.0f}' for x in v)}.")
     soak = results.get("soak")
     if soak:
+        share = soak["rate"] / soak["peak_rps"]
         lines.append(f"- Soak ({soak['server']}, {soak['model']} via {soak['protocol']}, "
-                     f"{soak['rate']:.0f} req/s = {soak['rate'] / soak['peak_rps']:.0%} of the measured peak "
-                     f"{soak['peak_rps']:.0f} req/s"
-                     + (f" (asked: {soak['fraction']:.0%}; capped at the open-loop client's limit)"
-                        if soak["rate"] < 0.99 * soak["fraction"] * soak["peak_rps"] else "") + ", "
-                     f"{soak['duration_s']:.0f} s): RSS per worker first → last sample "
+                     f"{soak.get('mode', 'open loop')}, {soak['rate']:.0f} req/s = {share:.0%} of the "
+                     f"measured peak {soak['peak_rps']:.0f} req/s"
+                     + (f" (asked: {soak['fraction']:.0%})" if abs(share - soak["fraction"]) > 0.05 else "")
+                     + ", "
+                     f"{soak['duration_s']:.0f} s"
+                     + (f", started {soak['started']}" if "started" in soak else "")
+                     + "): RSS per worker first → last sample "
                      f"{'; '.join(f'{a:.0f} → {b:.0f}' for a, b in soak['first_last_mib'])} MiB, "
                      f"max growth {soak['max_growth_mib']:.1f} MiB; {soak['requests']} requests, "
                      f"{soak['errors']} errors, p99 {soak['p99_ms']:.1f} ms.")

@@ -1,20 +1,26 @@
 """Memory soak: resident memory per worker, sampled while the server runs at ~70 % of its peak.
 
 The peak is measured first (wrk, closed loop at concurrency 64, a few seconds) unless given. Load
-then runs open loop in windows of `window_s` seconds; RSS of every worker is read between windows.
-Growth is the last sample minus the first one taken after warm-up (the first window), per worker.
+then runs in windows of `window_s` seconds; RSS of every worker is read between windows. Growth is
+the last sample minus the first one taken after warm-up (the first window), per worker.
+
+Load is open loop (Poisson arrivals) when the target rate is within the Python client's reach
+(`max_rate`); above it, wrk runs closed loop at the concurrency whose throughput comes closest to
+the target, found by a short sweep.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 from bench import load, servers
-from bench.workloads import find_models, load_workload, model_file, requests_for
+from bench.workloads import Request, find_models, load_workload, model_file, requests_for
 
 
 def run(repository: Path, *, model: str = "fashion-mnist", protocol: str = "v2-json",
@@ -31,11 +37,25 @@ def run(repository: Path, *, model: str = "fashion-mnist", protocol: str = "v2-j
         srv = servers.start_reference(model_file(dirs[model]), model, workers=workers)
         protocol = "v2-json"
     reqs = requests_for(w, protocol)
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     with srv:
         if peak_rps is None:
             load.closed_loop(srv.port, reqs, concurrency=16, duration_s=2)  # warm-up
             peak_rps = load.closed_loop(srv.port, reqs, concurrency=64, duration_s=5)["rps"]
-        rate = max(1.0, min(max_rate, fraction * peak_rps))
+        target = max(1.0, fraction * peak_rps)
+        if target <= max_rate:
+            mode = "open loop"
+
+            def window_load(seconds: float, seed: int) -> dict:
+                return load.open_loop(srv.port, reqs, rate=target, duration_s=seconds, seed=seed)
+        else:
+            concurrency = _concurrency_for(srv.port, reqs, target)
+            mode = f"closed loop at concurrency {concurrency}"
+
+            def window_load(seconds: float, seed: int) -> dict:
+                return load.closed_loop(srv.port, reqs, concurrency=concurrency, duration_s=seconds)
+        if log:
+            print(f"[soak] peak {peak_rps:.0f} req/s, target {target:.0f} req/s: {mode}", flush=True)
         samples: list[dict] = [{"t": 0.0, "rss_mib": srv.rss_mib()}]
         totals = {"requests": 0, "errors": 0}
         p99s = []
@@ -45,7 +65,7 @@ def run(repository: Path, *, model: str = "fashion-mnist", protocol: str = "v2-j
             window = min(window_s, duration_s - (time.monotonic() - start))
             if window < 1:
                 break
-            res = load.open_loop(srv.port, reqs, rate=rate, duration_s=window, seed=seed)
+            res = window_load(window, seed)
             seed += 1
             totals["requests"] += res["requests"]
             totals["errors"] += res["errors"]
@@ -55,6 +75,7 @@ def run(repository: Path, *, model: str = "fashion-mnist", protocol: str = "v2-j
                 rss = ", ".join(f"{v:.1f}" for v in samples[-1]["rss_mib"].values())
                 print(f"[soak] t={samples[-1]['t']:6.1f}s  {res['rps']:7.1f} req/s  "
                       f"p99 {res['p99_ms']:7.1f} ms  RSS {rss} MiB", flush=True)
+        elapsed = time.monotonic() - start
     pids = sorted(set().union(*(s["rss_mib"].keys() for s in samples)))
     base_idx = 1 if len(samples) > 2 else 0
     first_last, growth, slopes = [], [], []
@@ -67,8 +88,9 @@ def run(repository: Path, *, model: str = "fashion-mnist", protocol: str = "v2-j
         t, v = np.array(series).T
         slopes.append(float(np.polyfit(t, v, 1)[0] * 60) if len(series) > 2 else 0.0)
     result = {
-        "server": srv.name, "model": model, "protocol": protocol, "workers": workers,
-        "peak_rps": peak_rps, "fraction": fraction, "rate": rate, "duration_s": duration_s,
+        "started": started, "server": srv.name, "model": model, "protocol": protocol, "workers": workers,
+        "peak_rps": peak_rps, "fraction": fraction, "target_rps": target, "mode": mode,
+        "rate": totals["requests"] / elapsed if elapsed > 0 else 0.0, "duration_s": duration_s,
         "requests": totals["requests"], "errors": totals["errors"],
         "p99_ms": float(np.nanmedian(p99s)) if p99s else float("nan"),
         "first_last_mib": first_last, "max_growth_mib": max(growth) if growth else 0.0,
@@ -79,3 +101,15 @@ def run(repository: Path, *, model: str = "fashion-mnist", protocol: str = "v2-j
         out.mkdir(parents=True, exist_ok=True)
         (out / "soak.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def _concurrency_for(port: int, reqs: list[Request], target_rps: float, seconds: float = 3.0) -> int:
+    """The closed-loop concurrency whose measured throughput comes closest to `target_rps`."""
+    best, best_gap = 1, math.inf
+    for concurrency in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64):
+        rps = load.closed_loop(port, reqs, concurrency=concurrency, duration_s=seconds)["rps"]
+        if abs(rps - target_rps) < best_gap:
+            best, best_gap = concurrency, abs(rps - target_rps)
+        if rps >= target_rps:
+            break
+    return best

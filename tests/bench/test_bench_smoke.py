@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import report, suite
+from bench import report, soak, suite
 from bench.servers import service_available
 from tests.bench.tiny_model import build_repository
 
@@ -73,3 +73,19 @@ def test_report_renders_tables_and_plot_outside_docs(results: tuple[dict, Path])
     assert (root / "out" / "latency_vs_throughput.png").stat().st_size > 1000
     rows = report.medians(res["points"])
     assert all(not math.isnan(r["rps"]) for r in rows)
+
+
+@pytest.mark.skipif(not service_available(), reason="needs the service's dependencies")
+def test_soak_beyond_the_open_loop_clients_reach_runs_closed_loop(
+        results: tuple[dict, Path], tmp_path: Path) -> None:
+    repo = build_repository(tmp_path / "models")
+    res = soak.run(repo, model="tiny", duration_s=4, window_s=1, fraction=0.5, max_rate=10.0,
+                   out=tmp_path / "out", log=False)
+    assert res["target_rps"] > 10.0  # half the peak is beyond a 10 req/s client: wrk takes over
+    assert res["mode"].startswith("closed loop at concurrency ")
+    assert res["errors"] == 0 and res["requests"] > 0
+    assert len(res["samples"]) >= 3 and all(s["rss_mib"] for s in res["samples"])
+    assert res["rate"] > 10.0
+    line = next(ln for ln in report.generated({**results[0], "soak": res}, "x.png").splitlines()
+                if ln.startswith("- Soak ("))
+    assert "closed loop at concurrency" in line and f"{res['rate']:.0f} req/s" in line
