@@ -567,7 +567,8 @@ def write_model_dir(model_dir: Path, model: Served, ev: report.Evaluation, predi
             "diphones and slt HTS voice, which only validation (model selection) uses; training never "
             "hears either speaker.",
             f"Each CNN alone scores {', '.join(f'{a:.2%}' for a in member_accuracy)} on the test set "
-            f"(PyTorch); the average of their logits {ev.accuracy:.2%}. Ensembling was adopted after a "
+            f"(PyTorch); the served average of their logits over the mel warps {ev.accuracy:.2%}. "
+            "Ensembling was adopted after a "
             "single CNN stayed at 91.75 % (the previous shipped model) and a two-model average of two "
             "differently trained CNNs scored 92.67 % on this test set: the choice was made looking at "
             "test figures, so read this test accuracy as slightly optimistic. The vocoder augmentation "
