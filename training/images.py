@@ -427,36 +427,36 @@ def main(args: argparse.Namespace) -> None:
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     cnn = CNN(Pixels(*spec.pixels))
     cnn, history, seconds = train(cnn, data, recipe(spec.cnn), spec.augment, args.seed, f"{data.name} CNN")
-    tmp = tempfile.TemporaryDirectory()
-    fp32_path = Path(tmp.name) / "model_fp32.onnx"
-    fp32_ev, parity_text = measure(cnn, fp32_path, data, test_pixels, f"{data.name} CNN (FP32 graph)")
-    quantized = quantize(fp32_path, onnx_path, data, test_pixels, args.seed)
-    ev = quantized.evaluation
-    if not args.fast and ev.accuracy < spec.bar:
-        print(f"warning: {data.name} test accuracy {ev.accuracy:.2%} is below the bar {spec.bar:.1%}")
-    write_model_dir(model_dir, data, spec, cnn, quantized, history, seconds, onnx_path, fp32_path,
-                    parity_text, args)
-    if args.no_zoo:
-        tmp.cleanup()
-        return
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        workdir = Path(tmp)
+        fp32_path = workdir / "model_fp32.onnx"
+        fp32_ev, parity_text = measure(cnn, fp32_path, data, test_pixels, f"{data.name} CNN (FP32 graph)")
+        quantized = quantize(fp32_path, onnx_path, data, test_pixels, args.seed)
+        ev = quantized.evaluation
+        if not args.fast and ev.accuracy < spec.bar:
+            print(f"warning: {data.name} test accuracy {ev.accuracy:.2%} is below the bar {spec.bar:.1%}")
+        write_model_dir(model_dir, data, spec, cnn, quantized, history, seconds, onnx_path, fp32_path,
+                        parity_text, args)
+        if args.no_zoo:
+            return
 
-    # The comparison architectures: same data, split, pixel contract and measurements.
-    rows = [zoo_row(f"CNN: {CNN.summary}, int8 (static quantization)", cnn, onnx_path, ev, seconds,
-                    test_pixels, served=True),
-            zoo_row("CNN: the same, FP32 graph (not served)", cnn, fp32_path, fp32_ev, seconds,
-                    test_pixels)]
-    candidates = [
-        ("MLP 784→64→10, ReLU (Keras example)", MLP(Pixels(*spec.pixels), 64), spec.mlp),
-        ("MLP 784→128→Dropout 0.2→10, ReLU (Keras example)", MLP(Pixels(*spec.pixels), 128, 0.2), spec.mlp),
-        ("GRU 128 reading the 28 rows → linear", RowGRU(Pixels(*spec.pixels)), spec.rnn),
-    ]
-    with tmp, warnings.catch_warnings():
+        # The comparison architectures: same data, split, pixel contract and measurements.
+        rows = [zoo_row(f"CNN: {CNN.summary}, int8 (static quantization)", cnn, onnx_path, ev, seconds,
+                        test_pixels, served=True),
+                zoo_row("CNN: the same, FP32 graph (not served)", cnn, fp32_path, fp32_ev, seconds,
+                        test_pixels)]
+        candidates = [
+            ("MLP 784→64→10, ReLU (Keras example)", MLP(Pixels(*spec.pixels), 64), spec.mlp),
+            ("MLP 784→128→Dropout 0.2→10, ReLU (Keras example)", MLP(Pixels(*spec.pixels), 128, 0.2),
+             spec.mlp),
+            ("GRU 128 reading the 28 rows → linear", RowGRU(Pixels(*spec.pixels)), spec.rnn),
+        ]
         # The GRU takes no initial state input, so its graph serves any batch size (parity checks it).
         warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
         for architecture, model, zoo_recipe in candidates:
             model, _, zoo_seconds = train(model, data, recipe(zoo_recipe), spec.augment, args.seed,
                                           architecture)
-            path = Path(tmp.name) / f"{len(rows)}.onnx"  # zoo graphs are measured, not kept
+            path = workdir / f"{len(rows)}.onnx"  # zoo graphs are measured, not kept
             zoo_ev, _ = measure(model, path, data, test_pixels, architecture)
             rows.append(zoo_row(architecture, model, path, zoo_ev, zoo_seconds, test_pixels))
     for r in rows:
