@@ -346,18 +346,18 @@ def fast_subset(data: ImageData) -> ImageData:
 
 
 def measure(model: nn.Module, path: Path, data: ImageData, test_pixels: np.ndarray,
-            title: str) -> tuple[report.Evaluation, str]:
+            title: str) -> tuple[report.Evaluation, np.ndarray, str]:
     """Export, check parity, and evaluate the graph on the codec-prepared test images."""
     wrapped = export_pixels_model(model, path)
     batches = [{"pixels": test_pixels[i:i + 256]} for i in range(0, min(len(test_pixels), 2048), 256)]
     parity = check_parity(wrapped, path, batches)
     parity_text = (f"max \\|Δlogit\\| {parity.max_abs_logit_diff:.2e} on {parity.samples:,} test images, "
                    f"argmax agreement {parity.argmax_agreement:.2%}")
-    probabilities = onnx_predict(cpu_session(path), {"pixels": test_pixels})
-    ev = report.evaluate(data.y_test, probabilities.argmax(1), len(data.labels))
+    predicted = onnx_predict(cpu_session(path), {"pixels": test_pixels}).argmax(1)
+    ev = report.evaluate(data.y_test, predicted, len(data.labels))
     print(f"{title}: ONNX test accuracy {ev.accuracy:.2%} on {ev.samples:,} images; parity: "
           f"max |Δlogit| {parity.max_abs_logit_diff:.2e}, argmax agreement {parity.argmax_agreement:.2%}")
-    return ev, parity_text
+    return ev, predicted, parity_text
 
 
 CALIBRATION_IMAGES = 1024  # training images whose activation ranges set the int8 scales
@@ -374,14 +374,14 @@ class Quantized:
 
 
 def quantize(fp32_path: Path, served_path: Path, data: ImageData, test_pixels: np.ndarray,
-             seed: int) -> Quantized:
+             fp32: np.ndarray, seed: int) -> Quantized:
     """Static int8 quantization of the FP32 graph, calibrated on training images; then the served
-    graph's accuracy, its agreement with the FP32 graph, and that a row's answer ignores its batch."""
+    graph's accuracy, its agreement with the FP32 graph (whose test predictions are `fp32`), and
+    that a row's answer ignores its batch."""
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(data.x_train), min(CALIBRATION_IMAGES, len(data.x_train)), replace=False))
     quantize_static_int8(fp32_path, served_path,
                          [{"pixels": data.x_train[idx[i:i + 64], None]} for i in range(0, len(idx), 64)])
-    fp32 = onnx_predict(cpu_session(fp32_path), {"pixels": test_pixels}).argmax(1)
     session = cpu_session(served_path)
     served = onnx_predict(session, {"pixels": test_pixels}).argmax(1)
     probe = test_pixels[:16]
@@ -430,8 +430,9 @@ def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         workdir = Path(tmp)
         fp32_path = workdir / "model_fp32.onnx"
-        fp32_ev, parity_text = measure(cnn, fp32_path, data, test_pixels, f"{data.name} CNN (FP32 graph)")
-        quantized = quantize(fp32_path, onnx_path, data, test_pixels, args.seed)
+        fp32_ev, fp32_predicted, parity_text = measure(cnn, fp32_path, data, test_pixels,
+                                                       f"{data.name} CNN (FP32 graph)")
+        quantized = quantize(fp32_path, onnx_path, data, test_pixels, fp32_predicted, args.seed)
         ev = quantized.evaluation
         if not args.fast and ev.accuracy < spec.bar:
             print(f"warning: {data.name} test accuracy {ev.accuracy:.2%} is below the bar {spec.bar:.1%}")
@@ -457,7 +458,7 @@ def main(args: argparse.Namespace) -> None:
             model, _, zoo_seconds = train(model, data, recipe(zoo_recipe), spec.augment, args.seed,
                                           architecture)
             path = workdir / f"{len(rows)}.onnx"  # zoo graphs are measured, not kept
-            zoo_ev, _ = measure(model, path, data, test_pixels, architecture)
+            zoo_ev, _, _ = measure(model, path, data, test_pixels, architecture)
             rows.append(zoo_row(architecture, model, path, zoo_ev, zoo_seconds, test_pixels))
     for r in rows:
         print(f"zoo {data.name}: {r.architecture}: {r.test_accuracy:.2%}, {r.parameters:,} params, "

@@ -65,54 +65,45 @@ def test_without_strict_readiness_one_ready_model_makes_the_server_ready(broken_
     assert with_app(broken_repository, scenario, strict_readiness=False) == 200
 
 
-def test_live_answers_while_models_load_and_ready_follows_warm_up(test_models: TestModels):
+def _during_and_after_loading(repository: Path, during: list[str], after: list[str]
+                              ) -> tuple[list[httpx.Response], list[httpx.Response]]:
+    """GET `during` right after start-up, while the models still load; then `after` once they are."""
     import asyncio
 
     from service.app import create_app
     from service.settings import Settings
 
     async def main():
-        app = create_app(Settings(model_repository=test_models.repository, intra_op_threads=1))
+        app = create_app(Settings(model_repository=repository, intra_op_threads=1))
         transport = httpx.ASGITransport(app=app)
         async with (
             app.router.lifespan_context(app),
             httpx.AsyncClient(transport=transport, base_url="http://t") as c,
         ):
-            first_live = (await c.get("/v2/health/live")).status_code
-            first_ready = (await c.get("/v2/health/ready")).status_code
+            early = [await c.get(path) for path in during]
             await app.state.service.load_task
-            return first_live, first_ready, (await c.get("/v2/health/ready")).status_code
+            return early, [await c.get(path) for path in after]
 
-    live, ready_before, ready_after = asyncio.run(main())
-    assert (live, ready_before, ready_after) == (200, 503, 200)
+    return asyncio.run(main())
+
+
+def test_live_answers_while_models_load_and_ready_follows_warm_up(test_models: TestModels):
+    (live, ready_before), (ready_after,) = _during_and_after_loading(
+        test_models.repository, ["/v2/health/live", "/v2/health/ready"], ["/v2/health/ready"])
+    assert (live.status_code, ready_before.status_code, ready_after.status_code) == (200, 503, 200)
 
 
 def test_a_readiness_probe_during_loading_is_not_counted_as_a_rejection(test_models: TestModels):
-    import asyncio
-
     from prometheus_client import REGISTRY
 
-    from service.app import create_app
     from service.metrics import UNKNOWN_MODEL
-    from service.settings import Settings
 
     def not_ready_rejections() -> float:
         return REGISTRY.get_sample_value("neuroserve_rejections_total",
                                          {"model": UNKNOWN_MODEL, "reason": "not_ready"}) or 0.0
 
-    async def main():
-        app = create_app(Settings(model_repository=test_models.repository, intra_op_threads=1))
-        transport = httpx.ASGITransport(app=app)
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(transport=transport, base_url="http://t") as c,
-        ):
-            probe = await c.get("/v2/health/ready")
-            await app.state.service.load_task
-            return probe
-
     before = not_ready_rejections()
-    probe = asyncio.run(main())
+    (probe,), _ = _during_and_after_loading(test_models.repository, ["/v2/health/ready"], [])
     assert probe.status_code == 503 and probe.json()["code"] == "not_ready"
     assert not_ready_rejections() == before
 
