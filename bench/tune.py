@@ -1,4 +1,5 @@
-"""Find the batching knobs (`max_batch_size`, `max_queue_delay_ms`) that serve a model best here.
+"""Find the batching knobs (`max_batch_size`, `max_queue_delay_ms`, and for variable-length inputs
+`max_padding_ratio`) that serve a model best here.
 
 Each candidate runs in a temporary model repository that links to the real model files and
 overrides only the `[batching]` table of `config.toml`. Candidates are measured interleaved (one
@@ -41,7 +42,8 @@ def candidate_repository(model_dir: Path, root: Path, batching: dict) -> Path:
 
 
 def run(repository: Path, model: str, *, max_batch_sizes: tuple[int, ...] = (8, 32, 64),
-        delays_ms: tuple[float, ...] = (0.0, 1.0, 2.0, 5.0), protocol: str = "v2-binary",
+        delays_ms: tuple[float, ...] = (0.0, 1.0, 2.0, 5.0), padding_ratios: tuple[float, ...] = (),
+        protocol: str = "v2-binary",
         concurrency: int = 64, duration_s: float = 5.0, reps: int = 3, workers: int = 1) -> list[dict]:
     model_dir = next(d for d in find_models(repository) if d.name == model)
     w = load_workload(model_dir)
@@ -50,8 +52,10 @@ def run(repository: Path, model: str, *, max_batch_sizes: tuple[int, ...] = (8, 
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as tmp:
         started: list[tuple[dict, servers.Server]] = []
         try:
-            for mbs, delay in product(max_batch_sizes, delays_ms):
+            for mbs, delay, ratio in product(max_batch_sizes, delays_ms, padding_ratios or (None,)):
                 knobs = {"max_batch_size": mbs, "max_queue_delay_ms": delay}
+                if ratio is not None:
+                    knobs["max_padding_ratio"] = ratio
                 repo = candidate_repository(model_dir, Path(tmp), knobs)
                 started.append((knobs, servers.start_service(repo, workers=workers)))
             for _, srv in started:

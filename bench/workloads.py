@@ -110,7 +110,9 @@ def _fashion_mnist_images(n: int) -> np.ndarray | None:
 def _sentences(n: int, rng: random.Random) -> list[str]:
     out = []
     for _ in range(n):
-        length = rng.choice([3, 5, 8, 12, 20, 30, 45, 60])
+        # Any length, as in real traffic: a few fixed lengths would let a length-grouping server
+        # find rows of exactly the same length far more often than it ever would in production.
+        length = rng.randint(3, 60)
         out.append(" ".join(rng.choice(_WORDS) for _ in range(length)))
     return out
 
@@ -147,7 +149,7 @@ def load_workload(model_dir: Path, n: int = 64, seed: int = 0) -> Workload:
 
             tok = Tokenizer.from_file(str(tok_file))
             tok.no_padding()  # a tokenizer.json may pad to a fixed length; clients send real lengths
-            source = "synthetic review-like sentences of 3-60 words, tokenized with the model's tokenizer"
+            source = "synthetic review-like sentences of 3-60 words (uniform), tokenized with the model's tokenizer"
             for t in texts:
                 ids = tok.encode(t).ids[:max_tokens]
                 samples.append(_text_sample(inputs, np.asarray(ids, dtype=np.int64)))
@@ -255,7 +257,7 @@ def task_request(w: Workload, i: int) -> Request:
     return Request(path, buf.getvalue(), {"Content-Type": "audio/wav"})
 
 
-def requests_for(w: Workload, protocol: str, n: int = 16) -> list[Request]:
+def requests_for(w: Workload, protocol: str, n: int = 64) -> list[Request]:
     """`n` requests of one protocol (`v2-json`, `v2-binary`, `task`), cycling over the samples."""
     n = min(n, len(w.samples))
     if protocol == "v2-json":

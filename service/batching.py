@@ -6,10 +6,12 @@ requests in flight is already what it recently peaked at, e.g. one client sendin
 time), the batch goes at once, so a lone request pays no delay. Only while another instance is
 computing, or while more requests are expected to arrive, does it wait, and never longer than
 `max_queue_delay` counted from the oldest request's arrival. With one instance, requests that
-arrive while a batch computes simply queue and form the next batch.
+arrive while a batch computes simply queue and form the next batch; once they fill one, it is handed
+to the instance at once, to start the moment the batch before it ends.
 
 Variable-length inputs (text ids and masks) are padded to the longest row of their batch; the batch
-is chosen around the oldest request from requests of similar length, so little padding is wasted.
+is chosen around the oldest request from requests of similar length, and never pads more than the
+model's `max_padding_ratio` of it.
 An ORT error in a merged batch is retried request by request, so only the offending request fails.
 """
 
@@ -41,9 +43,6 @@ from service.stats import Stats
 
 log = logging.getLogger("neuroserve.batching")
 
-# A batch never takes a request that would make more than this share of its padded tensor padding;
-# such a request goes into the next batch with requests of its own length instead.
-MAX_PADDING_RATIO = 0.5
 # How long the recent peak of concurrent requests is remembered (see `_expected_arrivals`).
 PEAK_WINDOW_S = 1.0
 
@@ -67,6 +66,9 @@ class BatchPolicy:
     max_queue_delay_s: float
     max_queue_size: int
     instances: int = 1
+    # A batch never takes a request that would make more than this share of its padded tensor
+    # padding; such a request goes into a later batch with requests of its own length instead.
+    max_padding_ratio: float = 0.5
 
 
 @dataclass(slots=True)
@@ -90,7 +92,8 @@ class _Pending:
     queued: bool = True
 
 
-_Computed = tuple[list[dict[str, np.ndarray] | Exception], tuple[float, float, float], float | None]
+# (per request: outputs or error), start time, (input, infer, output) seconds, padding ratio.
+_Computed = tuple[list[dict[str, np.ndarray] | Exception], float, tuple[float, float, float], float | None]
 _Job = tuple[list[_Pending], "asyncio.Future[_Computed]"]
 
 
@@ -126,7 +129,7 @@ class Batcher:
         self._pending: deque[_Pending] = deque()
         self._queued_rows = 0
         self._inflight = 0
-        self._busy = 0
+        self._jobs: list[int] = []  # batches handed to each instance and not finished yet
         self._peak_cur = 0
         self._peak_prev = 0
         self._peak_epoch = 0.0
@@ -136,15 +139,12 @@ class Batcher:
         self._scheduler: asyncio.Task[None] | None = None
         self._compute_queues: list[queue.SimpleQueue[_Job | None]] = []
         self._wake: asyncio.Event | None = None
-        self._instances: asyncio.Queue[int] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._wake = asyncio.Event()
-        self._instances = asyncio.Queue()
-        for i in range(self.policy.instances):
-            self._instances.put_nowait(i)
+        self._jobs = [0] * self.policy.instances
         loop = asyncio.get_running_loop()
         for i in range(self.policy.instances):
             jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -275,26 +275,41 @@ class Batcher:
                         p.future.set_exception(InferenceFailed("internal error while batching"))
 
     async def _dispatch_next(self) -> None:
-        instance = await self._instances.get()
-        try:
-            # Requests whose bytes already arrived are one loop turn away from the queue: let them in.
-            await asyncio.sleep(0)
-            batch = await self._collect()
-        except BaseException:
-            self._instances.put_nowait(instance)
-            raise
-        if not batch:
-            self._instances.put_nowait(instance)
+        instance = self._pick_instance()
+        if instance is None:  # wait for an arrival or for a batch to finish
+            self._wake.clear()
+            await self._wake.wait()
             return
-        self._busy += 1
+        # Requests whose bytes already arrived are one loop turn away from the queue: let them in.
+        await asyncio.sleep(0)
+        batch = await self._collect() if self._jobs[instance] == 0 else self._take()
+        if not batch:
+            return
+        self._jobs[instance] += 1
         task = asyncio.get_running_loop().create_task(self._execute(batch, instance))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _pick_instance(self) -> int | None:
+        """The least busy instance if it is idle, or if a full batch is queued and it has no batch
+        waiting; otherwise none.
+
+        A full batch cannot grow by waiting, so it waits at a busy instance, which starts it the
+        moment the batch before it ends. Waiting in the queue instead, it would leave the instance
+        idle while the event loop answers the finished batch and collects the next: with every core
+        busy that gap was ~10 % of the compute thread's time. A batch that is not full stays in the
+        queue, where later requests can still join it.
+        """
+        instance = min(range(len(self._jobs)), key=self._jobs.__getitem__)
+        jobs = self._jobs[instance]
+        if jobs == 0 or (jobs == 1 and self._queued_rows >= self.policy.max_batch_size):
+            return instance
+        return None
+
     async def _collect(self) -> list[_Pending]:
         max_rows = self.policy.max_batch_size
         while self._queued_rows and self._queued_rows < max_rows and not self._closing:
-            if self._busy == 0 and self._expected_arrivals() <= 0:
+            if not any(self._jobs) and self._expected_arrivals() <= 0:
                 break  # idle runtime and nobody else coming: waiting would only add latency
             oldest = self._oldest()
             if oldest is None:
@@ -343,14 +358,14 @@ class Batcher:
                     if rows == max_rows:
                         break
         else:
-            batch = self._take_similar_lengths(live, max_rows)
+            batch = self._take_similar_lengths(live, max_rows, self.policy.max_padding_ratio)
         for p in batch:
             self._dequeue(p)
         self._pending = deque(p for p in live if p.queued)
         return batch
 
     @staticmethod
-    def _take_similar_lengths(live: list[_Pending], max_rows: int) -> list[_Pending]:
+    def _take_similar_lengths(live: list[_Pending], max_rows: int, max_padding: float) -> list[_Pending]:
         anchor = live[0]  # the oldest always goes, so no request starves
         batch = [anchor]
         rows, longest, useful = anchor.rows, anchor.length, anchor.rows * anchor.length
@@ -359,7 +374,7 @@ class Batcher:
                 continue
             new_longest = max(longest, p.length)
             new_useful = useful + p.rows * p.length
-            if 1 - new_useful / ((rows + p.rows) * new_longest) > MAX_PADDING_RATIO:
+            if 1 - new_useful / ((rows + p.rows) * new_longest) > max_padding:
                 continue
             batch.append(p)
             rows, longest, useful = rows + p.rows, new_longest, new_useful
@@ -380,17 +395,18 @@ class Batcher:
                     p.future.set_exception(InferenceFailed("internal error while running the batch"))
 
     async def _execute_batch(self, batch: list[_Pending], instance: int) -> None:
-        start = perf_counter()
-        queue_s = [start - p.enqueued for p in batch]
-        observe_many(self.metrics.queue, queue_s)
-        self.stats.queue.add(sum(queue_s), len(batch))
         done = asyncio.get_running_loop().create_future()
         self._compute_queues[instance].put((batch, done))
         try:
-            results, (input_s, infer_s, output_s), padding = await done
+            results, start, (input_s, infer_s, output_s), padding = await done
         finally:
-            self._busy -= 1
-            self._instances.put_nowait(instance)
+            self._jobs[instance] -= 1
+            self._wake.set()
+        # Queue time runs until the compute thread starts the batch (it may wait there, see
+        # `_pick_instance`).
+        queue_s = [start - p.enqueued for p in batch]
+        observe_many(self.metrics.queue, queue_s)
+        self.stats.queue.add(sum(queue_s), len(batch))
         rows = sum(p.rows for p in batch)
         end = perf_counter()
         for p, result in zip(batch, results, strict=True):
@@ -442,16 +458,16 @@ class Batcher:
         try:
             feeds, padding = self._merge(batch)
         except Exception as e:  # inconsistent shapes the codec let through
-            return [e] * len(batch), (perf_counter() - t0, 0.0, 0.0), None
+            return [e] * len(batch), t0, (perf_counter() - t0, 0.0, 0.0), None
         t1 = perf_counter()
         try:
             outs = self._run_fn(instance, feeds)
         except Exception as e:
             t2 = perf_counter()
             if len(batch) == 1:
-                return [e], (t1 - t0, t2 - t1, 0.0), padding
+                return [e], t0, (t1 - t0, t2 - t1, 0.0), padding
             # One bad request must not fail its neighbours: run each alone to find it.
-            return [self._run_alone(p, instance) for p in batch], (t1 - t0, t2 - t1, 0.0), padding
+            return [self._run_alone(p, instance) for p in batch], t0, (t1 - t0, t2 - t1, 0.0), padding
         t2 = perf_counter()
         named = dict(zip(self.output_names, outs, strict=True))
         if len(batch) == 1:
@@ -462,7 +478,7 @@ class Batcher:
                 results.append({k: v[offset:offset + p.rows] for k, v in named.items()})
                 offset += p.rows
         self._monitor(feeds, named)
-        return results, (t1 - t0, t2 - t1, perf_counter() - t2), padding
+        return results, t0, (t1 - t0, t2 - t1, perf_counter() - t2), padding
 
     def _run_alone(self, p: _Pending, instance: int) -> dict[str, np.ndarray] | Exception:
         try:

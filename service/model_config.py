@@ -81,6 +81,10 @@ class Batching(Strict):
     max_queue_delay_ms: float = Field(default=2.0, ge=0)
     max_queue_size: int = Field(default=512, ge=1)
     instances: int = Field(default=1, ge=1)
+    # Largest share of a padded batch tensor that may be padding (variable-length inputs only). What
+    # a batch saves against what its padding costs depends on the model and the hardware: on a
+    # CPU with one thread per session, batching a transformer gains little and padding is pure loss.
+    max_padding_ratio: float = Field(default=0.5, ge=0, lt=1)
 
 
 class VersionPolicy(Strict):

@@ -310,7 +310,8 @@ def _batcher(mv: ModelVersion) -> Batcher:
         pad = model.text.pad_id if model.text and spec.name == model.text.ids else 0
         layouts.append(InputLayout(spec.name, variable, pad))
     b = config.batching
-    policy = BatchPolicy(b.max_batch_size, b.max_queue_delay_ms / 1000, b.max_queue_size, b.instances)
+    policy = BatchPolicy(b.max_batch_size, b.max_queue_delay_ms / 1000, b.max_queue_size, b.instances,
+                         b.max_padding_ratio)
     runtime = mv.runtime
     assert runtime is not None and mv.metrics is not None
     output_names = [o.name for o in config.outputs]

@@ -463,7 +463,10 @@ def main(args: argparse.Namespace) -> None:
                      TensorSpec(name="probabilities", datatype="FP32", shape=[-1, 2])],
             labels="labels.txt", scores_output="probabilities",
             text=TextPreprocessing(tokenizer="tokenizer.json", max_tokens=MAX_TOKENS),
-            batching=Batching(max_batch_size=4, max_queue_delay_ms=0.0, max_queue_size=512, instances=1)))
+            # Found best by `python -m bench tune` on a 2-core CPU: small batches of near-equal
+            # lengths (docs/benchmarks.md).
+            batching=Batching(max_batch_size=8, max_queue_delay_ms=0.0, max_queue_size=512, instances=1,
+                              max_padding_ratio=0.1)))
         plot_confusion(ev, LABELS, model_dir / "confusion_matrix.png", "sentiment (int8 graph)")
         plot_curves(history, model_dir / "training_curves.png", "all-MiniLM-L6-v2 fine-tuning")
         architecture = (f"BERT encoder ({cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, "

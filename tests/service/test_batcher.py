@@ -1,0 +1,87 @@
+"""The batcher on its own, with a run function the test controls (no HTTP, no ONNX Runtime): the
+orderings that are hard to pin down through a live server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+
+from service.batching import Batcher, BatchPolicy, InputLayout
+from service.metrics import ModelMetrics
+from service.stats import Stats
+
+
+def _batcher(run, *, max_batch: int, max_padding_ratio: float = 0.5, variable: bool = False) -> Batcher:
+    layout = InputLayout("x", (1,) if variable else (), 0)
+    policy = BatchPolicy(max_batch, 0.0, 64, 1, max_padding_ratio)
+    return Batcher(run, ["y"], [layout], policy, ModelMetrics("batcher-test", "1", "CPU"), Stats())
+
+
+def test_a_full_batch_is_handed_to_the_busy_instance_before_the_running_batch_ends():
+    release = threading.Event()
+    calls: list[int] = []
+
+    def run(instance, feeds):
+        calls.append(len(feeds["x"]))
+        if len(calls) == 1:
+            release.wait(10)
+        return [feeds["x"].sum(axis=1, keepdims=True)]
+
+    async def scenario():
+        b = _batcher(run, max_batch=2)
+        b.start()
+        first = asyncio.create_task(b.submit({"x": np.ones((1, 3), np.float32)}, 1))
+        while not calls:  # the first batch is computing, and blocked
+            await asyncio.sleep(0.001)
+        rest = [asyncio.create_task(b.submit({"x": np.full((1, 3), i, np.float32)}, 1)) for i in range(5)]
+        for _ in range(100):
+            await asyncio.sleep(0.001)
+        # One full batch (2 rows) now waits at the instance; the other 3 rows wait in the queue,
+        # where later requests could still join them.
+        queued_while_blocked = b.queued_rows
+        release.set()
+        results = await asyncio.gather(first, *rest)
+        await b.close()
+        return queued_while_blocked, results
+
+    queued, results = asyncio.run(scenario())
+    assert queued == 3
+    assert [float(r.outputs["y"][0, 0]) for r in results] == [3.0, 0.0, 3.0, 6.0, 9.0, 12.0]
+    assert calls[:2] == [1, 2]
+
+
+def test_max_padding_ratio_keeps_rows_of_other_lengths_out_of_a_batch():
+    release = threading.Event()
+    batches: list[list[int]] = []
+
+    def run(instance, feeds):
+        mask = feeds["x"] != 0
+        batches.append(sorted(int(n) for n in mask.sum(axis=1)))
+        if len(batches) == 1:
+            release.wait(10)
+        return [mask.sum(axis=1, keepdims=True).astype(np.float32)]
+
+    async def scenario(ratio: float):
+        batches.clear()
+        release.clear()
+        b = _batcher(run, max_batch=8, max_padding_ratio=ratio, variable=True)
+        b.start()
+        tasks = [asyncio.create_task(b.submit({"x": np.ones((1, 4), np.int64)}, 1))]
+        while not batches:
+            await asyncio.sleep(0.001)
+        # Queued behind the blocked batch: lengths 10, 10, 9, 5, 5.
+        for n in (10, 10, 9, 5, 5):
+            tasks.append(asyncio.create_task(b.submit({"x": np.ones((1, n), np.int64)}, 1)))
+        await asyncio.sleep(0.05)
+        release.set()
+        results = await asyncio.gather(*tasks)
+        await b.close()
+        return [int(r.outputs["y"][0, 0]) for r in results]
+
+    # Every answer is its own row's, whatever it was batched with.
+    assert asyncio.run(scenario(0.0)) == [4, 10, 10, 9, 5, 5]
+    assert batches[1:] == [[10, 10], [9], [5, 5]]
+    assert asyncio.run(scenario(0.5)) == [4, 10, 10, 9, 5, 5]
+    assert batches[1:] == [[5, 5, 9, 10, 10]]  # 25 % padding is within the limit
