@@ -149,7 +149,8 @@ def load_workload(model_dir: Path, n: int = 64, seed: int = 0) -> Workload:
 
             tok = Tokenizer.from_file(str(tok_file))
             tok.no_padding()  # a tokenizer.json may pad to a fixed length; clients send real lengths
-            source = "synthetic review-like sentences of 3-60 words (uniform), tokenized with the model's tokenizer"
+            source = ("synthetic review-like sentences of 3-60 words (uniform), tokenized with the "
+                      "model's tokenizer")
             for t in texts:
                 ids = tok.encode(t).ids[:max_tokens]
                 samples.append(_text_sample(inputs, np.asarray(ids, dtype=np.int64)))

@@ -98,7 +98,7 @@ def serve(settings: Settings) -> int:
         "host": settings.host,
         "port": settings.port,
         "loop": "uvloop",
-        "http": "httptools",
+        "http": "service.http_protocol:HttpProtocol",
         "log_config": service_logging.config_dict(settings.log_level),
         "access_log": False,  # the service writes its own access line, with request id and model
         "server_header": False,

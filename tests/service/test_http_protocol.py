@@ -1,0 +1,107 @@
+"""The HTTP protocol the service runs under uvicorn: one write per response, nothing lost or
+reordered on keep-alive, pipelined and closing connections."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import h11
+import orjson
+
+from service.http_protocol import _JoinedWrites
+from tests.service.conftest import Server, TestModels
+
+
+class _RecordingTransport(asyncio.Transport):
+    """Stands in for the socket only to see where write boundaries fall, which a real peer cannot
+    observe (the kernel may merge or split segments either way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_writes_within_one_loop_turn_leave_as_one_and_close_sends_them_first():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        raw = _RecordingTransport()
+        t = _JoinedWrites(raw, loop)
+        t.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        t.write(b"ok")
+        assert raw.writes == []  # not before the turn ends
+        await asyncio.sleep(0)
+        first = list(raw.writes)
+        t.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        t.close()  # uvicorn closes right after writing a `Connection: close` response
+        assert t.is_closing()  # the rest is the transport's own
+        await asyncio.sleep(0)
+        return first, raw.writes
+
+    first, writes = asyncio.run(scenario())
+    assert first == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]
+    assert writes == [*first, b"HTTP/1.1 204 No Content\r\n\r\n"]
+
+
+def test_pipelined_requests_get_complete_responses_in_order_then_close(server: Server,
+                                                                      test_models: TestModels):
+    host, port = server.host_port.split(":")
+    infer = orjson.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28],
+                                      "data": [9] * 784}]})
+    requests = [
+        ("GET", "/v2/health/live", b""),
+        ("POST", f"/v2/models/{test_models.image}/infer", infer),
+        ("GET", f"/v2/models/{test_models.image}", b""),
+        ("POST", f"/v2/models/{test_models.image}/infer", b"{not json"),
+        ("POST", f"/v2/models/{test_models.image}/infer", infer),
+    ]
+    wire = b""
+    for i, (method, target, body) in enumerate(requests):
+        headers = [("host", host), ("content-length", str(len(body)))]
+        if i == len(requests) - 1:
+            headers.append(("connection", "close"))
+        wire += f"{method} {target} HTTP/1.1\r\n".encode()
+        wire += b"".join(f"{k}: {v}\r\n".encode() for k, v in headers) + b"\r\n" + body
+
+    received = b""
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(wire)  # all five at once: the server answers them one after another
+        while chunk := sock.recv(65536):
+            received += chunk
+
+    # h11 reads the responses; it needs each request (not its body) to know what answers it.
+    parser = h11.Connection(h11.CLIENT)
+    parser.receive_data(received)
+    parser.receive_data(b"")  # and the server closed the connection
+    responses = []
+    for method, target, _ in requests:
+        parser.send(h11.Request(method=method, target=target, headers=[("host", host)]))
+        parser.send(h11.EndOfMessage())
+        status, body = None, b""
+        while not isinstance(event := parser.next_event(), h11.EndOfMessage):
+            assert event is not h11.NEED_DATA, f"response {len(responses) + 1} is incomplete"
+            if isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+        responses.append((status, body))
+        if parser.their_state is h11.MUST_CLOSE:
+            break
+        parser.start_next_cycle()
+    assert isinstance(parser.next_event(), h11.ConnectionClosed)
+    assert [s for s, _ in responses] == [200, 200, 200, 400, 200]
+    _, first, meta, bad, last = (b for _, b in responses)
+    assert orjson.loads(meta)["name"] == test_models.image
+    assert orjson.loads(bad)["code"]
+    assert orjson.loads(first)["outputs"] == orjson.loads(last)["outputs"]
