@@ -158,7 +158,27 @@ def start_service(repository: Path, *, workers: int = 1, port: int | None = None
            "--host", HOST, "--port", str(port), "--workers", str(workers), *(extra_args or [])]
     server = _start("service", cmd, port, env or {}, log_dir, "/v2/health/ready", timeout)
     server.info = {"workers": workers}
+    # Ready means one worker answers. Each worker listens on its own socket once it has loaded, and
+    # connections opened before the last one listens would all go to the others.
+    deadline = time.monotonic() + timeout
+    while listening_sockets(port) < workers:
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"only {listening_sockets(port)} of {workers} workers listen")
+        time.sleep(0.2)
     return server
+
+
+def listening_sockets(port: int) -> int:
+    """TCP sockets listening on local `port` (one per worker for the service)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                    count += 1
+    return count
 
 
 def service_available() -> bool:

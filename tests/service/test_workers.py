@@ -29,14 +29,17 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def established_connections(pid: int, port: int) -> int:
-    """TCP connections in state ESTABLISHED on local `port` whose socket `pid` holds open."""
+ESTABLISHED, LISTEN = "01", "0A"  # TCP states as /proc/net/tcp writes them
+
+
+def tcp_sockets(pid: int, port: int, state: str = ESTABLISHED) -> int:
+    """TCP sockets in `state` on local `port` that `pid` holds open."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if local_port == port and fields[3] == "01":
+            if local_port == port and fields[3] == state:
                 inodes.add(fields[9])
     held = 0
     for fd in Path(f"/proc/{pid}/fd").iterdir():
@@ -55,6 +58,11 @@ def test_connections_spread_over_the_workers(test_models: TestModels, tmp_path: 
         pids = worker_pids(server.process.pid)
         assert len(pids) == 2, (pids, server.logs())
         port = int(server.url.rsplit(":", 1)[1])
+        # Ready means one worker answers; the other may still be loading, its socket not yet
+        # listening, and would rightly get no connection.
+        deadline = time.monotonic() + 60
+        while not all(tcp_sockets(pid, port, LISTEN) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
         clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(64)]
         try:
             request = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -62,7 +70,7 @@ def test_connections_spread_over_the_workers(test_models: TestModels, tmp_path: 
                 c.sendall(request)
             for c in clients:
                 assert c.recv(4096).startswith(b"HTTP/1.1 200")
-            held = {pid: established_connections(pid, port) for pid in pids}
+            held = {pid: tcp_sockets(pid, port) for pid in pids}
         finally:
             for c in clients:
                 c.close()
