@@ -68,6 +68,13 @@ def _find(rows: list[dict], model: str, config: str, mode: str, x: float) -> dic
                  and r["mode"] == mode and r["x"] == x), None)
 
 
+def ceiling_samples_per_s(raw: dict) -> float:
+    """The ceiling the targets use: the median of the raw figures measured between the load points
+    when there are any, else the best of the sweep."""
+    again = (raw.get("interleaved") or {}).get("samples_per_s")
+    return statistics.median(again) if again else raw["best_samples_per_s"]
+
+
 def targets(results: dict, rows: list[dict]) -> list[tuple[str, str, str, str]]:
     """(target, measured, required, verdict) for the performance issue's targets that apply."""
     out = []
@@ -89,13 +96,14 @@ def targets(results: dict, rows: list[dict]) -> list[tuple[str, str, str, str]]:
         raw = results.get("raw", {}).get(model)
         if not raw:
             continue
+        ceiling = ceiling_samples_per_s(raw)
         for proto in ("v2-json", "v2-binary", "task"):
             svc = _find(rows, model, f"service/{proto}", "closed", 32)
             if svc:
-                frac = svc["rps"] / raw["best_samples_per_s"]
+                frac = svc["rps"] / ceiling
                 out.append((f"{model} c=32 {proto} req/s vs raw ORT best batch "
                             f"({raw['best_batch_size']})",
-                            f"{frac:.0%} ({svc['rps']:.0f} vs {raw['best_samples_per_s']:.0f})", "≥ 90 %",
+                            f"{frac:.0%} ({svc['rps']:.0f} vs {ceiling:.0f})", "≥ 90 %",
                             verdict(frac >= 0.9)))
     raw = results.get("raw", {}).get("fashion-mnist")
     svc = _find(rows, "fashion-mnist", "service/v2-json", "closed", 1)
@@ -159,6 +167,10 @@ def generated(results: dict, plot_rel: str | None) -> str:
         for p in raw["points"]:
             lines.append(f"| {p['batch_size']} | {p['samples_per_s']:,.0f} | {p['p50_ms']:.3f} | "
                          f"{p['p90_ms']:.3f} | {p['p99_ms']:.3f} |")
+        if (again := (raw.get("interleaved") or {}).get("samples_per_s")):
+            lines.append(f"\nBatch {raw['interleaved']['batch_size']} measured again before each "
+                         f"repetition's load points: {', '.join(f'{x:,.0f}' for x in again)} samples/s "
+                         f"(median {statistics.median(again):,.0f}: the ceiling the targets use).")
         if "per_worker_threads_batch1" in raw:
             p = raw["per_worker_threads_batch1"]
             lines.append(f"\nWith {meta['ort_threads_per_worker']} thread(s) (one worker's share): batch 1 "

@@ -191,6 +191,25 @@ def run(plan: Plan) -> dict:
     return results
 
 
+class _Ceiling:
+    """The raw ORT figure at the best batch size, measured again before each repetition's load
+    points, so that the service is compared with a ceiling taken under the same machine conditions
+    (the sweep at the start of the run can fall in a busier or a quieter minute than the load)."""
+
+    def __init__(self, model_dir: Path, raw: dict, plan: Plan) -> None:
+        self.raw = raw
+        self.workload = raw_workload(model_dir)
+        self.session = raw_ort.session(model_file(model_dir), raw["ort_threads"])
+        raw["interleaved"] = {"batch_size": raw["best_batch_size"], "samples_per_s": []}
+
+    def measure(self, plan: Plan) -> None:
+        point = raw_ort.measure(self.session, self.workload, self.raw["best_batch_size"],
+                                duration_s=plan.raw_duration_s)
+        self.raw["interleaved"]["samples_per_s"].append(point["samples_per_s"])
+        _say(plan, f"{self.workload.model:14s} raw ORT batch {point['batch_size']}: "
+                   f"{point['samples_per_s']:8.1f} samples/s")
+
+
 def _run_model(plan: Plan, w: Workload, model_dir: Path, service: servers.Server | None,
                results: dict) -> None:
     ref = None
@@ -209,7 +228,11 @@ def _run_model(plan: Plan, w: Workload, model_dir: Path, service: servers.Server
         for cfg, srv, reqs in targets if plan.warmup_s > 0 else []:  # warm-up, not recorded
             _point(plan, w, cfg, srv, reqs, rep=-1, concurrency=8, duration=plan.warmup_s, record=False)
         closed = []
+        raw = results["raw"].get(w.model)
+        ceiling = _Ceiling(model_dir, raw, plan) if raw and targets else None
         for rep in range(plan.reps):
+            if ceiling is not None:
+                ceiling.measure(plan)
             for c in plan.concurrencies:
                 order = targets[rep % len(targets):] + targets[:rep % len(targets)]
                 for cfg, srv, reqs in order:

@@ -50,6 +50,11 @@ def test_raw_ceiling_is_measured_per_batch_size(results: tuple[dict, Path]) -> N
     assert [p["batch_size"] for p in raw["points"]] == [1, 8]
     assert all(p["samples_per_s"] > 0 and p["p50_ms"] <= p["p99_ms"] for p in raw["points"])
     assert raw["best_samples_per_s"] == max(p["samples_per_s"] for p in raw["points"])
+    # Measured again at the best batch size before each repetition's load points (reps=1 here).
+    again = raw["interleaved"]
+    assert again["batch_size"] == raw["best_batch_size"]
+    assert len(again["samples_per_s"]) == 1 and again["samples_per_s"][0] > 0
+    assert report.ceiling_samples_per_s(raw) == again["samples_per_s"][0]
 
 
 def test_service_histograms_are_read_back_from_metrics(results: tuple[dict, Path]) -> None:
