@@ -37,6 +37,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", help="comma-separated model names (default: all in the repository)")
     p.add_argument("--workers", type=int, default=1, help="worker processes, on both servers")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="raw results folder")
+    p.add_argument("--providers", choices=("cpu", "cuda"), default="cpu",
+                   help="ONNX Runtime execution provider of every server and of the raw ceiling")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cmd == "all":
         plan = suite.Plan(repository=args.repository, workers=args.workers, ort_threads=args.ort_threads,
-                          out=args.out, command=command, service=not args.no_service,
+                          out=args.out, command=command, service=not args.no_service, provider=args.providers,
                           protocols=tuple(args.protocols.split(",")))
         if args.models:
             plan.models = args.models.split(",")
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             model = "fashion-mnist" if "fashion-mnist" in names else names[0]
             results["soak"] = soak.run(args.repository, model=model, duration_s=soak_s,
                                        workers=args.workers, use_service=plan.service, out=args.out,
-                                       max_rate=plan.max_open_rate)
+                                       max_rate=plan.max_open_rate, provider=args.providers)
         results_path = args.out / plan.results_name
         results_path.write_text(json.dumps(results, indent=1, default=float))
         if not args.no_report:
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.models and d.name not in args.models.split(","):
                 continue
             res = raw_ort.run(raw_workload(d), model_file(d), threads=args.threads,
-                              batch_sizes=args.batch_sizes, duration_s=args.duration)
+                              batch_sizes=args.batch_sizes, duration_s=args.duration, provider=args.providers)
             for p in res["points"]:
                 print(f"{d.name:14s} batch {p['batch_size']:4d}: {p['samples_per_s']:10,.0f} samples/s  "
                       f"p50 {p['p50_ms']:7.3f} ms  p99 {p['p99_ms']:7.3f} ms")
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "soak":
         res = soak.run(args.repository, model=args.model, protocol=args.protocol, duration_s=args.duration,
                        fraction=args.fraction, peak_rps=args.peak, workers=args.workers,
-                       use_service=not args.reference, out=args.out)
+                       use_service=not args.reference, out=args.out, provider=args.providers)
         print(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=1))
         results_path = args.out / "results.json"
         if results_path.exists() and not args.reference:  # `bench report` then shows this soak
@@ -162,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = tune.run(args.repository, args.model, max_batch_sizes=args.max_batch_sizes,
                         delays_ms=args.delays_ms, padding_ratios=args.max_padding_ratios,
                         protocol=args.protocol, concurrency=args.concurrency,
-                        duration_s=args.duration, reps=args.reps, workers=args.workers)
+                        duration_s=args.duration, reps=args.reps, workers=args.workers,
+                        provider=args.providers)
         print(f"{args.model}, {args.protocol}, medians of {args.reps} interleaved repetitions:")
         padding = bool(args.max_padding_ratios)
         print(f"| max_batch_size | max_queue_delay_ms |{' max_padding_ratio |' * padding} "

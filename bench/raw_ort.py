@@ -19,13 +19,21 @@ from bench.workloads import Workload
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
+CUDA = "CUDAExecutionProvider"
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": [CUDA, "CPUExecutionProvider"]}
 
-def session(model_onnx: Path, threads: int) -> ort.InferenceSession:
+
+def session(model_onnx: Path, threads: int, provider: str = "cpu") -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(model_onnx), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(model_onnx), opts, providers=PROVIDERS[provider])
+    # onnxruntime-gpu falls back to the CPU when the CUDA libraries are missing: a figure measured
+    # that way must not be reported as a CUDA one.
+    if provider == "cuda" and sess.get_providers()[0] != CUDA:
+        raise RuntimeError(f"the CUDA provider did not bind for {model_onnx} ({sess.get_providers()})")
+    return sess
 
 
 def measure(sess: ort.InferenceSession, w: Workload, batch_size: int, *, duration_s: float = 2.0,
@@ -55,11 +63,12 @@ def measure(sess: ort.InferenceSession, w: Workload, batch_size: int, *, duratio
 
 
 def run(w: Workload, model_onnx: Path, *, threads: int | None = None,
-        batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES, duration_s: float = 2.0) -> dict:
+        batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES, duration_s: float = 2.0,
+        provider: str = "cpu") -> dict:
     threads = threads or os.cpu_count() or 1
-    sess = session(model_onnx, threads)
+    sess = session(model_onnx, threads, provider)
     points = [measure(sess, w, b, duration_s=duration_s) for b in batch_sizes]
     best = max(points, key=lambda p: p["samples_per_s"])
-    return {"model": w.model, "ort_threads": threads, "points": points,
+    return {"model": w.model, "provider": provider, "ort_threads": threads, "points": points,
             "best_batch_size": best["batch_size"], "best_samples_per_s": best["samples_per_s"],
             "batch1_p50_ms": next((p["p50_ms"] for p in points if p["batch_size"] == 1), None)}

@@ -3,7 +3,8 @@
 Built for comparison only, deliberately plain: one ONNX Runtime session per worker process, a
 pydantic request body (V2 JSON shape, so the very same request bodies go to both servers),
 `session.run` called per request inside the async handler, no batching, FastAPI's default JSON
-response. Run it the way such an app is deployed:
+response (`BENCH_REF_PROVIDER=cuda` puts the session on the CUDA provider). Run it the way such an
+app is deployed:
 
     BENCH_REF_MODEL=models/fashion-mnist/1/model.onnx BENCH_REF_ORT_THREADS=1 \\
         uvicorn bench.reference_server:create_app --factory --host 127.0.0.1 --port 8100 --workers 2
@@ -12,13 +13,14 @@ response. Run it the way such an app is deployed:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
+from bench import raw_ort
 from bench.workloads import V2_TO_NUMPY
 
 NUMPY_TO_V2 = {v: k for k, v in V2_TO_NUMPY.items()}
@@ -42,10 +44,7 @@ class InferRequest(BaseModel):
 def create_app() -> FastAPI:
     path = os.environ["BENCH_REF_MODEL"]
     threads = int(os.environ.get("BENCH_REF_ORT_THREADS", "1"))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    session = raw_ort.session(Path(path), threads, os.environ.get("BENCH_REF_PROVIDER", "cpu"))
     name = os.environ.get("BENCH_REF_NAME", os.path.basename(os.path.dirname(os.path.dirname(path))))
     app = FastAPI()
 

@@ -139,6 +139,9 @@ def generated(results: dict, plot_rel: str | None) -> str:
         f"ONNX Runtime {m['onnxruntime']}, FastAPI {m['fastapi']}, uvicorn {m['uvicorn']}, {m['wrk']}.",
         f"- Load average at start / end: {', '.join(f'{x:.2f}' for x in meta['loadavg_start'])} / "
         f"{', '.join(f'{x:.2f}' for x in meta.get('loadavg_end', []))}.",
+        *([f"- GPU: {m['gpu']}."] if m.get("gpu") else []),
+        f"- Execution provider: {plan.get('provider', 'cpu').upper()} on every side (raw ORT, reference, "
+        "service).",
         f"- Servers: {plan['workers']} worker process(es) on both sides, "
         f"{meta['ort_threads_per_worker']} ONNX Runtime thread(s) per worker; the load generator runs "
         "on the same machine (wrk, one thread, for closed loop; a Python asyncio client for open loop).",

@@ -138,15 +138,16 @@ def _start(name: str, cmd: list[str], port: int, env: dict[str, str], log_dir: P
 
 
 def start_reference(model_onnx: Path, model_name: str, *, workers: int = 1, ort_threads: int = 1,
-                    port: int | None = None, log_dir: Path | None = None, timeout: float = 120) -> Server:
+                    provider: str = "cpu", port: int | None = None, log_dir: Path | None = None,
+                    timeout: float = 120) -> Server:
     port = port or free_port()
     cmd = [sys.executable, "-m", "uvicorn", "bench.reference_server:create_app", "--factory",
            "--host", HOST, "--port", str(port), "--workers", str(workers),
            "--log-level", "warning", "--no-access-log"]
     env = {"BENCH_REF_MODEL": str(model_onnx), "BENCH_REF_NAME": model_name,
-           "BENCH_REF_ORT_THREADS": str(ort_threads)}
+           "BENCH_REF_ORT_THREADS": str(ort_threads), "BENCH_REF_PROVIDER": provider}
     server = _start("reference", cmd, port, env, log_dir, "/v2/health/ready", timeout)
-    server.info = {"workers": workers, "ort_threads": ort_threads, "model": model_name}
+    server.info = {"workers": workers, "ort_threads": ort_threads, "model": model_name, "provider": provider}
     return server
 
 

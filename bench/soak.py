@@ -26,15 +26,15 @@ from bench.workloads import Request, find_models, load_workload, model_file, req
 def run(repository: Path, *, model: str = "fashion-mnist", protocol: str = "v2-json",
         duration_s: float = 300.0, fraction: float = 0.7, peak_rps: float | None = None,
         workers: int = 1, window_s: float = 10.0, max_rate: float = 2000.0, use_service: bool = True,
-        out: Path | None = None, log: bool = True) -> dict:
+        out: Path | None = None, log: bool = True, provider: str = "cpu") -> dict:
     dirs = {d.name: d for d in find_models(repository)}
     if model not in dirs:
         model = next(iter(dirs))
     w = load_workload(dirs[model])
     if use_service and servers.service_available():
-        srv = servers.start_service(repository, workers=workers)
+        srv = servers.start_service(repository, workers=workers, extra_args=["--providers", provider])
     else:
-        srv = servers.start_reference(model_file(dirs[model]), model, workers=workers)
+        srv = servers.start_reference(model_file(dirs[model]), model, workers=workers, provider=provider)
         protocol = "v2-json"
     reqs = requests_for(w, protocol)
     started = datetime.now(UTC).isoformat(timespec="seconds")

@@ -30,6 +30,7 @@ class Plan:
     models: list[str] | None = None
     workers: int = 1
     ort_threads: int | None = None  # per worker; default: cores / workers
+    provider: str = "cpu"  # ONNX Runtime's execution provider on every side: "cpu" or "cuda"
     concurrencies: tuple[int, ...] = FULL_CONCURRENCIES
     open_rate_fractions: tuple[float, ...] = (0.3, 0.6, 0.9)
     max_open_rate: float = 2000.0  # the asyncio client's own limit on this machine
@@ -67,9 +68,26 @@ def machine() -> dict:
     return {
         "nproc": os.cpu_count(), "cpu": cpu or platform.processor(), "mem_gib": round(mem_kib / 2**20, 1),
         "python": platform.python_version(), "platform": platform.platform(),
-        "onnxruntime": _version("onnxruntime"), "fastapi": _version("fastapi"),
-        "uvicorn": _version("uvicorn"), "wrk": _wrk_version(),
+        # The module's own version: onnxruntime and onnxruntime-gpu install the same module.
+        "onnxruntime": _ort_version(), "fastapi": _version("fastapi"),
+        "uvicorn": _version("uvicorn"), "wrk": _wrk_version(), "gpu": _gpu(),
     }
+
+
+def _gpu() -> str:
+    """The GPU's name and driver as nvidia-smi reports them; empty on a machine without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def _version(pkg: str) -> str:
@@ -159,19 +177,21 @@ def run(plan: Plan) -> dict:
         w = workloads[d.name]
         results["workloads"][w.model] = {"source": w.source, "task": w.task,
                                          "inputs": [asdict(s) for s in w.inputs]}
-        _say(plan, f"raw ORT {w.model} ({os.cpu_count()} threads)")
+        _say(plan, f"raw ORT {w.model} ({os.cpu_count()} threads, {plan.provider})")
         results["raw"][w.model] = raw_ort.run(raw_workload(d), model_file(d), threads=os.cpu_count(),
                                               batch_sizes=plan.raw_batch_sizes,
-                                              duration_s=plan.raw_duration_s)
+                                              duration_s=plan.raw_duration_s, provider=plan.provider)
         if plan.workers > 1 or plan.threads_per_worker() != os.cpu_count():
             per_worker = raw_ort.run(w, model_file(d), threads=plan.threads_per_worker(),
-                                     batch_sizes=(1,), duration_s=plan.raw_duration_s)
+                                     batch_sizes=(1,), duration_s=plan.raw_duration_s,
+                                     provider=plan.provider)
             results["raw"][w.model]["per_worker_threads_batch1"] = per_worker["points"][0]
 
     service = None
     if plan.service and servers.service_available():
         _say(plan, f"starting the service ({plan.workers} workers)")
-        service = servers.start_service(plan.repository, workers=plan.workers, log_dir=plan.out / "logs")
+        service = servers.start_service(plan.repository, workers=plan.workers, log_dir=plan.out / "logs",
+                                        extra_args=["--providers", plan.provider])
         results["memory"]["service_idle_rss_mib"] = list(service.rss_mib().values())
     elif plan.service:
         results["meta"]["note"] = "service not available: only the reference server was measured"
@@ -199,7 +219,7 @@ class _Ceiling:
     def __init__(self, model_dir: Path, raw: dict, plan: Plan) -> None:
         self.raw = raw
         self.workload = raw_workload(model_dir)
-        self.session = raw_ort.session(model_file(model_dir), raw["ort_threads"])
+        self.session = raw_ort.session(model_file(model_dir), raw["ort_threads"], raw.get("provider", "cpu"))
         raw["interleaved"] = {"batch_size": raw["best_batch_size"], "samples_per_s": []}
 
     def measure(self, plan: Plan) -> None:
@@ -216,7 +236,8 @@ def _run_model(plan: Plan, w: Workload, model_dir: Path, service: servers.Server
     try:
         if plan.reference:
             ref = servers.start_reference(model_file(model_dir), w.model, workers=plan.workers,
-                                          ort_threads=plan.threads_per_worker(), log_dir=plan.out / "logs")
+                                          ort_threads=plan.threads_per_worker(), provider=plan.provider,
+                                          log_dir=plan.out / "logs")
             results["memory"].setdefault("reference_idle_rss_mib", {})[w.model] = list(ref.rss_mib().values())
         targets: list[tuple[Config, servers.Server, list]] = []
         if ref is not None:

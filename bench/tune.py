@@ -44,7 +44,8 @@ def candidate_repository(model_dir: Path, root: Path, batching: dict) -> Path:
 def run(repository: Path, model: str, *, max_batch_sizes: tuple[int, ...] = (8, 32, 64),
         delays_ms: tuple[float, ...] = (0.0, 1.0, 2.0, 5.0), padding_ratios: tuple[float, ...] = (),
         protocol: str = "v2-binary",
-        concurrency: int = 64, duration_s: float = 5.0, reps: int = 3, workers: int = 1) -> list[dict]:
+        concurrency: int = 64, duration_s: float = 5.0, reps: int = 3, workers: int = 1,
+        provider: str = "cpu") -> list[dict]:
     model_dir = next(d for d in find_models(repository) if d.name == model)
     w = load_workload(model_dir)
     reqs = requests_for(w, protocol)
@@ -57,7 +58,8 @@ def run(repository: Path, model: str, *, max_batch_sizes: tuple[int, ...] = (8, 
                 if ratio is not None:
                     knobs["max_padding_ratio"] = ratio
                 repo = candidate_repository(model_dir, Path(tmp), knobs)
-                started.append((knobs, servers.start_service(repo, workers=workers)))
+                started.append((knobs, servers.start_service(repo, workers=workers,
+                                                              extra_args=["--providers", provider])))
             for _, srv in started:
                 load.closed_loop(srv.port, reqs, concurrency=8, duration_s=1)
             measured: dict[int, dict[str, list[float]]] = {i: {"rps": [], "p99": [], "p50_c1": []}
