@@ -22,7 +22,7 @@ from service.codecs.text import TextEncoder, TextModel
 from service.errors import ModelNotFound, ModelNotReady
 from service.model_config import V2_TO_NUMPY, ModelConfig, TensorSpec, load_model_config
 from service.monitoring import batch_observer
-from service.runtime import LoadError, Runtime
+from service.runtime import CUDA, LoadError, Runtime
 from service.settings import Settings
 from service.stats import Stats
 
@@ -276,7 +276,7 @@ class Repository:
         mv.provider = runtime.provider
         mv.load_seconds = time.perf_counter() - start
         mv.metrics = metrics.ModelMetrics(mv.name, str(mv.version), runtime.provider, mv.model.labels)
-        mv.batcher = _batcher(mv)
+        mv.batcher = _batcher(mv, self.settings.cuda_static_batch)
         mv.batcher.start()
         metrics.MODEL_LOAD_DURATION.labels(mv.name, str(mv.version)).set(mv.load_seconds)
         metrics.MODEL_INFO.labels(mv.name, str(mv.version), runtime.provider).set(1)
@@ -302,7 +302,7 @@ class Repository:
         return runtime, runs
 
 
-def _batcher(mv: ModelVersion) -> Batcher:
+def _batcher(mv: ModelVersion, cuda_static_batch: bool) -> Batcher:
     config, model = mv.config, mv.model
     layouts = []
     for spec in config.inputs:
@@ -310,10 +310,11 @@ def _batcher(mv: ModelVersion) -> Batcher:
         pad = model.text.pad_id if model.text and spec.name == model.text.ids else 0
         layouts.append(InputLayout(spec.name, variable, pad))
     b = config.batching
-    policy = BatchPolicy(b.max_batch_size, b.max_queue_delay_ms / 1000, b.max_queue_size, b.instances,
-                         b.max_padding_ratio)
     runtime = mv.runtime
     assert runtime is not None and mv.metrics is not None
+    static = cuda_static_batch and runtime.provider == CUDA
+    policy = BatchPolicy(b.max_batch_size, b.max_queue_delay_ms / 1000, b.max_queue_size, b.instances,
+                         b.max_padding_ratio, fixed_rows=b.max_batch_size if static else 0)
     output_names = [o.name for o in config.outputs]
 
     def run(instance: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

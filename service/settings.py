@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     )
     cuda_device_id: int = Field(0, ge=0, description="GPU ordinal for the CUDA provider")
     gpu_mem_limit_mb: int = Field(0, ge=0, description="CUDA arena limit per session in MiB (0: no limit)")
+    cudnn_conv_algo_search: Literal["exhaustive", "heuristic", "default"] = Field(
+        "exhaustive", description="How the CUDA provider picks convolution algorithms for a new input shape"
+    )
+    cuda_static_batch: bool = Field(
+        True, description="On CUDA, pad batches of fixed-shape inputs to max_batch_size rows (one shape)"
+    )
     intra_op_threads: int = Field(
         0, ge=0, description="Threads per ORT session (0: (cores − workers) / (workers × instances), ≥ 1)"
     )

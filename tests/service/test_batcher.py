@@ -85,3 +85,26 @@ def test_max_padding_ratio_keeps_rows_of_other_lengths_out_of_a_batch():
     assert batches[1:] == [[10, 10], [9], [5, 5]]
     assert asyncio.run(scenario(0.5)) == [4, 10, 10, 9, 5, 5]
     assert batches[1:] == [[5, 5, 9, 10, 10]]  # 25 % padding is within the limit
+
+
+def test_fixed_rows_pads_with_the_last_row_and_hands_back_only_real_rows():
+    shapes: list[tuple[int, ...]] = []
+
+    def run(instance, feeds):
+        shapes.append(feeds["x"].shape)
+        return [feeds["x"].sum(axis=1, keepdims=True)]
+
+    async def scenario():
+        layout = InputLayout("x")
+        policy = BatchPolicy(4, 0.0, 64, 1, fixed_rows=4)
+        b = Batcher(run, ["y"], [layout], policy, ModelMetrics("batcher-test", "1", "CPU"), Stats())
+        b.start()
+        one = await b.submit({"x": np.full((1, 3), 2, np.float32)}, 1)
+        two = await b.submit({"x": np.arange(6, dtype=np.float32).reshape(2, 3)}, 2)
+        await b.close()
+        return one, two
+
+    one, two = asyncio.run(scenario())
+    assert shapes == [(4, 3), (4, 3)]  # the session only ever sees the one shape
+    assert one.outputs["y"].tolist() == [[6.0]]
+    assert two.outputs["y"].tolist() == [[3.0], [12.0]]

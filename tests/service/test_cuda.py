@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnx
 import pytest
 
 from bench import raw_ort
@@ -44,7 +45,9 @@ def test_every_shipped_model_is_bound_to_the_cuda_provider(cuda_server: Server):
 def test_cuda_answers_match_the_cpu_provider(cuda_server: Server, name: str):
     w = load_workload(MODELS / name)
     sample = w.batch(8)
-    cpu = raw_ort.session(model_file(MODELS / name), 1, "cpu")
+    path = model_file(MODELS / name)
+    quantized = any(n.op_type == "QuantizeLinear" for n in onnx.load(path).graph.node)
+    cpu = raw_ort.session(path, 1, "cpu")
     expected = dict(zip([o.name for o in cpu.get_outputs()], cpu.run(None, sample), strict=True))
     req = v2_json(w, sample)
     r = httpx.post(cuda_server.url + req.path, content=req.body, headers=req.headers, timeout=60)
@@ -53,8 +56,10 @@ def test_cuda_answers_match_the_cpu_provider(cuda_server: Server, name: str):
     assert set(outputs) == set(expected)
     for output, want in expected.items():
         got = outputs[output]
-        # TF32 matrix units and the CUDA kernels' own accumulation order move the last digits;
-        # quantized graphs may land one quantization step apart.
-        np.testing.assert_allclose(got, want, atol=2e-2, rtol=2e-2)
+        # TF32 matrix units and the CUDA kernels' own accumulation order move the last digits. The
+        # int8 image graphs' quantize/dequantize pairs run in float on CUDA and round differently
+        # from the CPU's integer kernels: logits landed up to 3 output quantization steps (0.03 each)
+        # away from the CPU's on an NVIDIA H100.
+        np.testing.assert_allclose(got, want, atol=0.1 if quantized else 2e-2, rtol=2e-2)
         if want.ndim == 2 and want.shape[1] > 1:
             assert (got.argmax(1) == want.argmax(1)).all()
