@@ -71,7 +71,8 @@ def session_options(settings: Settings, instances: int) -> ort.SessionOptions:
 def provider_chain(settings: Settings) -> list[str | tuple[str, dict[str, str]]]:
     if settings.providers == "cpu" or (settings.providers == "auto" and not cuda_available()):
         return [CPU]
-    cuda_options = {"device_id": str(settings.cuda_device_id), "arena_extend_strategy": "kSameAsRequested"}
+    cuda_options = {"device_id": str(settings.cuda_device_id), "arena_extend_strategy": "kSameAsRequested",
+                    "cudnn_conv_algo_search": settings.cudnn_conv_algo_search.upper()}
     if settings.gpu_mem_limit_mb:
         cuda_options["gpu_mem_limit"] = str(settings.gpu_mem_limit_mb * 1024 * 1024)
     return [(CUDA, cuda_options), CPU]
