@@ -14,7 +14,7 @@ import orjson
 import tritonclient.http as triton
 
 from tests.service import models as m
-from tests.service.conftest import Server, TestModels, with_app
+from tests.service.conftest import TOL, Server, TestModels, with_app
 
 
 def _session(repo: Path, name: str) -> ort.InferenceSession:
@@ -96,7 +96,7 @@ def test_concurrent_mixed_requests_get_their_unbatched_answers_and_are_batched(
         assert r.status_code == 200, r.text
         out = {o["name"]: o for o in r.json()["outputs"]}["probabilities"]
         got = np.array(out["data"], dtype=np.float32).reshape(out["shape"])
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(got, want, **TOL, err_msg=name)
 
     stats = triton.InferenceServerClient(server.host_port).get_inference_statistics()
 
@@ -134,7 +134,7 @@ def test_text_answers_do_not_depend_on_padding_within_a_batch(test_models: TestM
         assert r.status_code == 200, r.text
         out = {o["name"]: o for o in r.json()["outputs"]}["probabilities"]
         want = sess.run(["probabilities"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
-        np.testing.assert_allclose(np.array(out["data"]).reshape(out["shape"]), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.array(out["data"]).reshape(out["shape"]), want, **TOL)
     sizes = [b["batch_size"] for s in stats["model_stats"] for b in s["batch_stats"]]
     assert max(sizes) > 1, sizes
 
@@ -182,7 +182,7 @@ def test_error_in_one_request_fails_only_that_request(special_repository: Path):
             out = {o["name"]: o for o in r.json()["outputs"]}["probabilities"]
             want = sess.run(["probabilities"], {"waveform": x})[0]
             np.testing.assert_allclose(
-                np.array(out["data"]).reshape(out["shape"]), want, rtol=1e-5, atol=1e-6
+                np.array(out["data"]).reshape(out["shape"]), want, **TOL
             )
     assert after.status_code == 200
     assert stats["model_stats"][0]["inference_stats"]["fail"]["count"] == 2

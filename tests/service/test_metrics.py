@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from tests.service import media
-from tests.service.conftest import Server, TestModels, start_server
+from tests.service.conftest import SERVED_PROVIDER, Server, TestModels, start_server
 
 HISTOGRAMS = [
     "neuroserve_request_duration_seconds",
@@ -108,7 +108,7 @@ def test_metrics_use_the_agreed_names_and_pass_promtool(server: Server, test_mod
     )
     assert _value(s, "neuroserve_rejections_total", model=test_models.text, reason="invalid") >= 1
     assert _value(s, "neuroserve_requests_total", model="_unknown", endpoint="v2_infer") >= 1
-    assert _value(s, "neuroserve_model_info", model=image, provider="CPUExecutionProvider") >= 1
+    assert _value(s, "neuroserve_model_info", model=image, provider=SERVED_PROVIDER) >= 1
     assert _value(s, "neuroserve_model_state", model=image, state="ready") >= 1
     assert _value(s, "neuroserve_padding_ratio_count", model=test_models.text) >= 1
     assert _value(s, "neuroserve_predictions_total", model=image) >= 5

@@ -8,7 +8,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.service.conftest import Server, TestModels
+from tests.service.conftest import SERVED_PROVIDER, TOL, Server, TestModels
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_model_metadata_and_triton_config(client: triton.InferenceServerClient, 
     meta = client.get_model_metadata(test_models.image)
     assert meta["platform"] == "onnxruntime_onnx"
     assert meta["inputs"][0]["datatype"] == "UINT8" and meta["inputs"][0]["shape"][0] == -1
-    assert meta["parameters"]["provider"] == "CPUExecutionProvider"
+    assert meta["parameters"]["provider"] == SERVED_PROVIDER
     assert str(_latest(test_models, test_models.image)) in meta["versions"]
     config = client.get_model_config(test_models.image)
     assert config["max_batch_size"] >= 1
@@ -69,7 +69,7 @@ def test_infer_image_json_and_binary_match_onnxruntime(
     result = client.infer(test_models.image, [inp], outputs=outputs, request_id="my-id-7")
     assert result.get_response()["id"] == "my-id-7"
     want = _reference(test_models, test_models.image, _latest(test_models, test_models.image), {"pixels": x})
-    np.testing.assert_allclose(result.as_numpy("probabilities"), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), want, **TOL)
     assert result.as_numpy("logits").shape == (3, 10)
 
 
@@ -85,8 +85,7 @@ def test_infer_explicit_version(client: triton.InferenceServerClient, test_model
         np.testing.assert_allclose(
             result.as_numpy("probabilities"),
             _reference(test_models, name, v, {"pixels": x}),
-            rtol=1e-5,
-            atol=1e-6,
+            **TOL,
         )
 
 
