@@ -17,6 +17,7 @@ from fastapi.encoders import jsonable_encoder
 from bench import raw_ort
 from bench.reference_server import InferRequest
 from bench.workloads import V2_TO_NUMPY, load_workload, model_file, v2_binary, v2_json
+from service.codecs import v2
 
 
 def _us(fn, number: int) -> float:
@@ -50,6 +51,8 @@ def run(model_dir: Path, threads: int = 1, number: int = 300) -> list[tuple[str,
          _us(lambda: np.asarray(data, dtype=dtype).reshape(shape), number)),
         ("np.fromiter(list) / np.array(list) then astype",
          _us(lambda: np.array(data).astype(dtype).reshape(shape), number)),
+        ("service: v2.decode_request(body) (simdjson for float tensors, else orjson)",
+         _us(lambda: v2.decode_request(body, None), number)),
         ("binary: orjson.loads(header) + np.frombuffer(rest)",
          _us(lambda: (orjson.loads(binary.body[:head_len]),
                       np.frombuffer(binary.body[head_len:], dtype=dtype).reshape(shape)), number)),

@@ -1,6 +1,7 @@
 """Open Inference Protocol (V2) bodies ⇄ numpy arrays: JSON tensors and the binary tensor extension.
 
 On the hot path on purpose: JSON goes through orjson straight to numpy (no pydantic per tensor),
+float tensors in JSON are read by simdjson straight into one buffer (see `_parse_float_tensors`),
 binary tensors are `np.frombuffer` views of the request body, and responses are written by orjson,
 which serialises numpy arrays natively.
 
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import simdjson
 
 from service.codecs.text import TextModel
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
@@ -77,7 +79,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         header_view, binary = view[:n], view[n:]
     else:
         header_view, binary = view, view[:0]
-    doc = json_object(header_view)
+    doc = _parse_float_tensors(header_view) or json_object(header_view)
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("request needs a non-empty 'inputs' list")
@@ -132,6 +134,54 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     return InferRequest(rid, inputs, datatypes, outputs, binary_output, timeout_s)
 
 
+_FLOAT_DATATYPES = frozenset({"FP16", "FP32", "FP64"})
+
+
+def _parse_float_tensors(data: memoryview) -> dict[str, Any] | None:
+    """The body as `json_object` reads it, except that each float input's `data` is already a
+    float64 array. orjson makes one Python float per element: for 1 s of 16 kHz audio (330 KB of
+    JSON) that and the copy to numpy take ≈ 0.8 ms, simdjson's `as_buffer` ≈ 0.3 ms (`bench
+    breakdown`). Returns None for anything but a well-formed request (invalid JSON, repeated keys,
+    non-numbers in a float tensor...), so that the general path and its error messages take over."""
+    try:
+        doc = simdjson.Parser().parse(data)
+        if not isinstance(doc, simdjson.Object) or not _unique_keys(doc):
+            return None
+        out = {key: _plain(doc[key]) for key in doc if key != "inputs"}
+        raw_inputs = doc.get("inputs")
+        if not isinstance(raw_inputs, simdjson.Array):
+            return None
+        inputs = []
+        for item in raw_inputs:
+            if not isinstance(item, simdjson.Object) or not _unique_keys(item):
+                return None
+            plain = {key: _plain(item[key]) for key in item if key != "data"}
+            if "data" in item:
+                data_value = item["data"]
+                if plain.get("datatype") in _FLOAT_DATATYPES and isinstance(data_value, simdjson.Array):
+                    plain["data"] = np.frombuffer(data_value.as_buffer(of_type="d"), dtype=np.float64)
+                else:
+                    plain["data"] = _plain(data_value)
+            inputs.append(plain)
+        out["inputs"] = inputs
+        return out
+    except (ValueError, TypeError, RuntimeError):  # simdjson's parse and type errors
+        return None
+
+
+def _unique_keys(obj: simdjson.Object) -> bool:
+    keys = list(obj)
+    return len(set(keys)) == len(keys)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, simdjson.Object):
+        return value.as_dict()
+    if isinstance(value, simdjson.Array):
+        return value.as_list()
+    return value
+
+
 def _requested_outputs(raw: Any, binary_default: bool) -> list[RequestedOutput]:
     if not isinstance(raw, list):
         raise InvalidInput("'outputs' must be a list")
@@ -172,6 +222,8 @@ def _from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndar
                 arr = np.array(data, dtype=_NUMPY_DTYPES[datatype])
             except (TypeError, ValueError, OverflowError) as e:
                 raise InvalidInput(f"input {name!r}: data is not valid {datatype}: {e}") from None
+            if datatype in _FLOAT_DATATYPES and np.isnan(arr).any():  # JSON has no NaN: a null
+                raise InvalidInput(f"input {name!r}: data is not valid {datatype}: null is not a number")
     if arr.size != n:
         raise InvalidInput(f"input {name!r}: shape {shape} holds {n} elements but data has {arr.size}")
     return arr.reshape(shape)
