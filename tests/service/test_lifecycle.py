@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import signal
 import threading
 import time
@@ -68,8 +70,6 @@ def test_without_strict_readiness_one_ready_model_makes_the_server_ready(broken_
 def _during_and_after_loading(repository: Path, during: list[str], after: list[str]
                               ) -> tuple[list[httpx.Response], list[httpx.Response]]:
     """GET `during` right after start-up, while the models still load; then `after` once they are."""
-    import asyncio
-
     from service.app import create_app
     from service.settings import Settings
 
@@ -211,9 +211,6 @@ def test_app_runs_outside_the_main_thread_without_signal_handling(test_models: T
 def test_the_heap_is_frozen_once_models_load_and_released_at_shutdown(test_models: TestModels):
     # Full collections must not walk the long-lived start-up heap (a ~14 ms event-loop stall each),
     # and a stopped app must leave nothing frozen behind for its garbage to hide in.
-    import asyncio
-    import gc
-
     async def scenario(c):
         await asyncio.sleep(0)  # the freeze runs as the load task's done-callback
         frozen = gc.get_freeze_count()
