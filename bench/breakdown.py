@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import simdjson
 from fastapi.encoders import jsonable_encoder
 
 from bench import raw_ort
@@ -53,6 +54,8 @@ def run(model_dir: Path, threads: int = 1, number: int = 300) -> list[tuple[str,
          _us(lambda: np.array(data).astype(dtype).reshape(shape), number)),
         ("service: v2.decode_request(body) (simdjson for float tensors, else orjson)",
          _us(lambda: v2.decode_request(body, None), number)),
+        ("simdjson.Parser().parse(body) alone (the text-reading part of the above)",
+         _us(lambda: simdjson.Parser().parse(body), number)),
         ("binary: orjson.loads(header) + np.frombuffer(rest)",
          _us(lambda: (orjson.loads(binary.body[:head_len]),
                       np.frombuffer(binary.body[head_len:], dtype=dtype).reshape(shape)), number)),
