@@ -50,6 +50,11 @@ class Server:
         pids = {self.proc.pid, *self.worker_pids()}
         return sum(cpu_seconds(pid) for pid in pids)
 
+    def loop_cpu_seconds(self) -> float:
+        """The part of `cpu_seconds` spent on the workers' main threads, where the event loop runs
+        (HTTP, codecs, routing); the rest is the batchers' compute threads and the decoding pool."""
+        return sum(cpu_seconds(pid, thread=pid) for pid in self.worker_pids())
+
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc.poll() is not None:
             return
@@ -90,9 +95,11 @@ def _cmdline(pid: int) -> str:
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU of a process (all its threads), or of one of its threads."""
+    stat = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime

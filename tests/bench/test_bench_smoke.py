@@ -7,6 +7,7 @@ it pins that the harness runs, talks to the servers, and reads results back corr
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -69,12 +70,32 @@ def test_service_histograms_are_read_back_from_metrics(results: tuple[dict, Path
         assert p["server_metrics"]["queue_s"]["count"] >= batch["count"]
 
 
+def test_server_cpu_is_split_between_event_loop_and_compute(results: tuple[dict, Path]) -> None:
+    points = results[0]["points"]
+    for p in points:
+        assert p["server_loop_cpu_ms_per_request"] > 0, p
+    if not service_available():
+        return
+
+    def cpu_ms(server: str, key: str) -> float:
+        return sum(p[key] * p["requests"] for p in points if p["server"] == server)
+
+    # The service runs ONNX Runtime on its batchers' threads, so part of its CPU is off the loop;
+    # the reference server calls it inside the handler, on the loop.
+    service_loop_share = cpu_ms("service", "server_loop_cpu_ms_per_request") / cpu_ms(
+        "service", "server_cpu_ms_per_request")
+    reference_loop_share = cpu_ms("reference", "server_loop_cpu_ms_per_request") / cpu_ms(
+        "reference", "server_cpu_ms_per_request")
+    assert service_loop_share < reference_loop_share
+
+
 def test_report_renders_tables_and_plot_outside_docs(results: tuple[dict, Path]) -> None:
     res, root = results
     doc = root / "out" / "benchmarks.md"
     report.write(root / "out" / "results.json", doc)
     text = doc.read_text()
     assert "reference/v2-json" in text and "`smoke`" in text and "### Closed loop" in text
+    assert re.search(r"\| service/v2-json \| 8 \|.*\| [\d.]+ \([\d.]+\) \|$", text, re.MULTILINE)
     assert (root / "out" / "latency_vs_throughput.png").stat().st_size > 1000
     rows = report.medians(res["points"])
     assert all(not math.isnan(r["rps"]) for r in rows)
