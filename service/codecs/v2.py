@@ -230,7 +230,8 @@ def _from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndar
                 arr = np.array(data, dtype=_NUMPY_DTYPES[datatype])
             except (TypeError, ValueError, OverflowError) as e:
                 raise InvalidInput(f"input {name!r}: data is not valid {datatype}: {e}") from None
-            if datatype in _FLOAT_DATATYPES and np.isnan(arr).any():  # JSON has no NaN: a null
+            # JSON has no NaN: one here was a null (the arrays simdjson fills can hold none)
+            if datatype in _FLOAT_DATATYPES and not isinstance(data, np.ndarray) and np.isnan(arr).any():
                 raise InvalidInput(f"input {name!r}: data is not valid {datatype}: null is not a number")
     if arr.size != n:
         raise InvalidInput(f"input {name!r}: shape {shape} holds {n} elements but data has {arr.size}")
