@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -120,9 +121,22 @@ def test_metrics_use_the_agreed_names_and_pass_promtool(server: Server, test_mod
     _promtool(text)
 
 
+def _wait_for_worker_pids(url: str, n: int, timeout: float = 60) -> None:
+    """Until `n` workers have announced themselves. The server is ready as soon as one worker is;
+    another may still be starting, and a scrape cannot show a process that does not exist yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+        if len(set(re.findall(r'process_resident_memory_bytes\{pid="(\d+)"\}', text))) >= n:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"fewer than {n} workers announced themselves within {timeout} s")
+
+
 def test_metrics_with_two_workers_add_up_and_show_each_process(test_models: TestModels, tmp_path: Path):
     server = start_server(test_models.repository, tmp_path / "server.log", "--workers", "2")
     try:
+        _wait_for_worker_pids(server.url, 2)
         n = 24
         # New connection per request, so that both workers take some.
         _traffic(server.url, test_models, n=n, keepalive=False)
