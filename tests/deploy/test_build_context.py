@@ -1,6 +1,7 @@
 """What `docker build` sends and installs is enough: the .dockerignore'd build context holds the
-package and the models only, the package builds from it as the Dockerfile's `pip install .[cpu]`
-does, and the service imports without the training code the image leaves out.
+package, its pinned versions (constraints.txt) and the models only, the package builds from it as
+the Dockerfile's `pip install .[cpu]` does, and the service imports without the training code the
+image leaves out.
 
 No Docker engine is needed: the context is assembled by reading .dockerignore, and the wheel is
 built with the virtual environment's pip and setuptools."""
@@ -72,8 +73,9 @@ def context(tmp_path_factory) -> Path:
 
 def test_context_holds_the_package_and_models_only():
     files = context_files()
-    assert {"pyproject.toml", "README.md", "service/__init__.py", "service/cli.py"} <= set(files)
-    strays = [f for f in files if f.split("/")[0] not in {"pyproject.toml", "README.md", "service", "models"}]
+    top = {"pyproject.toml", "README.md", "constraints.txt", "service", "models"}
+    assert {"pyproject.toml", "README.md", "constraints.txt", "service/__init__.py"} <= set(files)
+    strays = [f for f in files if f.split("/")[0] not in top]
     assert strays == []
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
 

@@ -31,6 +31,14 @@ def test_default_target_is_the_slim_cpu_image():
     assert any('".[cpu]"' in arg for arg in installs), installs
 
 
+@pytest.mark.parametrize("build", ["cpu-build", "cuda-build"])
+def test_images_install_the_pinned_versions(stages, build):
+    stage = stages[build]
+    assert ("COPY", "pyproject.toml README.md constraints.txt ./") in stage.instructions
+    installs = [arg for kw, arg in stage.instructions if kw == "RUN" and "pip install" in arg]
+    assert installs and all("-c constraints.txt" in arg for arg in installs), installs
+
+
 def test_cuda_target_runs_onnxruntime_gpu_on_a_cuda_cudnn_runtime_image(stages):
     cuda = stages["cuda"]
     assert cuda.base.startswith("nvidia/cuda:")
@@ -65,4 +73,4 @@ def test_both_images_start_and_check_the_service_the_same_way(stages):
 def test_dockerignore_keeps_the_build_context_to_the_package_and_models():
     lines = [ln for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")]
     assert lines[0] == "*"
-    assert {"!pyproject.toml", "!README.md", "!service/", "!models/"} <= set(lines)
+    assert {"!pyproject.toml", "!README.md", "!constraints.txt", "!service/", "!models/"} <= set(lines)
