@@ -4,6 +4,9 @@ Closed loop: `wrk` (C, one thread) keeps `concurrency` connections busy; a Pytho
 2-core machine would saturate before the server does. Latency percentiles come from wrk's own
 histogram via the `done()` callback of `post.lua`.
 
+Both report the load generator's own CPU time (`client_cpu_s`): it shares the machine's cores with
+the server, so the benchmark can tell a saturated machine from a server that leaves cores idle.
+
 Open loop: arrival times are drawn up front (exponential gaps at a fixed rate) and each request's
 latency is measured from its *scheduled* send time, so a slow server cannot slow the arrivals down
 and hide its queueing (no coordinated omission). Debian has no `wrk2`, hence this client. Its own
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -56,7 +60,9 @@ def closed_loop(port: int, requests: list[Request], *, concurrency: int, duratio
         cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration_s))}s",
                f"--timeout={max(1, round(timeout_s))}s", "-s", str(POST_LUA),
                f"http://{HOST}:{port}/", "--", str(manifest)]
+        before = _children_cpu_seconds()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + timeout_s + 30)
+        client_cpu_s = _children_cpu_seconds() - before
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
     if line is None:
         raise LoadError(f"wrk gave no result (rc {proc.returncode}): "
@@ -72,7 +78,14 @@ def closed_loop(port: int, requests: list[Request], *, concurrency: int, duratio
         "rps": ok / duration if duration > 0 else 0.0,
         "p50_ms": raw["p50_us"] / 1e3, "p90_ms": raw["p90_us"] / 1e3, "p99_ms": raw["p99_us"] / 1e3,
         "p999_ms": raw["p999_us"] / 1e3, "mean_ms": raw["mean_us"] / 1e3, "max_ms": raw["max_us"] / 1e3,
+        "client_cpu_s": client_cpu_s,
     }
+
+
+def _children_cpu_seconds() -> float:
+    """User + system CPU of this process's finished (waited-for) children: wrk, once it exits."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # --- open loop ---------------------------------------------------------------------------------
@@ -170,8 +183,9 @@ def open_loop(port: int, requests: list[Request], *, rate: float, duration_s: fl
         import uvloop
 
         runner = uvloop.run
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     raw = runner(_open_loop(port, payloads, offsets, max_connections, timeout_s))
+    client_cpu_s = time.process_time() - cpu_started
     lat = np.asarray(raw["latencies"]) * 1e3
     lags = np.asarray(raw["lags"]) * 1e3
     errs = raw["errors"]
@@ -186,5 +200,5 @@ def open_loop(port: int, requests: list[Request], *, rate: float, duration_s: fl
         "mean_ms": float(lat.mean()) if len(lat) else float("nan"),
         "max_ms": float(lat.max()) if len(lat) else float("nan"),
         "client_lag_p99_ms": float(np.percentile(lags, 99)) if len(lags) else 0.0,
-        "wall_s": time.monotonic() - started,
+        "wall_s": time.monotonic() - started, "client_cpu_s": client_cpu_s,
     }

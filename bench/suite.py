@@ -137,13 +137,17 @@ def _point(plan: Plan, w: Workload, cfg: Config, srv: servers.Server, reqs: list
            record: bool = True) -> dict:
     duration = duration or plan.duration_s
     before = metrics.parse(metrics.scrape(srv.base_url)) if cfg.server == "service" else None
-    cpu_before, loop_before = srv.cpu_seconds(), srv.loop_cpu_seconds()
+    cpu_before, loop_before, wall_before = srv.cpu_seconds(), srv.loop_cpu_seconds(), time.monotonic()
     if rate is None:
         res = load.closed_loop(srv.port, reqs, concurrency=concurrency or 1, duration_s=duration)
     else:
         res = load.open_loop(srv.port, reqs, rate=rate, duration_s=duration, seed=rep)
+    server_cpu_s, wall_s = srv.cpu_seconds() - cpu_before, time.monotonic() - wall_before
     # Server CPU per request is far steadier than requests/s on a shared machine.
-    res["server_cpu_ms_per_request"] = (srv.cpu_seconds() - cpu_before) * 1e3 / max(1, res["requests"])
+    res["server_cpu_ms_per_request"] = server_cpu_s * 1e3 / max(1, res["requests"])
+    res["client_cpu_ms_per_request"] = res["client_cpu_s"] * 1e3 / max(1, res["requests"])
+    # Server and load generator share the cores: near 1, the machine itself is the limit.
+    res["cpu_busy"] = (server_cpu_s + res["client_cpu_s"]) / (wall_s * (os.cpu_count() or 1))
     res["server_loop_cpu_ms_per_request"] = ((srv.loop_cpu_seconds() - loop_before) * 1e3
                                              / max(1, res["requests"]))
     if before is not None:
@@ -156,7 +160,8 @@ def _point(plan: Plan, w: Workload, cfg: Config, srv: servers.Server, reqs: list
         _say(plan, f"{w.model:14s} {cfg.label:18s} {x:12s} rep {rep}: {res['rps']:8.1f} req/s  "
                    f"p50 {res['p50_ms']:7.2f}  p99 {res['p99_ms']:7.2f} ms  errors {res['errors']}  "
                    f"server CPU {res['server_cpu_ms_per_request']:.3f} ms/req "
-                   f"(event loop {res['server_loop_cpu_ms_per_request']:.3f})")
+                   f"(event loop {res['server_loop_cpu_ms_per_request']:.3f}), "
+                   f"client {res['client_cpu_ms_per_request']:.3f}, cores busy {res['cpu_busy']:.0%}")
     return res
 
 

@@ -89,13 +89,26 @@ def test_server_cpu_is_split_between_event_loop_and_compute(results: tuple[dict,
     assert service_loop_share < reference_loop_share
 
 
+def test_load_generator_cpu_and_machine_share_are_measured(results: tuple[dict, Path]) -> None:
+    for p in results[0]["points"]:
+        # wrk (closed loop) and the asyncio client (open loop) use CPU for every request they send
+        assert p["client_cpu_ms_per_request"] > 0, p
+        # a share of all cores over the point's wall time; /proc and getrusage count in 10 ms ticks
+        assert 0 < p["cpu_busy"] <= 1.15, p
+    # At concurrency 8 every side of a 1-s point is busy: the machine is far from idle.
+    closed = [p["cpu_busy"] for p in results[0]["points"] if p["mode"] == "closed" and p["concurrency"] == 8]
+    assert closed and min(closed) > 0.2, closed
+
+
 def test_report_renders_tables_and_plot_outside_docs(results: tuple[dict, Path]) -> None:
     res, root = results
     doc = root / "out" / "benchmarks.md"
     report.write(root / "out" / "results.json", doc)
     text = doc.read_text()
     assert "reference/v2-json" in text and "`smoke`" in text and "### Closed loop" in text
-    assert re.search(r"\| service/v2-json \| 8 \|.*\| [\d.]+ \([\d.]+\) \|$", text, re.MULTILINE)
+    # server CPU (event loop) | client CPU | busy
+    assert re.search(r"\| service/v2-json \| 8 \|.*\| [\d.]+ \([\d.]+\) \| [\d.]+ \| \d+% \|$", text,
+                     re.MULTILINE)
     assert (root / "out" / "latency_vs_throughput.png").stat().st_size > 1000
     rows = report.medians(res["points"])
     assert all(not math.isnan(r["rps"]) for r in rows)
