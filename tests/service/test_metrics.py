@@ -121,13 +121,18 @@ def test_metrics_use_the_agreed_names_and_pass_promtool(server: Server, test_mod
     _promtool(text)
 
 
+def _worker_pids(text: str, metric: str = "process_resident_memory_bytes") -> set[str]:
+    """The worker pids a scrape shows: each worker labels its process metrics with its pid."""
+    return set(re.findall(metric + r'\{pid="(\d+)"\}', text))
+
+
 def _wait_for_worker_pids(url: str, n: int, timeout: float = 60) -> None:
     """Until `n` workers have announced themselves. The server is ready as soon as one worker is;
     another may still be starting, and a scrape cannot show a process that does not exist yet."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = httpx.get(f"{url}/metrics", timeout=5).text
-        if len(set(re.findall(r'process_resident_memory_bytes\{pid="(\d+)"\}', text))) >= n:
+        if len(_worker_pids(text)) >= n:
             return
         time.sleep(0.1)
     raise TimeoutError(f"fewer than {n} workers announced themselves within {timeout} s")
@@ -173,9 +178,9 @@ def test_metrics_with_two_workers_add_up_and_show_each_process(test_models: Test
             )
             assert _value(s, "neuroserve_batch_size_sum", model=image) == 2 * n
             assert _value(s, "neuroserve_queue_depth", model=image) == 0
-            pids = set(re.findall(r'process_resident_memory_bytes\{pid="(\d+)"\}', text))
+            pids = _worker_pids(text)
             assert len(pids) == 2, pids
-            assert len(set(re.findall(r'process_cpu_seconds_total\{pid="(\d+)"\}', text))) == 2
+            assert len(_worker_pids(text, "process_cpu_seconds_total")) == 2
             # Both workers loaded the model: state gauges aggregate with max, not sum.
             assert _value(s, "neuroserve_model_state", model=image, state="ready", version="1") == 1
         _promtool(scrapes[-1])
