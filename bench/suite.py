@@ -142,14 +142,15 @@ def _point(plan: Plan, w: Workload, cfg: Config, srv: servers.Server, reqs: list
         res = load.closed_loop(srv.port, reqs, concurrency=concurrency or 1, duration_s=duration)
     else:
         res = load.open_loop(srv.port, reqs, rate=rate, duration_s=duration, seed=rep)
-    server_cpu_s, wall_s = srv.cpu_seconds() - cpu_before, time.monotonic() - wall_before
+    server_cpu_s, loop_cpu_s = srv.cpu_seconds() - cpu_before, srv.loop_cpu_seconds() - loop_before
+    wall_s = time.monotonic() - wall_before
+    ms_per_request = 1e3 / max(1, res["requests"])
     # Server CPU per request is far steadier than requests/s on a shared machine.
-    res["server_cpu_ms_per_request"] = server_cpu_s * 1e3 / max(1, res["requests"])
-    res["client_cpu_ms_per_request"] = res["client_cpu_s"] * 1e3 / max(1, res["requests"])
+    res["server_cpu_ms_per_request"] = server_cpu_s * ms_per_request
+    res["server_loop_cpu_ms_per_request"] = loop_cpu_s * ms_per_request
+    res["client_cpu_ms_per_request"] = res["client_cpu_s"] * ms_per_request
     # Server and load generator share the cores: near 1, the machine itself is the limit.
     res["cpu_busy"] = (server_cpu_s + res["client_cpu_s"]) / (wall_s * (os.cpu_count() or 1))
-    res["server_loop_cpu_ms_per_request"] = ((srv.loop_cpu_seconds() - loop_before) * 1e3
-                                             / max(1, res["requests"]))
     if before is not None:
         after = metrics.parse(metrics.scrape(srv.base_url))
         res["server_metrics"] = metrics.delta(before, after, w.model)
