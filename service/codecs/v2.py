@@ -97,10 +97,11 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
             raise InvalidInput(f"inputs[{i}] needs a string 'name'")
         if name in inputs:
             raise InvalidInput(f"input {name!r} appears twice")
-        if datatype != "BYTES" and datatype not in _NUMPY_DTYPES:
+        if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in _NUMPY_DTYPES):
             raise InvalidInput(f"input {name!r}: unknown datatype {datatype!r}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers")
+        _check_shape_size(name, shape)
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidInput(f"input {name!r}: 'parameters' must be an object")
@@ -206,6 +207,20 @@ def _requested_outputs(raw: Any, binary_default: bool) -> list[RequestedOutput]:
             raise InvalidInput(f"output {item['name']!r}: classification must be a non-negative integer")
         out.append(RequestedOutput(item["name"], binary is True, k))
     return out
+
+
+# numpy's limits on any array, even an empty one: a zero dimension next to a huge one passes the
+# element count check (0 elements) but not `reshape`.
+_MAX_DIMS = 32
+_MAX_DIM_PRODUCT = 2**40
+
+
+def _check_shape_size(name: str, shape: list[int]) -> None:
+    if len(shape) > _MAX_DIMS:
+        raise InvalidInput(f"input {name!r}: shape has {len(shape)} dimensions; at most {_MAX_DIMS}")
+    if math.prod(d or 1 for d in shape) > _MAX_DIM_PRODUCT:
+        raise InvalidInput(f"input {name!r}: shape {shape} is too large (non-zero dimensions multiply "
+                           f"to more than 2**40)")
 
 
 def _from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:

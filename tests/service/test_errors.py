@@ -52,6 +52,9 @@ def test_bad_v2_tensors_return_400_json_and_the_server_keeps_answering(test_mode
                 {"inputs": [_pixels()], "outputs": [{"name": "logits", "parameters": {"classification": -1}}]}
             ),
             orjson.dumps({"inputs": [{**_pixels(), "shape": "1,1,28,28"}]}),
+            orjson.dumps({"inputs": [{**_pixels(), "datatype": ["UINT8"]}]}),  # not a string
+            orjson.dumps({"inputs": [{**_pixels(), "shape": [0, 2**63 - 1], "data": []}]}),  # beyond numpy
+            orjson.dumps({"inputs": [{**_pixels(), "shape": [1] * 40, "data": [7]}]}),  # too many dimensions
             orjson.dumps({"inputs": [{k: v for k, v in _pixels().items() if k != "data"}]}),
             orjson.dumps({"inputs": [_pixels()], "parameters": {"timeout": "soon"}}),
         ]
