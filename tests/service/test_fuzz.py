@@ -1,9 +1,10 @@
-"""Property tests at a real server: whatever a V2 infer request holds, the answer is a 200 or a 4xx
-JSON error, never a 500, and the server keeps serving.
+"""Property tests at a real server: whatever a V2 infer request or an upload holds, the answer is a
+200 or a 4xx JSON error, never a 500, and the server keeps serving.
 
 Each test starts from a valid request for one of the served models and breaks it the way clients
-do: any JSON value in any field, any shape, any framing of the binary extension. Examples are
-derandomized, so a run is reproducible and CI never meets a new example by chance.
+and networks do: any JSON value in any field, any shape, any framing of the binary extension, any
+corruption of an image or audio file. Examples are derandomized, so a run is reproducible and CI
+never meets a new example by chance.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.service import media
 from tests.service.conftest import Server, TestModels
 
 FUZZ = settings(max_examples=250, derandomize=True, database=None, deadline=None,
@@ -60,7 +62,10 @@ def _post(client: httpx.Client, model: str, body: bytes, header_length: int | st
     headers = {"Content-Type": "application/json"}
     if header_length is not None:
         headers["Inference-Header-Content-Length"] = str(header_length)
-    r = client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+    _assert_answered(client.post(f"/v2/models/{model}/infer", content=body, headers=headers), body)
+
+
+def _assert_answered(r: httpx.Response, body: bytes) -> None:
     if r.status_code == 200:
         return
     assert 400 <= r.status_code < 500, f"{r.status_code} {r.text} for {body[:500]!r}"
@@ -165,6 +170,49 @@ def test_any_binary_framing_gets_200_or_a_json_4xx(client: httpx.Client, valid: 
         length = data.draw(st.sampled_from([len(header)]) | st.integers(-2, len(header) + len(blobs) + 2)
                            | st.sampled_from(["", "x", "1e3", "+5", "0x10"]))
         _post(client, model, header + blobs, length)
+
+    check()
+    _still_serves(client, valid)
+
+
+_UPLOADS = {
+    "image": [("image/png", media.png(32, 24)), ("image/jpeg", media.encoded("JPEG")),
+              ("image/gif", media.encoded("GIF")), ("image/bmp", media.encoded("BMP")),
+              ("image/webp", media.encoded("WEBP"))],
+    "audio": [("audio/wav", media.wav(0.3, 16000, 1, subtype="PCM_16")),
+              ("audio/wav", media.wav(0.2, 44100, 2, subtype="FLOAT")),
+              ("audio/flac", media.wav(0.3, 22050, 1, fmt="FLAC")),
+              ("audio/ogg", media.wav(0.3, 16000, 1, fmt="OGG"))],
+}
+# One edit of a file: at a fraction of its length, overwrite, cut the rest, or insert bytes.
+_EDITS = st.tuples(st.floats(min_value=0, max_value=1), st.sampled_from(["overwrite", "truncate", "insert"]),
+                   st.binary(min_size=1, max_size=8) | st.sampled_from([b"\xff\xff\xff\xff", b"\0\0\0\0"]))
+
+
+def _corrupt(data: bytes, edits: list[tuple[float, str, bytes]]) -> bytes:
+    out = bytearray(data)
+    for where, op, patch in edits:
+        i = int(where * len(out))
+        if op == "overwrite":
+            out[i:i + len(patch)] = patch
+        elif op == "truncate":
+            del out[i:]
+        else:
+            out[i:i] = patch
+    return bytes(out)
+
+
+def test_any_corruption_of_an_upload_gets_200_or_a_json_4xx(client: httpx.Client, test_models: TestModels,
+                                                             valid: dict):
+    models = {"image": test_models.image, "audio": test_models.audio}
+
+    @FUZZ
+    @given(task=st.sampled_from(sorted(_UPLOADS)), data=st.data(), edits=st.lists(_EDITS, max_size=4))
+    def check(task: str, data: st.DataObject, edits: list) -> None:
+        content_type, file = data.draw(st.sampled_from(_UPLOADS[task]))
+        body = _corrupt(file, edits)
+        r = client.post(f"/v1/{task}/{models[task]}", content=body, headers={"Content-Type": content_type})
+        _assert_answered(r, body)
 
     check()
     _still_serves(client, valid)
