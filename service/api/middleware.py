@@ -13,6 +13,7 @@ from time import perf_counter
 from typing import Any
 
 import orjson
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
@@ -24,6 +25,7 @@ from service.state import ServiceState
 access_log = logging.getLogger("neuroserve.access")
 log = logging.getLogger("neuroserve.http")
 _QUIET_PATHS = ("/metrics", "/v2/health/live", "/v2/health/ready")
+CLIENT_CLOSED_REQUEST = 499
 
 
 @dataclass(slots=True)
@@ -122,6 +124,10 @@ class ServiceMiddleware:
                 return
             try:
                 await self.app(scope, receive_limited, send_with_headers)
+            except ClientDisconnect:
+                # The client went away before its request was read: there is nobody to answer and
+                # the server did nothing wrong. Counted as 499, the code nginx logs for it.
+                status = CLIENT_CLOSED_REQUEST
             except Exception:
                 # A bug, not bad input: log it with the request id and still answer in JSON.
                 log.exception("unhandled error")

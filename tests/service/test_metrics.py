@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -186,6 +187,44 @@ def test_metrics_with_two_workers_add_up_and_show_each_process(test_models: Test
         _promtool(scrapes[-1])
     finally:
         server.stop()
+
+
+def _leave_mid_body(server: Server, path: str, content_type: str) -> None:
+    """Send a request's head and a tenth of the body it announces, then hang up."""
+    host, port = server.host_port.split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+                  f"Content-Length: 10000\r\n\r\n".encode() + b"\0" * 1000)
+
+
+def test_a_client_that_leaves_mid_body_counts_as_499_not_as_a_server_error(
+    server: Server, test_models: TestModels
+):
+    image, audio = test_models.image, test_models.audio
+    log_before = len(server.logs())
+    before = _samples(httpx.get(f"{server.url}/metrics").text)
+    _leave_mid_body(server, f"/v2/models/{image}/infer", "application/json")
+    _leave_mid_body(server, f"/v1/audio/{audio}", "audio/wav")
+
+    def left() -> float:
+        after = _samples(httpx.get(f"{server.url}/metrics").text)
+        return sum(_value(after, "neuroserve_request_duration_seconds_count", model=m, code="499")
+                   - _value(before, "neuroserve_request_duration_seconds_count", model=m, code="499")
+                   for m in (image, audio))
+
+    deadline = time.monotonic() + 10
+    while left() < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left() == 2
+    after = _samples(httpx.get(f"{server.url}/metrics").text)
+    for model, endpoint in ((image, "v2_infer"), (audio, "audio")):
+        labels = {"model": model, "endpoint": endpoint}
+        for outcome, more in (("error", 0), ("client_error", 1)):
+            assert (_value(after, "neuroserve_requests_total", outcome=outcome, **labels)
+                    == _value(before, "neuroserve_requests_total", outcome=outcome, **labels) + more)
+    assert "unhandled error" not in server.logs()[log_before:]
+    # and the server still serves
+    assert httpx.post(f"{server.url}/v1/audio/{audio}", content=media.wav()).status_code == 200
 
 
 def test_request_and_rejection_counters_start_at_zero_when_a_model_is_ready(
