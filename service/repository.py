@@ -65,14 +65,20 @@ class ModelVersion:
         self.state, self.reason = state, reason
         metrics.set_model_state(self.name, str(self.version), state.value.lower())
 
-    async def close(self) -> None:
+    async def close(self, replaced_by: ModelVersion | None = None) -> None:
+        """Finish what was admitted and stop serving. `replaced_by` is the version of the same number
+        that a reload has just brought up: the metric series of this (model, version) are its now,
+        so closing this one must not mark them unloaded."""
         if self.batcher is not None:
             await self.batcher.close()
-        if self.provider:
+        if self.provider and (replaced_by is None or replaced_by.provider != self.provider):
             metrics.MODEL_INFO.labels(self.name, str(self.version), self.provider).set(0)
         self.batcher = None
         self.runtime = None
-        self.set_state(State.UNLOADED)
+        if replaced_by is None:
+            self.set_state(State.UNLOADED)
+        else:
+            self.state = State.UNLOADED
 
 
 @dataclass(eq=False)
@@ -211,7 +217,7 @@ class Repository:
             self.models[name] = model
             if old is not None and old is not model:
                 for mv in old.versions.values():
-                    await mv.close()
+                    await mv.close(replaced_by=model.versions.get(mv.version))
         return model
 
     async def unload(self, name: str) -> None:

@@ -189,6 +189,38 @@ def test_metrics_with_two_workers_add_up_and_show_each_process(test_models: Test
         server.stop()
 
 
+def test_model_state_and_info_follow_reload_unload_and_load(test_models: TestModels, tmp_path: Path):
+    # A reload closes the old session of the same (model, version) after the new one is up: that
+    # close must not mark the series the new one now owns as unloaded (nor its info as 0).
+    model = test_models.image
+    server = start_server(test_models.repository, tmp_path / "server.log")
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            version = c.get(f"/v2/models/{model}").json()["versions"][-1]
+            infer = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28],
+                                 "data": [7] * 784}]}
+
+            def states() -> dict[str, float]:
+                s = _samples(c.get("/metrics").text)
+                out = {st: _value(s, "neuroserve_model_state", model=model, version=version, state=st)
+                       for st in ("loading", "ready", "unavailable", "unloaded")}
+                out["info"] = _value(s, "neuroserve_model_info", model=model, version=version)
+                return out
+
+            ready = {"loading": 0, "ready": 1, "unavailable": 0, "unloaded": 0, "info": 1}
+            assert states() == ready
+            assert c.post(f"/v2/repository/models/{model}/load").status_code == 200  # reload
+            assert states() == ready
+            assert c.post(f"/v2/models/{model}/infer", json=infer).status_code == 200
+            assert c.post(f"/v2/repository/models/{model}/unload").status_code == 200
+            assert states() == {"loading": 0, "ready": 0, "unavailable": 0, "unloaded": 1, "info": 0}
+            assert c.post(f"/v2/repository/models/{model}/load").status_code == 200
+            assert states() == ready
+            assert c.post(f"/v2/models/{model}/infer", json=infer).status_code == 200
+    finally:
+        server.stop()
+
+
 def _leave_mid_body(server: Server, path: str, content_type: str) -> None:
     """Send a request's head and a tenth of the body it announces, then hang up."""
     host, port = server.host_port.split(":")
