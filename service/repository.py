@@ -61,6 +61,14 @@ class ModelVersion:
         assert self.model.config is not None
         return self.model.config
 
+    def serving_batcher(self) -> Batcher:
+        """The batcher to queue a request on. A request is admitted before its body is read, and
+        an unload can close the version in between: it then gets 503, like any request for a
+        version that is not ready."""
+        if self.batcher is None:
+            raise ModelNotReady(f"model {self.name!r} version {self.version} was unloaded")
+        return self.batcher
+
     def set_state(self, state: State, reason: str = "") -> None:
         self.state, self.reason = state, reason
         metrics.set_model_state(self.name, str(self.version), state.value.lower())

@@ -211,8 +211,8 @@ async def _classify(request: Request, mv: ModelVersion, ctx: RequestContext,
                     rows: list[dict[str, np.ndarray]], top_k: int) -> Response:
     state = state_of(request)
     until = deadline(request, state)
-    assert mv.batcher is not None
-    results = await asyncio.gather(*(mv.batcher.submit(feeds, 1, until) for feeds in rows),
+    batcher = mv.serving_batcher()
+    results = await asyncio.gather(*(batcher.submit(feeds, 1, until) for feeds in rows),
                                    return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException):

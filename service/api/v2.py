@@ -275,8 +275,7 @@ async def infer_request(request: Request, model: str, version: str | None) -> Re
     config = mv.config
     codec.check_outputs(req, config)
     feeds, rows = codec.to_feeds(req, config, mv.model.text)
-    assert mv.batcher is not None
-    result = await mv.batcher.submit(feeds, rows, deadline(request, state, req.timeout_s))
+    result = await mv.serving_batcher().submit(feeds, rows, deadline(request, state, req.timeout_s))
     ctx.timed(result.queue_s, result.compute_s, result.batch_rows)
     content, header_length = codec.encode_response(mv.name, str(mv.version), req, result.outputs,
                                                    mv.model.labels)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -126,6 +127,37 @@ def test_reload_picks_up_a_fixed_model_and_reports_failures(tmp_path: Path):
     assert first.status_code == 400 and first.json()["code"] == "load_failed"
     assert second.status_code == 200 and ready.status_code == 200
     assert missing.status_code == 404
+
+
+def test_a_request_whose_model_is_unloaded_while_its_body_arrives_gets_503(test_models: TestModels,
+                                                                            tmp_path: Path):
+    # Requests are admitted before their body is read; an unload can close the version meanwhile.
+    model = test_models.image
+    body = orjson.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28],
+                                     "data": [7] * 784}]})
+    server = start_server(test_models.repository, tmp_path / "server.log")
+    try:
+        host, port = server.host_port.split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+            time.sleep(0.3)  # the handler has admitted it and waits for the rest of the body
+            unload = httpx.post(f"{server.url}/v2/repository/models/{model}/unload", timeout=60)
+            assert unload.status_code == 200
+            s.sendall(body[100:])
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.endswith(b"}"):
+                chunk = s.recv(65536)
+                assert chunk, reply
+                reply += chunk
+        head, payload = reply.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 503"), reply
+        assert orjson.loads(payload)["code"] == "not_ready"
+        assert httpx.post(f"{server.url}/v2/repository/models/{model}/load", timeout=60).status_code == 200
+        assert httpx.post(f"{server.url}/v2/models/{model}/infer", content=body).status_code == 200
+        assert "unhandled error" not in server.logs()
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
