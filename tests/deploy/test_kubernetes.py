@@ -262,16 +262,23 @@ def test_runs_as_the_images_non_root_user(pod, container, image: Stage):
     assert image.user != "0"
 
 
-def test_read_only_root_has_a_writable_tmp(pod, container):
-    """With --workers > 1 the CLI makes the Prometheus multiprocess directory with tempfile.mkdtemp:
-    under /tmp, as neither the image nor this manifest sets TMPDIR."""
-    if not container.get("securityContext", {}).get("readOnlyRootFilesystem"):
-        pytest.skip("the root file system is writable")
+def assert_tmp_is_writable(pod_spec: dict[str, Any], container: dict[str, Any]) -> None:
+    """Starlette's form parser spools multipart uploads over 1 MB to a temporary file, and with
+    --workers > 1 the CLI makes the Prometheus multiprocess directory with tempfile.mkdtemp: both
+    under /tmp, as neither the image nor these manifests set TMPDIR. A read-only root therefore
+    needs a writable volume there."""
     assert "TMPDIR" not in env_of(container)
-    volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+    if not container.get("securityContext", {}).get("readOnlyRootFilesystem"):
+        return
+    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
     mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
-    assert "/tmp" in mounts and not mounts["/tmp"].get("readOnly", False)
-    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    assert "/tmp" in mounts and not mounts["/tmp"].get("readOnly", False), container["name"]
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]], container["name"]
+
+
+def test_read_only_root_has_a_writable_tmp(pod, container):
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert_tmp_is_writable(pod["spec"], container)
 
 
 def test_memory_request_covers_the_measured_resident_memory(container):
@@ -444,6 +451,7 @@ def test_serving_runtime_container_is_a_valid_container_like_the_deployments(con
         assert probe_port(kserve[name], kserve) == KSERVE_HTTP_PORT, name
     assert str(kserve["securityContext"]["runAsUser"]) == image.user
     assert kserve["securityContext"]["runAsNonRoot"] is True
+    assert_tmp_is_writable(one("ServingRuntime")["spec"], kserve)
     assert kserve["resources"] == container["resources"]
     env = env_of(kserve)
     assert env == {k: v for k, v in env_of(container).items() if k in env}
