@@ -4,12 +4,14 @@ reordered on keep-alive, pipelined and closing connections."""
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 
 import h11
+import httpx
 import orjson
 
-from service.http_protocol import _JoinedWrites
+from service.http_protocol import MAX_HEAD_BYTES, _JoinedWrites
 from tests.service.conftest import Server, TestModels
 
 
@@ -105,3 +107,56 @@ def test_pipelined_requests_get_complete_responses_in_order_then_close(server: S
     assert orjson.loads(meta)["name"] == test_models.image
     assert orjson.loads(bad)["code"]
     assert orjson.loads(first)["outputs"] == orjson.loads(last)["outputs"]
+
+
+def _send_head_slowly(host: str, port: int, head: bytes, piece: int = 16 * 1024) -> bytes:
+    """Send `head` in pieces, stopping as soon as the server answers; return all it sent back."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        for i in range(0, len(head), piece):
+            sock.sendall(head[i:i + piece])
+            ready, _, _ = select.select([sock], [], [], 0.05)
+            if ready:
+                break
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def test_a_request_head_over_the_limit_gets_431_and_the_connection_closes(server: Server,
+                                                                          test_models: TestModels):
+    host, port = server.host_port.split(":")
+    rejected = 'neuroserve_rejections_total{model="_unknown",reason="too_large"}'
+
+    def rejections() -> float:
+        lines = [x for x in httpx.get(f"{server.url}/metrics").text.splitlines() if x.startswith(rejected)]
+        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0  # absent until the first one
+
+    before = rejections()
+    # One header that never ends: without the limit the server keeps reading (and re-parsing) it.
+    head = f"POST /v2/models/{test_models.image}/infer HTTP/1.1\r\nHost: {host}\r\nX-Big: ".encode()
+    reply = _send_head_slowly(host, int(port), head + b"a" * (4 * MAX_HEAD_BYTES))
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large", reply[:200]
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert b"connection: close" in headers.lower()
+    assert orjson.loads(body)["code"] == "header_too_large"
+    assert rejections() == before + 1
+
+
+def test_heads_under_the_limit_and_large_bodies_are_served(server: Server, test_models: TestModels):
+    host, port = server.host_port.split(":")
+    infer = orjson.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28],
+                                      "data": [9] * 784}]})
+    # Headers adding up to just under the limit, arriving in small pieces (each read is counted).
+    filler = "".join(f"X-Filler-{i}: {'b' * 1000}\r\n" for i in range(MAX_HEAD_BYTES // 1024 - 2))
+    head = (f"POST /v2/models/{test_models.image}/infer HTTP/1.1\r\nHost: {host}\r\n{filler}"
+            f"Content-Length: {len(infer)}\r\nConnection: close\r\n\r\n").encode()
+    assert MAX_HEAD_BYTES - 4096 < len(head) <= MAX_HEAD_BYTES
+    reply = _send_head_slowly(host, int(port), head + infer, piece=4096)
+    assert reply.startswith(b"HTTP/1.1 200 OK"), reply[:200]
+    # A body far larger than the limit, sent in one write with its head.
+    big = orjson.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28],
+                                    "data": [9] * 784}], "id": "x" * (4 * MAX_HEAD_BYTES)})
+    r = httpx.post(f"{server.url}/v2/models/{test_models.image}/infer", content=big)
+    assert r.status_code == 200, r.text
