@@ -6,26 +6,34 @@ client. On the small models, where HTTP rather than compute is the limit, joinin
 ~5 % more requests/s (docs/benchmarks.md). The writes a connection makes within one turn of the
 event loop are joined and sent at the end of that turn, so nothing waits longer than the turn.
 
-It also bounds a request's head (request line and headers). uvicorn's httptools protocol has no
-such limit, and httptools rebuilds a header value that arrives in pieces on each read: one client
-streaming a single endless header kept a worker's event loop 100 % busy (111 MB in 10 s) and
-health checks on that worker took 2.3 s instead of 2 ms. Past `MAX_HEAD_BYTES` the connection gets
-431 and is closed.
+It also guards the reading of requests, which uvicorn's httptools protocol leaves unbounded:
+- A head (request line and headers) over `max_header_bytes` gets 431. httptools rebuilds a header
+  value that arrives in pieces on every read: one client streaming a single endless header kept a
+  worker's event loop 100 % busy (111 MB in 10 s) and health checks on that worker took 2.3 s
+  instead of 2 ms.
+- A head not complete `read_timeout_s` after its first byte, or a body with no bytes for that
+  long, gets 408; a connection that sends nothing for that long is closed. Without this, idle or
+  trickling connections (slowloris) were held open for good, each a file descriptor and a task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import metrics
+from service.settings import Settings
 
-# nginx allows 4 buffers of 8 KB for a request's headers by default; a V2 or task request needs a
-# few hundred bytes.
-MAX_HEAD_BYTES = 64 * 1024
+
+@functools.cache
+def _limits() -> tuple[int, float]:
+    """(max_header_bytes, read_timeout_s): from the environment the CLI exports to every worker."""
+    settings = Settings()
+    return settings.max_header_bytes, settings.read_timeout_s
 
 
 class _JoinedWrites:
@@ -61,37 +69,80 @@ class HttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.transport = _JoinedWrites(transport, self.loop)  # type: ignore[assignment]
+        self._max_head_bytes, self._read_timeout_s = _limits()
         self._heads_begun = 0
         self._reading_head = False
+        self._reading_body = False
         self._head_bytes = 0
+        self._waiting_since = self.loop.time()  # for a head: its first byte; for a body: the last read
+        # One timer per connection, re-armed as it fires, rather than one per request.
+        self._read_timer = self.loop.call_later(self._read_timeout_s, self._check_read_time)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._read_timer.cancel()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         heads_begun = self._heads_begun
         super().data_received(data)
+        if self._reading_body:
+            self._waiting_since = self.loop.time()
         # Reads that a head spans from start to end are counted whole. The read in which a head
         # begins may also end the message before it, so it is left out: the limit can be passed by
         # one read at most, and a head is never refused for bytes that were not its own.
         if self._reading_head and self._heads_begun == heads_begun:
             self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
-                self._refuse_head()
+            if self._head_bytes > self._max_head_bytes and not self.transport.is_closing():
+                self._refuse(431, b"Request Header Fields Too Large", "header_too_large",
+                             f"request line and headers exceed {self._max_head_bytes} bytes")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._heads_begun += 1
         self._reading_head = True
         self._head_bytes = 0
+        self._waiting_since = self.loop.time()
 
     def on_headers_complete(self) -> None:
         self._reading_head = False
+        self._reading_body = True
+        self._waiting_since = self.loop.time()
         super().on_headers_complete()
 
-    def _refuse_head(self) -> None:
-        self.logger.debug("Request head over %d bytes refused.", MAX_HEAD_BYTES)
-        metrics.reject(metrics.UNKNOWN_MODEL, "too_large")
-        body = orjson.dumps({"error": f"request line and headers exceed {MAX_HEAD_BYTES} bytes",
-                             "code": "header_too_large"})
-        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-                             b"content-type: application/json\r\ncontent-length: %d\r\n"
-                             b"connection: close\r\n\r\n%s" % (len(body), body))
+    def on_message_complete(self) -> None:
+        self._reading_body = False
+        super().on_message_complete()
+
+    def _check_read_time(self) -> None:
+        if self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if self.flow.read_paused:
+            # uvicorn stopped reading (a pipelined request waits, or the app has not taken the
+            # body yet): the client is not the one keeping us waiting.
+            self._waiting_since = now
+        waited = now - self._waiting_since
+        if waited >= self._read_timeout_s:
+            if self._reading_head or self._reading_body:
+                part = "request line and headers" if self._reading_head else "request body"
+                self._refuse(408, b"Request Timeout", "read_timeout",
+                             f"{part} not received within {self._read_timeout_s:g} s")
+                return
+            if self._heads_begun == 0:  # connected and never sent a byte
+                self.transport.close()
+                return
+        waiting = self._reading_head or self._reading_body
+        wait = self._read_timeout_s - waited if waiting else self._read_timeout_s
+        self._read_timer = self.loop.call_later(max(wait, 0.0), self._check_read_time)
+
+    def _refuse(self, status: int, reason: bytes, code: str, message: str) -> None:
+        """Answer before the request was read to its end, then close: the rest cannot be trusted."""
+        self.logger.debug("Refused %d: %s", status, message)
+        metrics.reject(metrics.UNKNOWN_MODEL, "too_large" if status == 431 else "read_timeout")
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()  # a response is already on its way: no second one
+            return
+        body = orjson.dumps({"error": message, "code": code})
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n%s" % (status, reason, len(body), body))
         self.transport.close()

@@ -76,7 +76,8 @@ REQUESTS = Counter(
     "neuroserve_requests", "Requests by outcome (success|client_error|rejected|error)",
     ["model", "version", "endpoint", "outcome"])
 REJECTIONS = Counter(
-    "neuroserve_rejections", "Requests refused, by reason (queue_full|deadline|too_large|invalid|not_ready)",
+    "neuroserve_rejections",
+    "Requests refused, by reason (queue_full|deadline|too_large|invalid|not_ready|read_timeout)",
     ["model", "reason"])
 PREDICTIONS = Counter(
     "neuroserve_predictions", "Predictions by top-1 label", ["model", "version", "label"])

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     max_audio_duration_s: float = Field(30.0, gt=0, description="Longest audio clip in seconds")
     max_text_chars: int = Field(10_000, gt=0, description="Longest text in characters")
     max_items: int = Field(256, gt=0, description="Most texts/files in one task-endpoint request")
+    max_header_bytes: int = Field(64 * 1024, gt=0, description="Largest request line plus headers (431)")
+    read_timeout_s: float = Field(
+        30.0, gt=0,
+        description="Longest wait for a request's line and headers, or between reads of its body (408)",
+    )
     default_timeout_ms: float = Field(
         0.0, ge=0, description="Deadline for requests that set none (0: no deadline)"
     )

@@ -6,13 +6,18 @@ from __future__ import annotations
 import asyncio
 import select
 import socket
+import time
+from pathlib import Path
 
 import h11
 import httpx
 import orjson
 
-from service.http_protocol import MAX_HEAD_BYTES, _JoinedWrites
-from tests.service.conftest import Server, TestModels
+from service.http_protocol import _JoinedWrites
+from service.settings import Settings
+from tests.service.conftest import Server, TestModels, start_server
+
+MAX_HEAD_BYTES = Settings().max_header_bytes
 
 
 class _RecordingTransport(asyncio.Transport):
@@ -160,3 +165,65 @@ def test_heads_under_the_limit_and_large_bodies_are_served(server: Server, test_
                                     "data": [9] * 784}], "id": "x" * (4 * MAX_HEAD_BYTES)})
     r = httpx.post(f"{server.url}/v2/models/{test_models.image}/infer", content=big)
     assert r.status_code == 200, r.text
+
+
+def _closes_within(sock: socket.socket, seconds: float) -> bytes | None:
+    """What the server sends before closing `sock`, or None if it is still open after `seconds`."""
+    sock.settimeout(seconds)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except TimeoutError:
+        return None
+    return received
+
+
+def test_stalled_connections_get_408_or_are_closed_and_steady_ones_are_served(test_models: TestModels,
+                                                                             tmp_path: Path):
+    server = start_server(test_models.repository, tmp_path / "server.log", "--read-timeout-s", "1")
+    host, port = server.host_port.split(":")
+    infer = orjson.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28],
+                                      "data": [9] * 784}]})
+    head = f"POST /v2/models/{test_models.image}/infer HTTP/1.1\r\nHost: {host}\r\n"
+
+    def connect() -> socket.socket:
+        return socket.create_connection((host, int(port)), timeout=10)
+
+    try:
+        with connect() as silent, connect() as half_head, connect() as half_body, connect() as trickle:
+            half_head.sendall(head.encode())
+            half_body.sendall(f"{head}Content-Length: {len(infer)}\r\n\r\n".encode() + infer[:100])
+            trickle.sendall(head.encode())
+            start = time.monotonic()
+            while time.monotonic() - start < 2.5:  # a header byte every 0.2 s never finishes the head
+                try:
+                    trickle.sendall(b"X")
+                except OSError:
+                    break
+                time.sleep(0.2)
+            assert _closes_within(silent, 5) == b""  # nothing to answer
+            for sock, part in ((half_head, b"request line and headers"), (half_body, b"request body"),
+                               (trickle, b"request line and headers")):
+                reply = _closes_within(sock, 5)
+                assert reply is not None and reply.startswith(b"HTTP/1.1 408 Request Timeout"), reply
+                body = orjson.loads(reply.partition(b"\r\n\r\n")[2])
+                assert body["code"] == "read_timeout" and part.decode() in body["error"]
+
+        # Steady clients are served: requests 0.5 s apart on one connection, and a body sent in
+        # pieces 0.5 s apart that takes 2.5 s in all.
+        with connect() as steady:
+            for _ in range(4):
+                steady.sendall(f"{head}Content-Length: {len(infer)}\r\n\r\n".encode() + infer)
+                assert steady.recv(65536).startswith(b"HTTP/1.1 200 OK")
+                time.sleep(0.5)
+            steady.sendall(f"{head}Content-Length: {len(infer)}\r\nConnection: close\r\n\r\n".encode())
+            for i in range(0, len(infer), len(infer) // 5 + 1):
+                time.sleep(0.5)
+                steady.sendall(infer[i:i + len(infer) // 5 + 1])
+            reply = _closes_within(steady, 10)
+            assert reply is not None and reply.startswith(b"HTTP/1.1 200 OK"), reply[:200]
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'neuroserve_rejections_total{model="_unknown",reason="read_timeout"} 3.0' in metrics
+    finally:
+        server.stop()
