@@ -133,6 +133,8 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
             raise InvalidInput("parameters.timeout must be a non-negative number of microseconds")
         timeout_s = timeout / 1e6 if timeout else None
     rid = doc.get("id")
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, str | int | float)):
+        raise InvalidInput("'id' must be a string")
     rid = None if rid is None else str(rid)
     return InferRequest(rid, inputs, datatypes, outputs, binary_output, timeout_s)
 
@@ -191,13 +193,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _requested_outputs(raw: Any, binary_default: bool) -> list[RequestedOutput]:
+def _requested_outputs(raw: Any, binary_default: bool) -> list[RequestedOutput] | None:
     if not isinstance(raw, list):
         raise InvalidInput("'outputs' must be a list")
+    if not raw:
+        return None  # asks for no output in particular: every output, as when 'outputs' is absent
     out = []
     for i, item in enumerate(raw):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidInput(f"outputs[{i}] needs a string 'name'")
+        if any(o.name == item["name"] for o in out):
+            raise InvalidInput(f"output {item['name']!r} is requested twice")
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidInput(f"outputs[{i}].parameters must be an object")

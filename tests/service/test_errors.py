@@ -55,6 +55,8 @@ def test_bad_v2_tensors_return_400_json_and_the_server_keeps_answering(test_mode
             orjson.dumps({"inputs": [{**_pixels(), "datatype": ["UINT8"]}]}),  # not a string
             orjson.dumps({"inputs": [{**_pixels(), "shape": [0, 2**63 - 1], "data": []}]}),  # beyond numpy
             orjson.dumps({"inputs": [{**_pixels(), "shape": [1] * 40, "data": [7]}]}),  # too many dimensions
+            orjson.dumps({"inputs": [_pixels()], "outputs": [{"name": "logits"}, {"name": "logits"}]}),
+            orjson.dumps({"inputs": [_pixels()], "id": {"a": 1}}),
             orjson.dumps({"inputs": [{k: v for k, v in _pixels().items() if k != "data"}]}),
             orjson.dumps({"inputs": [_pixels()], "parameters": {"timeout": "soon"}}),
         ]

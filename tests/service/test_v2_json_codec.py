@@ -92,3 +92,9 @@ def test_repeated_keys_mean_what_they_mean_to_orjson_the_last_one_wins():
     req = v2.decode_request(raw, None)
     assert list(req.inputs) == ["y"]
     np.testing.assert_array_equal(req.inputs["y"], np.array([4, 5], dtype=np.float32))
+
+
+def test_an_empty_outputs_list_asks_for_every_output_like_no_list():
+    base = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+    assert v2.decode_request(orjson.dumps({**base, "outputs": []}), None).outputs is None
+    assert v2.decode_request(orjson.dumps(base), None).outputs is None
