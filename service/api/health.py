@@ -41,6 +41,12 @@ async def ready(request: Request) -> Response:
     return Response(status_code=200)
 
 
+# Some load balancers probe with HEAD (e.g. HAProxy's `option httpchk HEAD`): the same answers,
+# without a body, and left out of the OpenAPI schema (one operation per route there).
+router.add_api_route("/v2/health/live", live, methods=["HEAD"], include_in_schema=False)
+router.add_api_route("/v2/health/ready", ready, methods=["HEAD"], include_in_schema=False)
+
+
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {}}}})
 async def prometheus() -> Response:

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from tests.service import models as m
-from tests.service.conftest import TestModels, start_server, with_app
+from tests.service.conftest import Server, TestModels, start_server, with_app
 
 
 def _pixels() -> bytes:
@@ -92,6 +92,14 @@ def test_live_answers_while_models_load_and_ready_follows_warm_up(test_models: T
     (live, ready_before), (ready_after,) = _during_and_after_loading(
         test_models.repository, ["/v2/health/live", "/v2/health/ready"], ["/v2/health/ready"])
     assert (live.status_code, ready_before.status_code, ready_after.status_code) == (200, 503, 200)
+
+
+def test_health_probes_answer_head_as_well_as_get(server: Server):
+    # Some load balancers probe with HEAD: same status, no body.
+    for path in ("/v2/health/live", "/v2/health/ready"):
+        head = httpx.head(f"{server.url}{path}")
+        assert head.status_code == httpx.get(f"{server.url}{path}").status_code == 200, path
+        assert head.content == b""
 
 
 def test_a_readiness_probe_during_loading_is_not_counted_as_a_rejection(test_models: TestModels):
