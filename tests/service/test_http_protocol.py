@@ -118,13 +118,19 @@ def _send_head_slowly(host: str, port: int, head: bytes, piece: int = 16 * 1024)
     """Send `head` in pieces, stopping as soon as the server answers; return all it sent back."""
     with socket.create_connection((host, port), timeout=10) as sock:
         for i in range(0, len(head), piece):
-            sock.sendall(head[i:i + piece])
+            try:
+                sock.sendall(head[i:i + piece])
+            except OSError:  # the server answered and closed meanwhile
+                break
             ready, _, _ = select.select([sock], [], [], 0.05)
             if ready:
                 break
         received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass  # closed with our last piece unread: what it sent before is in `received`
     return received
 
 
@@ -181,7 +187,7 @@ def _closes_within(sock: socket.socket, seconds: float) -> bytes | None:
 
 def test_stalled_connections_get_408_or_are_closed_and_steady_ones_are_served(test_models: TestModels,
                                                                              tmp_path: Path):
-    server = start_server(test_models.repository, tmp_path / "server.log", "--read-timeout-s", "1")
+    server = start_server(test_models.repository, tmp_path / "server.log", "--read-timeout-s", "2")
     host, port = server.host_port.split(":")
     infer = orjson.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28],
                                       "data": [9] * 784}]})
@@ -196,22 +202,22 @@ def test_stalled_connections_get_408_or_are_closed_and_steady_ones_are_served(te
             half_body.sendall(f"{head}Content-Length: {len(infer)}\r\n\r\n".encode() + infer[:100])
             trickle.sendall(head.encode())
             start = time.monotonic()
-            while time.monotonic() - start < 2.5:  # a header byte every 0.2 s never finishes the head
+            while time.monotonic() - start < 4:  # a header byte every 0.2 s never finishes the head
                 try:
                     trickle.sendall(b"X")
                 except OSError:
                     break
                 time.sleep(0.2)
-            assert _closes_within(silent, 5) == b""  # nothing to answer
+            assert _closes_within(silent, 8) == b""  # nothing to answer
             for sock, part in ((half_head, b"request line and headers"), (half_body, b"request body"),
                                (trickle, b"request line and headers")):
-                reply = _closes_within(sock, 5)
+                reply = _closes_within(sock, 8)
                 assert reply is not None and reply.startswith(b"HTTP/1.1 408 Request Timeout"), reply
                 body = orjson.loads(reply.partition(b"\r\n\r\n")[2])
                 assert body["code"] == "read_timeout" and part.decode() in body["error"]
 
         # Steady clients are served: requests 0.5 s apart on one connection, and a body sent in
-        # pieces 0.5 s apart that takes 2.5 s in all.
+        # pieces 0.5 s apart (a quarter of the timeout) that takes 2.5 s in all.
         with connect() as steady:
             for _ in range(4):
                 steady.sendall(f"{head}Content-Length: {len(infer)}\r\n\r\n".encode() + infer)
