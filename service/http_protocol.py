@@ -131,7 +131,7 @@ class HttpProtocol(HttpToolsProtocol):
             if self._heads_begun == 0:  # connected and never sent a byte
                 self.transport.close()
                 return
-        waiting = self._reading_head or self._reading_body
+        waiting = self._reading_head or self._reading_body or self._heads_begun == 0
         wait = self._read_timeout_s - waited if waiting else self._read_timeout_s
         self._read_timer = self.loop.call_later(max(wait, 0.0), self._check_read_time)
 
