@@ -93,7 +93,7 @@ class HttpProtocol(HttpToolsProtocol):
         if self._reading_head and self._heads_begun == heads_begun:
             self._head_bytes += len(data)
             if self._head_bytes > self._max_head_bytes and not self.transport.is_closing():
-                self._refuse(431, b"Request Header Fields Too Large", "header_too_large",
+                self._refuse(431, b"Request Header Fields Too Large", "header_too_large", "too_large",
                              f"request line and headers exceed {self._max_head_bytes} bytes")
 
     def on_message_begin(self) -> None:
@@ -121,28 +121,29 @@ class HttpProtocol(HttpToolsProtocol):
             # uvicorn stopped reading (a pipelined request waits, or the app has not taken the
             # body yet): the client is not the one keeping us waiting.
             self._waiting_since = now
-        waited = now - self._waiting_since
-        if waited >= self._read_timeout_s:
-            if self._reading_head or self._reading_body:
-                part = "request line and headers" if self._reading_head else "request body"
-                self._refuse(408, b"Request Timeout", "read_timeout",
-                             f"{part} not received within {self._read_timeout_s:g} s")
-                return
-            if self._heads_begun == 0:  # connected and never sent a byte
-                self.transport.close()
-                return
+        # A connection that has not sent a byte yet waits like a head does.
         waiting = self._reading_head or self._reading_body or self._heads_begun == 0
+        waited = now - self._waiting_since
+        if waiting and waited >= self._read_timeout_s:
+            if self._heads_begun == 0:
+                self.transport.close()  # nothing was asked: nothing to answer
+            else:
+                part = "request line and headers" if self._reading_head else "request body"
+                self._refuse(408, b"Request Timeout", "read_timeout", "read_timeout",
+                             f"{part} not received within {self._read_timeout_s:g} s")
+            return
         wait = self._read_timeout_s - waited if waiting else self._read_timeout_s
         self._read_timer = self.loop.call_later(max(wait, 0.0), self._check_read_time)
 
-    def _refuse(self, status: int, reason: bytes, code: str, message: str) -> None:
-        """Answer before the request was read to its end, then close: the rest cannot be trusted."""
+    def _refuse(self, status: int, phrase: bytes, code: str, rejection: str, message: str) -> None:
+        """Answer before the request was read to its end, then close: the rest cannot be trusted.
+        `code` is the error body's; `rejection` the `neuroserve_rejections_total` reason."""
         self.logger.debug("Refused %d: %s", status, message)
-        metrics.reject(metrics.UNKNOWN_MODEL, "too_large" if status == 431 else "read_timeout")
+        metrics.reject(metrics.UNKNOWN_MODEL, rejection)
         if self.cycle is not None and self.cycle.response_started:
             self.transport.close()  # a response is already on its way: no second one
             return
         body = orjson.dumps({"error": message, "code": code})
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                             b"connection: close\r\n\r\n%s" % (status, reason, len(body), body))
+                             b"connection: close\r\n\r\n%s" % (status, phrase, len(body), body))
         self.transport.close()

@@ -14,10 +14,12 @@ import math
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from service.model_config import V2_TO_NUMPY
 from tests.service import media
 from tests.service.conftest import Server, TestModels
 
@@ -30,8 +32,8 @@ _SCALARS = (st.none() | st.booleans() | st.integers(min_value=-(2**64), max_valu
 _JSON = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3)
                      | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
 _DIMS = st.sampled_from([0, 1, 2, 3, 2**31, 2**63 - 1]) | st.integers(min_value=0, max_value=2**63 - 1)
-_ITEMSIZE = {"BOOL": 1, "UINT8": 1, "INT8": 1, "FP16": 2, "INT16": 2, "UINT16": 2, "FP32": 4, "INT32": 4,
-             "UINT32": 4, "FP64": 8, "INT64": 8, "UINT64": 8}
+# Bytes per element of each numeric V2 datatype, from the service's own table.
+_ITEMSIZE = {v2: np.dtype(np_type).itemsize for v2, np_type in V2_TO_NUMPY.items()}
 
 
 @pytest.fixture(scope="module")
