@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--reps", type=int, help="repetitions (≥ 3 for the report)")
     a.add_argument("--protocols", default="v2-json,v2-binary,task")
     a.add_argument("--no-service", action="store_true", help="measure the reference server only")
+    a.add_argument("--no-reference", action="store_true",
+                   help="measure the service only (a sweep of workers or knobs)")
     a.add_argument("--soak", type=float, help="soak seconds (0: none; default 300, quick 30)")
     a.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
     a.add_argument("--no-report", action="store_true")
@@ -108,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench " + shlex.join(argv)
 
     if args.cmd == "all":
+        if args.no_service and args.no_reference:
+            parser.error("--no-service and --no-reference leave nothing to measure")
         plan = suite.Plan(repository=args.repository, workers=args.workers, ort_threads=args.ort_threads,
-                          out=args.out, command=command, service=not args.no_service, provider=args.providers,
+                          out=args.out, command=command, service=not args.no_service,
+                          reference=not args.no_reference, provider=args.providers,
                           protocols=tuple(args.protocols.split(",")))
         if args.models:
             plan.models = args.models.split(",")

@@ -6,6 +6,7 @@ it pins that the harness runs, talks to the servers, and reads results back corr
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench import report, soak, suite
+from bench.__main__ import main
 from bench.servers import service_available
 from tests.bench.tiny_model import build_repository
 
@@ -128,3 +130,19 @@ def test_soak_beyond_the_open_loop_clients_reach_runs_closed_loop(
     line = next(ln for ln in report.generated({**results[0], "soak": res}, "x.png").splitlines()
                 if ln.startswith("- Soak ("))
     assert "closed loop at concurrency" in line and f"{res['rate']:.0f} req/s" in line
+
+
+@pytest.mark.skipif(not service_available(), reason="needs the service's dependencies")
+def test_no_reference_measures_the_service_alone(tmp_path: Path) -> None:
+    repo = build_repository(tmp_path / "models")
+    out = tmp_path / "out"
+    argv = ["all", "--repository", str(repo), "--out", str(out), "--no-reference", "--quick",
+            "--concurrency", "2", "--rates", "", "--duration", "0.5", "--reps", "1", "--soak", "0",
+            "--protocols", "v2-binary", "--no-report"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert {p["config"] for p in res["points"]} == {"service/v2-binary"}
+    assert all(p["errors"] == 0 and p["requests"] > 0 for p in res["points"])
+    assert "reference_idle_rss_mib" not in res["memory"]
+    with pytest.raises(SystemExit):
+        main(["all", "--no-service", "--no-reference"])
