@@ -74,3 +74,12 @@ def test_gpu_variant_builds_the_cuda_image_and_reserves_an_nvidia_gpu():
     devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert service["environment"]["NEUROSERVE_PROVIDERS"] == "cuda"
+
+
+def test_gpu_variant_runs_several_workers(monkeypatch: pytest.MonkeyPatch):
+    from service.settings import Settings
+
+    env = compose_config(GPU)["services"]["neuroserve"]["environment"]
+    monkeypatch.setenv("NEUROSERVE_WORKERS", env["NEUROSERVE_WORKERS"])
+    # One worker's event loop, not the GPU, is the limit there (docs/benchmarks-gpu.md).
+    assert Settings().workers > 1
