@@ -76,6 +76,18 @@ class AudioPreprocessing(Strict):
     duration_s: float = Field(default=1.0, gt=0)
 
 
+class CudaBatching(Strict):
+    """`[batching.cuda]`: knobs that replace `[batching]`'s where a version runs on the CUDA provider.
+    A GPU computes a larger batch for little more than a small one, so the best knobs differ from a
+    CPU's (docs/benchmarks-gpu.md). `instances` is not among them: sessions are made before the
+    provider they bind to is known."""
+
+    max_batch_size: int | None = Field(default=None, ge=1)
+    max_queue_delay_ms: float | None = Field(default=None, ge=0)
+    max_queue_size: int | None = Field(default=None, ge=1)
+    max_padding_ratio: float | None = Field(default=None, ge=0, lt=1)
+
+
 class Batching(Strict):
     max_batch_size: int = Field(default=32, ge=1)
     max_queue_delay_ms: float = Field(default=2.0, ge=0)
@@ -85,6 +97,13 @@ class Batching(Strict):
     # a batch saves against what its padding costs depends on the model and the hardware: on a
     # CPU with one thread per session, batching a transformer gains little and padding is pure loss.
     max_padding_ratio: float = Field(default=0.5, ge=0, lt=1)
+    cuda: CudaBatching | None = None
+
+    def in_force(self, on_cuda: bool) -> Batching:
+        """The knobs a version runs with: these, or on CUDA these with `[batching.cuda]`'s over them."""
+        if not on_cuda or self.cuda is None:
+            return self
+        return self.model_copy(update=self.cuda.model_dump(exclude_none=True))
 
 
 class VersionPolicy(Strict):
@@ -125,6 +144,11 @@ class ModelConfig(Strict):
         if self.scores_output not in {o.name for o in self.outputs}:
             raise ValueError(f"scores_output {self.scores_output!r} is not one of the outputs")
         return self
+
+    def on_provider(self, on_cuda: bool) -> ModelConfig:
+        """This config as a version serves it: with the batching knobs in force on its provider."""
+        batching = self.batching.in_force(on_cuda)
+        return self if batching is self.batching else self.model_copy(update={"batching": batching})
 
     def label_list(self, model_dir: Path) -> list[str]:
         if isinstance(self.labels, list):

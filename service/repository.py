@@ -51,6 +51,8 @@ class ModelVersion:
     metrics: metrics.ModelMetrics | None = None
     stats: Stats = field(default_factory=Stats)
     load_seconds: float = 0.0
+    # The model's config with the batching knobs of the provider this version runs on; set on load.
+    served_config: ModelConfig | None = None
 
     @property
     def name(self) -> str:
@@ -58,6 +60,8 @@ class ModelVersion:
 
     @property
     def config(self) -> ModelConfig:
+        if self.served_config is not None:
+            return self.served_config
         assert self.model.config is not None
         return self.model.config
 
@@ -281,13 +285,14 @@ class Repository:
     async def _load_version(self, mv: ModelVersion) -> None:
         start = time.perf_counter()
         try:
-            runtime, warm_runs = await asyncio.to_thread(self._build_runtime, mv)
+            runtime, served_config, warm_runs = await asyncio.to_thread(self._build_runtime, mv)
         except LoadError as e:
             mv.set_state(State.UNAVAILABLE, str(e))
             log.error("model version unavailable: %s", e, extra={"model": mv.name, "version": mv.version})
             return
         mv.runtime = runtime
         mv.provider = runtime.provider
+        mv.served_config = served_config
         mv.load_seconds = time.perf_counter() - start
         mv.metrics = metrics.ModelMetrics(mv.name, str(mv.version), runtime.provider, mv.model.labels)
         mv.batcher = _batcher(mv, self.settings.cuda_static_batch)
@@ -300,20 +305,21 @@ class Repository:
             "model": mv.name, "version": mv.version, "provider": runtime.provider,
             "threads": runtime.threads, "load_s": round(mv.load_seconds, 3), "warmup_runs": warm_runs})
 
-    def _build_runtime(self, mv: ModelVersion) -> tuple[Runtime, int]:
+    def _build_runtime(self, mv: ModelVersion) -> tuple[Runtime, ModelConfig, int]:
         """Runs in a thread: session creation, graph checks and warm-up are CPU-bound."""
         if not mv.path.is_file():
             raise LoadError(f"{mv.path.parent.name}/{MODEL_FILE} does not exist")
         config = mv.config
         runtime = Runtime(mv.path, self.settings, config.batching.instances)
         check_signature(config, runtime, len(mv.model.labels))
+        served = config.on_provider(runtime.provider == CUDA)
         runs = 0
         if self.settings.warmup:
             try:
-                runs = runtime.warm_up(warmup_feeds(mv.model), [o.name for o in config.outputs])
+                runs = runtime.warm_up(warmup_feeds(mv.model, served), [o.name for o in config.outputs])
             except Exception as e:
                 raise LoadError(f"warm-up failed: {e}") from e
-        return runtime, runs
+        return runtime, served, runs
 
 
 def _batcher(mv: ModelVersion, cuda_static_batch: bool) -> Batcher:
@@ -405,10 +411,8 @@ def batch_sizes(max_batch_size: int) -> list[int]:
     return sorted({*sizes, max_batch_size})
 
 
-def warmup_feeds(model: Model) -> list[dict[str, np.ndarray]]:
+def warmup_feeds(model: Model, config: ModelConfig) -> list[dict[str, np.ndarray]]:
     """Every batch shape the batcher will produce (and a spread of lengths for variable ones)."""
-    config = model.config
-    assert config is not None
     max_tokens = config.text.max_tokens if config.text else 128
     lengths = sorted({*(1 << i for i in range(3, max_tokens.bit_length()) if (1 << i) <= max_tokens),
                       max_tokens})

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from service.codecs.text import TextEncoder
-from service.model_config import Batching, ModelConfig, TensorSpec, TextPreprocessing
+from service.model_config import Batching, CudaBatching, ModelConfig, TensorSpec, TextPreprocessing
 from training.bert import (
     BertConfig,
     SentenceClassifier,
@@ -464,9 +464,11 @@ def main(args: argparse.Namespace) -> None:
             labels="labels.txt", scores_output="probabilities",
             text=TextPreprocessing(tokenizer="tokenizer.json", max_tokens=MAX_TOKENS),
             # Found best by `python -m bench tune` on a 2-core CPU: small batches of near-equal
-            # lengths (docs/benchmarks.md).
+            # lengths (docs/benchmarks.md); on an NVIDIA H100 larger, more padded batches served
+            # more (docs/benchmarks-gpu.md).
             batching=Batching(max_batch_size=8, max_queue_delay_ms=0.0, max_queue_size=512, instances=1,
-                              max_padding_ratio=0.1)))
+                              max_padding_ratio=0.1,
+                              cuda=CudaBatching(max_batch_size=32, max_padding_ratio=0.5))))
         plot_confusion(ev, LABELS, model_dir / "confusion_matrix.png", "sentiment (int8 graph)")
         plot_curves(history, model_dir / "training_curves.png", "all-MiniLM-L6-v2 fine-tuning")
         architecture = (f"BERT encoder ({cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, "

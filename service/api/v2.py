@@ -148,8 +148,8 @@ def _triton_config(m: Model, versions: list[ModelVersion], device_id: int) -> di
     """Triton's JSON model configuration, enough for perf_analyzer and tritonclient."""
     config = m.config
     assert config is not None
-    b = config.batching
     provider = versions[-1].provider if versions else ""
+    b = (versions[-1].config if versions else config).batching  # the knobs in force on its provider
     policy = config.version_policy
     version_policy = ({"specific": {"versions": policy.specific}} if policy.specific is not None
                       else {"latest": {"num_versions": policy.latest or 1}})

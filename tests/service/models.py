@@ -92,11 +92,16 @@ def _outputs(n: int) -> list:
     ]
 
 
-def _batching(max_batch: int = 8, delay_ms: float = 2.0, queue: int = 256, instances: int = 1) -> str:
-    return (
+def _batching(max_batch: int = 8, delay_ms: float = 2.0, queue: int = 256, instances: int = 1,
+              cuda: dict[str, object] | None = None) -> str:
+    """[batching], and a [batching.cuda] table of the given knobs."""
+    text = (
         f"[batching]\nmax_batch_size = {max_batch}\nmax_queue_delay_ms = {delay_ms}\n"
         f"max_queue_size = {queue}\ninstances = {instances}\n"
     )
+    if cuda:
+        text += "\n[batching.cuda]\n" + "".join(f"{k} = {v}\n" for k, v in cuda.items())
+    return text
 
 
 def image_model(repo: Path, name: str = "tiny-image", versions: tuple[int, ...] = (1,), **batching) -> Path:
