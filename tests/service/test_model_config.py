@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from service.model_config import load_model_config
-from service.runtime import cuda_available
+from service.runtime import CUDA, Runtime, cuda_available
 from tests.service import models as m
 from tests.service.conftest import with_app
 
@@ -56,6 +56,22 @@ def test_on_the_cpu_the_cpu_knobs_are_in_force(tmp_path: Path):
     assert config["max_batch_size"] == 4
     assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 64
     assert codes == [200, 200]  # 3 rows fit the CPU's batch of 4
+
+
+def test_a_version_on_cuda_serves_with_the_cuda_knobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # CI has no GPU: CPU sessions that report the CUDA provider stand in for one here, to check that
+    # the knobs reach the batcher, the codecs and the Triton config. The real run is the next test.
+    build = Runtime.__init__
+
+    def on_cuda(self: Runtime, *args, **kwargs) -> None:
+        build(self, *args, **kwargs)
+        self.provider = CUDA
+
+    monkeypatch.setattr(Runtime, "__init__", on_cuda)
+    config, codes = _serve(_repo(tmp_path), "cpu")
+    assert config["max_batch_size"] == 2 and config["instance_group"][0]["kind"] == "KIND_GPU"
+    assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 3
+    assert codes == [200, 400]
 
 
 @pytest.mark.skipif(not cuda_available(), reason="this onnxruntime has no CUDA provider")
