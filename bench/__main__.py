@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--delays-ms", type=_floats, default=(0.0, 1.0, 2.0, 5.0))
     t.add_argument("--max-padding-ratios", type=_floats, default=(),
                    help="also vary max_padding_ratio (models with variable-length inputs)")
+    t.add_argument("--worker-counts", type=_ints,
+                   help="also vary the worker processes, e.g. 1,2,4 (default: --workers)")
     t.add_argument("--protocol", default="v2-binary")
     t.add_argument("--concurrency", type=int, default=64)
     t.add_argument("--duration", type=float, default=5.0)
@@ -169,17 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         rows = tune.run(args.repository, args.model, max_batch_sizes=args.max_batch_sizes,
                         delays_ms=args.delays_ms, padding_ratios=args.max_padding_ratios,
                         protocol=args.protocol, concurrency=args.concurrency,
-                        duration_s=args.duration, reps=args.reps, workers=args.workers,
-                        provider=args.providers)
+                        duration_s=args.duration, reps=args.reps,
+                        worker_counts=args.worker_counts or (args.workers,), provider=args.providers)
         print(f"{args.model}, {args.protocol}, medians of {args.reps} interleaved repetitions:")
         padding = bool(args.max_padding_ratios)
-        print(f"| max_batch_size | max_queue_delay_ms |{' max_padding_ratio |' * padding} "
+        print(f"| workers | max_batch_size | max_queue_delay_ms |{' max_padding_ratio |' * padding} "
               f"req/s at c={args.concurrency} | p99 ms | p50 ms at c=1 |")
-        print("|---:|---:|" + "---:|" * padding + "---:|---:|---:|")
+        print("|---:|---:|---:|" + "---:|" * padding + "---:|---:|---:|")
         for r in rows:
             ratio = f" {r['max_padding_ratio']:g} |" if padding else ""
-            print(f"| {r['max_batch_size']} | {r['max_queue_delay_ms']:g} |{ratio} {r['rps']:,.0f} | "
-                  f"{r['p99_ms']:.2f} | {r['p50_c1_ms']:.2f} |")
+            print(f"| {r['workers']} | {r['max_batch_size']} | {r['max_queue_delay_ms']:g} |{ratio} "
+                  f"{r['rps']:,.0f} | {r['p99_ms']:.2f} | {r['p50_c1_ms']:.2f} |")
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"tune-{args.model}.json").write_text(json.dumps(rows, indent=1))
         return 0

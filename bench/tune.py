@@ -1,5 +1,5 @@
 """Find the batching knobs (`max_batch_size`, `max_queue_delay_ms`, and for variable-length inputs
-`max_padding_ratio`) that serve a model best here.
+`max_padding_ratio`), and optionally the worker count, that serve a model best here.
 
 Each candidate runs in a temporary model repository that links to the real model files and
 overrides only the `[batching]` table of `config.toml`. Candidates are measured interleaved (one
@@ -44,7 +44,7 @@ def candidate_repository(model_dir: Path, root: Path, batching: dict) -> Path:
 def run(repository: Path, model: str, *, max_batch_sizes: tuple[int, ...] = (8, 32, 64),
         delays_ms: tuple[float, ...] = (0.0, 1.0, 2.0, 5.0), padding_ratios: tuple[float, ...] = (),
         protocol: str = "v2-binary",
-        concurrency: int = 64, duration_s: float = 5.0, reps: int = 3, workers: int = 1,
+        concurrency: int = 64, duration_s: float = 5.0, reps: int = 3, worker_counts: tuple[int, ...] = (1,),
         provider: str = "cpu") -> list[dict]:
     model_dir = next(d for d in find_models(repository) if d.name == model)
     w = load_workload(model_dir)
@@ -58,8 +58,10 @@ def run(repository: Path, model: str, *, max_batch_sizes: tuple[int, ...] = (8, 
                 if ratio is not None:
                     knobs["max_padding_ratio"] = ratio
                 repo = candidate_repository(model_dir, Path(tmp), knobs)
-                started.append((knobs, servers.start_service(repo, workers=workers,
-                                                              extra_args=["--providers", provider])))
+                for workers in worker_counts:
+                    started.append(({"workers": workers, **knobs},
+                                    servers.start_service(repo, workers=workers,
+                                                          extra_args=["--providers", provider])))
             for _, srv in started:
                 load.closed_loop(srv.port, reqs, concurrency=8, duration_s=1)
             measured: dict[int, dict[str, list[float]]] = {i: {"rps": [], "p99": [], "p50_c1": []}

@@ -146,3 +146,17 @@ def test_no_reference_measures_the_service_alone(tmp_path: Path) -> None:
     assert "reference_idle_rss_mib" not in res["memory"]
     with pytest.raises(SystemExit):
         main(["all", "--no-service", "--no-reference"])
+
+
+@pytest.mark.skipif(not service_available(), reason="needs the service's dependencies")
+def test_tune_measures_every_worker_count(tmp_path: Path, capsys) -> None:
+    repo = build_repository(tmp_path / "models")
+    out = tmp_path / "out"
+    argv = ["tune", "--repository", str(repo), "--model", "tiny", "--out", str(out), "--max-batch-sizes",
+            "4", "--delays-ms", "0", "--worker-counts", "1,2", "--concurrency", "4", "--duration", "0.5",
+            "--reps", "1"]
+    assert main(argv) == 0
+    rows = json.loads((out / "tune-tiny.json").read_text())
+    assert sorted((r["workers"], r["max_batch_size"]) for r in rows) == [(1, 4), (2, 4)]
+    assert all(r["rps"] > 0 and r["p50_c1_ms"] > 0 for r in rows)
+    assert "| workers | max_batch_size |" in capsys.readouterr().out
