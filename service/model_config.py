@@ -99,12 +99,6 @@ class Batching(Strict):
     max_padding_ratio: float = Field(default=0.5, ge=0, lt=1)
     cuda: CudaBatching | None = None
 
-    def in_force(self, on_cuda: bool) -> Batching:
-        """The knobs a version runs with: these, or on CUDA these with `[batching.cuda]`'s over them."""
-        if not on_cuda or self.cuda is None:
-            return self
-        return self.model_copy(update=self.cuda.model_dump(exclude_none=True))
-
 
 class VersionPolicy(Strict):
     """Which integer version directories are served: the newest `latest` ones, or a fixed list."""
@@ -146,9 +140,12 @@ class ModelConfig(Strict):
         return self
 
     def on_provider(self, on_cuda: bool) -> ModelConfig:
-        """This config as a version serves it: with the batching knobs in force on its provider."""
-        batching = self.batching.in_force(on_cuda)
-        return self if batching is self.batching else self.model_copy(update={"batching": batching})
+        """This config as a version serves it: on CUDA, with `[batching.cuda]`'s knobs over `[batching]`'s."""
+        cuda = self.batching.cuda
+        if not on_cuda or cuda is None:
+            return self
+        batching = self.batching.model_copy(update=cuda.model_dump(exclude_none=True))
+        return self.model_copy(update={"batching": batching})
 
     def label_list(self, model_dir: Path) -> list[str]:
         if isinstance(self.labels, list):
