@@ -172,8 +172,9 @@ def generated(results: dict, plot_rel: str | None) -> str:
             lines.append(f"| {p['batch_size']} | {p['samples_per_s']:,.0f} | {p['p50_ms']:.3f} | "
                          f"{p['p90_ms']:.3f} | {p['p99_ms']:.3f} |")
         if (again := (raw.get("interleaved") or {}).get("samples_per_s")):
+            idle = " (each once the servers had gone idle)" if "settle_s" in raw["interleaved"] else ""
             lines.append(f"\nBatch {raw['interleaved']['batch_size']} measured again before each "
-                         f"repetition's load points: {', '.join(f'{x:,.0f}' for x in again)} samples/s "
+                         f"repetition's load points{idle}: {', '.join(f'{x:,.0f}' for x in again)} samples/s "
                          f"(median {statistics.median(again):,.0f}: the ceiling the targets use).")
         if "per_worker_threads_batch1" in raw:
             p = raw["per_worker_threads_batch1"]

@@ -133,9 +133,11 @@ class Config:
 
 
 def _point(plan: Plan, w: Workload, cfg: Config, srv: servers.Server, reqs: list, *, rep: int,
-           concurrency: int | None = None, rate: float | None = None, duration: float | None = None,
-           record: bool = True) -> dict:
+           running: list[servers.Server], concurrency: int | None = None, rate: float | None = None,
+           duration: float | None = None, record: bool = True) -> dict:
+    """One load point on `srv`, once every server in `running` has finished the previous one's work."""
     duration = duration or plan.duration_s
+    settle_s = servers.wait_idle(running)
     before = metrics.parse(metrics.scrape(srv.base_url)) if cfg.server == "service" else None
     cpu_before, loop_before, wall_before = srv.cpu_seconds(), srv.loop_cpu_seconds(), time.monotonic()
     if rate is None:
@@ -155,14 +157,15 @@ def _point(plan: Plan, w: Workload, cfg: Config, srv: servers.Server, reqs: list
         after = metrics.parse(metrics.scrape(srv.base_url))
         res["server_metrics"] = metrics.delta(before, after, w.model)
     res.update(model=w.model, config=cfg.label, server=cfg.server, protocol=cfg.protocol, rep=rep,
-               workers=srv.info.get("workers"), rss_mib=list(srv.rss_mib().values()))
+               workers=srv.info.get("workers"), rss_mib=list(srv.rss_mib().values()), settle_s=settle_s)
     if record:
         x = f"c={concurrency}" if rate is None else f"rate={rate:.0f}/s"
         _say(plan, f"{w.model:14s} {cfg.label:18s} {x:12s} rep {rep}: {res['rps']:8.1f} req/s  "
                    f"p50 {res['p50_ms']:7.2f}  p99 {res['p99_ms']:7.2f} ms  errors {res['errors']}  "
                    f"server CPU {res['server_cpu_ms_per_request']:.3f} ms/req "
                    f"(event loop {res['server_loop_cpu_ms_per_request']:.3f}), "
-                   f"client {res['client_cpu_ms_per_request']:.3f}, cores busy {res['cpu_busy']:.0%}")
+                   f"client {res['client_cpu_ms_per_request']:.3f}, cores busy {res['cpu_busy']:.0%}, "
+                   f"after {settle_s:.1f} s for the servers to go idle")
     return res
 
 
@@ -229,9 +232,10 @@ class _Ceiling:
         self.raw = raw
         self.workload = raw_workload(model_dir)
         self.session = raw_ort.session(model_file(model_dir), raw["ort_threads"], raw.get("provider", "cpu"))
-        raw["interleaved"] = {"batch_size": raw["best_batch_size"], "samples_per_s": []}
+        raw["interleaved"] = {"batch_size": raw["best_batch_size"], "samples_per_s": [], "settle_s": []}
 
-    def measure(self, plan: Plan) -> None:
+    def measure(self, plan: Plan, running: list[servers.Server]) -> None:
+        self.raw["interleaved"]["settle_s"].append(servers.wait_idle(running))
         point = raw_ort.measure(self.session, self.workload, self.raw["best_batch_size"],
                                 duration_s=plan.raw_duration_s)
         self.raw["interleaved"]["samples_per_s"].append(point["samples_per_s"])
@@ -255,18 +259,20 @@ def _run_model(plan: Plan, w: Workload, model_dir: Path, service: servers.Server
             for proto in plan.protocols:
                 reqs = requests_for(w, proto)
                 targets.append((Config("service", proto), service, reqs))
+        running = list({id(srv): srv for _, srv, _ in targets}.values())
         for cfg, srv, reqs in targets if plan.warmup_s > 0 else []:  # warm-up, not recorded
-            _point(plan, w, cfg, srv, reqs, rep=-1, concurrency=8, duration=plan.warmup_s, record=False)
+            _point(plan, w, cfg, srv, reqs, rep=-1, running=running, concurrency=8,
+                   duration=plan.warmup_s, record=False)
         closed = []
         raw = results["raw"].get(w.model)
         ceiling = _Ceiling(model_dir, raw, plan) if raw and targets else None
         for rep in range(plan.reps):
             if ceiling is not None:
-                ceiling.measure(plan)
+                ceiling.measure(plan, running)
             for c in plan.concurrencies:
                 order = targets[rep % len(targets):] + targets[:rep % len(targets)]
                 for cfg, srv, reqs in order:
-                    closed.append(_point(plan, w, cfg, srv, reqs, rep=rep, concurrency=c))
+                    closed.append(_point(plan, w, cfg, srv, reqs, rep=rep, running=running, concurrency=c))
         results["points"] += closed
         if not plan.open_rate_fractions or not closed:
             return
@@ -276,7 +282,8 @@ def _run_model(plan: Plan, w: Workload, model_dir: Path, service: servers.Server
             for rate in rates:
                 order = targets[rep % len(targets):] + targets[:rep % len(targets)]
                 for cfg, srv, reqs in order:
-                    results["points"].append(_point(plan, w, cfg, srv, reqs, rep=rep, rate=rate))
+                    results["points"].append(_point(plan, w, cfg, srv, reqs, rep=rep, running=running,
+                                                    rate=rate))
     finally:
         if ref is not None:
             ref.stop()

@@ -71,6 +71,7 @@ def run(repository: Path, model: str, *, max_batch_sizes: tuple[int, ...] = (8, 
                 order = order[rep % len(order):] + order[:rep % len(order)]
                 for i in order:
                     srv = started[i][1]
+                    servers.wait_idle(s for _, s in started)  # the previous candidate's backlog
                     hi = load.closed_loop(srv.port, reqs, concurrency=concurrency, duration_s=duration_s)
                     lo = load.closed_loop(srv.port, reqs, concurrency=1, duration_s=max(1.0, duration_s / 2))
                     measured[i]["rps"].append(hi["rps"])

@@ -10,11 +10,14 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from bench import report, soak, suite
+from bench import report, servers, soak, suite
 from bench.__main__ import main
 from bench.servers import service_available
 from tests.bench.tiny_model import build_repository
@@ -58,6 +61,31 @@ def test_raw_ceiling_is_measured_per_batch_size(results: tuple[dict, Path]) -> N
     assert again["batch_size"] == raw["best_batch_size"]
     assert len(again["samples_per_s"]) == 1 and again["samples_per_s"][0] > 0
     assert report.ceiling_samples_per_s(raw) == again["samples_per_s"][0]
+    # ... each time once the servers are idle, as every load point is (see the next test).
+    assert len(again["settle_s"]) == 1
+    assert all(p["settle_s"] >= 0.2 for p in results[0]["points"])  # at least one quiet window
+
+
+def test_measurements_wait_for_the_servers_to_finish_earlier_work() -> None:
+    """A server still computing what the last load point left in flight must not share the cores
+    with the next measurement: `wait_idle` returns only once its CPU use has stopped."""
+    busy_s = 0.8
+    code = ("import sys, time\n"
+            "print('busy', flush=True)\n"
+            f"end = time.monotonic() + {busy_s}\n"
+            "while time.monotonic() < end: pass\n"
+            "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    with servers.Server("busy", proc, port=0) as busy:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "busy"
+        waited = servers.wait_idle([busy], timeout_s=10)
+        assert busy_s - 0.3 <= waited < 10
+        after = busy.cpu_seconds()
+        time.sleep(0.3)
+        assert busy.cpu_seconds() - after <= 0.05
+        # An idle server costs one quiet window.
+        assert servers.wait_idle([busy]) < 1.0
 
 
 def test_service_histograms_are_read_back_from_metrics(results: tuple[dict, Path]) -> None:
@@ -108,6 +136,7 @@ def test_report_renders_tables_and_plot_outside_docs(results: tuple[dict, Path])
     report.write(root / "out" / "results.json", doc)
     text = doc.read_text()
     assert "reference/v2-json" in text and "`smoke`" in text and "### Closed loop" in text
+    assert "measured again before each repetition's load points (each once the servers had gone idle)" in text
     # server CPU (event loop) | client CPU | busy
     assert re.search(r"\| service/v2-json \| 8 \|.*\| [\d.]+ \([\d.]+\) \| [\d.]+ \| \d+% \|$", text,
                      re.MULTILINE)
