@@ -9,11 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -26,13 +21,14 @@ import pytest
 from service.runtime import cuda_available
 from tests.service import models as m
 
+# Re-exported: test modules import these from here too.
+from tests.service.servers import ROOT, Server, free_port, start_server  # noqa: F401
+
 # Servers here run with `--providers auto`: on CUDA wherever this onnxruntime has it. Expected values
 # come from CPU sessions, and CUDA's kernels (TF32 matrix units) moved probabilities by up to 2.6e-3
 # on an NVIDIA H100.
 SERVED_PROVIDER = "CUDAExecutionProvider" if cuda_available() else "CPUExecutionProvider"
 TOL = {"rtol": 2e-2, "atol": 5e-3} if cuda_available() else {"rtol": 1e-5, "atol": 1e-6}
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -94,79 +90,7 @@ def broken_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
-# -- a real server in a subprocess ------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def host_port(self) -> str:
-        return self.url.removeprefix("http://")
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        return self.process.returncode
-
-
-def start_server(repo: Path, log: Path, *args: str, wait: str = "ready", timeout: float = 120) -> Server:
-    """Start `python -m service serve` on a free port and wait until it is ready (or done loading)."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEUROSERVE_")}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "service",
-        "serve",
-        "--model-repository",
-        str(repo),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--intra-op-threads",
-        "1",
-        *args,
-    ]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", process, log)
-    deadline = time.monotonic() + timeout
-    with httpx.Client(base_url=server.url, timeout=5) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{server.logs()}")
-            try:
-                if wait == "ready" and client.get("/v2/health/ready").status_code == 200:
-                    return server
-                if wait == "loaded":
-                    index = client.post("/v2/repository/index").json()
-                    if index and all(e["state"] != "LOADING" for e in index):
-                        return server
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"server not ready within {timeout}s:\n{server.logs()}")
+# -- a real server in a subprocess (helpers in tests/service/servers.py) ------------------------
 
 
 @pytest.fixture(scope="session")
