@@ -13,6 +13,11 @@ Variable-length inputs (text ids and masks) are padded to the longest row of the
 is chosen around the oldest request from requests of similar length, and never pads more than the
 model's `max_padding_ratio` of it.
 An ORT error in a merged batch is retried request by request, so only the offending request fails.
+
+A request may hold more rows than a batch (`submit_many`, used by explanations for their perturbed
+inputs): it is computed alone, in consecutive ORT calls of `max_batch_size` rows, and counts as one
+request of that many rows in the statistics. Its rows stay out of the monitoring histograms, which
+describe the traffic's real inputs.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from service.errors import (
     InferenceFailed,
     InvalidInput,
     ModelNotReady,
+    PayloadTooLarge,
     QueueFull,
     ServiceError,
 )
@@ -80,7 +86,8 @@ class BatchResult:
     outputs: dict[str, np.ndarray]
     queue_s: float
     compute_s: float
-    batch_rows: int
+    batch_rows: int  # rows of the largest ORT call that computed this request
+    calls: int = 1  # ORT calls that computed this request (more than 1 only for `submit_many`)
 
 
 @dataclass(slots=True, eq=False)
@@ -94,10 +101,13 @@ class _Pending:
     request_id: str | None = None  # for logs about the batch it ends up in
     timer: asyncio.TimerHandle | None = None
     queued: bool = True
+    monitored: bool = True  # its rows count in the input and prediction histograms
 
 
-# (per request: outputs or error), start time, (input, infer, output) seconds, padding ratio.
-_Computed = tuple[list[dict[str, np.ndarray] | Exception], float, tuple[float, float, float], float | None]
+# (per request: outputs or error), start time, (input, output) seconds, padding ratio, and the
+# (rows, seconds) of each ORT call (one, or several for a request larger than a batch).
+_Computed = tuple[list[dict[str, np.ndarray] | Exception], float, tuple[float, float], float | None,
+                  list[tuple[int, float]]]
 _Job = tuple[list[_Pending], "asyncio.Future[_Computed]"]
 
 
@@ -186,11 +196,34 @@ class Batcher:
 
         `deadline` is a `time.perf_counter()` value; a request still queued then is shed (504).
         """
-        if self._closing or self._scheduler is None:
-            raise ModelNotReady("model version is unloading")
         if not 0 < rows <= self.policy.max_batch_size:
             # Such a request could never be scheduled; callers split larger inputs.
             raise InvalidInput(f"{rows} rows; a batch holds 1 to {self.policy.max_batch_size}")
+        return await self._enqueue(inputs, rows, deadline, monitored=True)
+
+    async def submit_many(
+        self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None = None
+    ) -> BatchResult:
+        """Queue any number of rows as one request and wait for their outputs, in order.
+
+        Rows past `max_batch_size` are computed alone in consecutive full batches, so a caller with
+        many rows (an explanation's perturbed inputs) makes one queue entry instead of many. They
+        are not monitored: they are variations of an input, not traffic. More rows than the queue
+        holds could never be admitted, so they are refused as too large (413) rather than as a
+        full queue (429, which invites a retry).
+        """
+        if rows <= 0:
+            raise InvalidInput("no rows to compute")
+        if rows > self.policy.max_queue_size:
+            raise PayloadTooLarge(f"{rows} rows in one request; this model's queue holds "
+                                  f"{self.policy.max_queue_size}")
+        return await self._enqueue(inputs, rows, deadline, monitored=False)
+
+    async def _enqueue(
+        self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None, *, monitored: bool
+    ) -> BatchResult:
+        if self._closing or self._scheduler is None:
+            raise ModelNotReady("model version is unloading")
         if self._queued_rows + rows > self.policy.max_queue_size:
             raise QueueFull(
                 f"queue full ({self._queued_rows} of {self.policy.max_queue_size} rows waiting)",
@@ -202,7 +235,8 @@ class Batcher:
         if self._variable is not None:
             arr = inputs[self._variable.name]
             length = math.prod(arr.shape[1:])
-        p = _Pending(inputs, rows, length, loop.create_future(), now, deadline, request_id.get())
+        p = _Pending(inputs, rows, length, loop.create_future(), now, deadline, request_id.get(),
+                     monitored=monitored)
         if deadline is not None:
             p.timer = loop.call_later(max(0.0, deadline - now), self._expire, p)
         self._pending.append(p)
@@ -353,7 +387,9 @@ class Batcher:
         if not live:
             self._pending.clear()
             return []
-        if self._variable is None:
+        if live[0].rows > max_rows:  # a request larger than a batch (`submit_many`) goes alone
+            batch = [live[0]]
+        elif self._variable is None:
             batch, rows = [], 0
             for p in live:
                 if rows + p.rows <= max_rows:
@@ -402,7 +438,7 @@ class Batcher:
         done = asyncio.get_running_loop().create_future()
         self._compute_queues[instance].put((batch, done))
         try:
-            results, start, (input_s, infer_s, output_s), padding = await done
+            results, start, (input_s, output_s), padding, calls = await done
         finally:
             self._jobs[instance] -= 1
             self._wake.set()
@@ -412,6 +448,8 @@ class Batcher:
         observe_many(self.metrics.queue, queue_s)
         self.stats.queue.add(sum(queue_s), len(batch))
         rows = sum(p.rows for p in batch)
+        infer_s = sum(seconds for _, seconds in calls)
+        largest = max((n for n, _ in calls), default=rows)
         end = perf_counter()
         for p, result in zip(batch, results, strict=True):
             if p.future.done():
@@ -425,14 +463,15 @@ class Batcher:
                 p.future.set_exception(result)
             else:
                 self.stats.success.add(end - p.enqueued)
-                p.future.set_result(BatchResult(result, start - p.enqueued, infer_s, rows))
+                p.future.set_result(BatchResult(result, start - p.enqueued, infer_s, largest, len(calls)))
         per_row = infer_s / rows
         self._row_seconds = 0.9 * self._row_seconds + 0.1 * per_row if self._row_seconds else per_row
-        self.metrics.compute.observe(infer_s)
-        self.metrics.batch_size.observe(rows)
+        for call_rows, seconds in calls:
+            self.metrics.compute.observe(seconds)
+            self.metrics.batch_size.observe(call_rows)
         if padding is not None:
             self.metrics.padding.observe(padding)
-        self.stats.batch(rows, len(batch), input_s, infer_s, output_s)
+        self.stats.calls(calls, len(batch), input_s, output_s)
 
     def _compute_thread(self, loop: asyncio.AbstractEventLoop, jobs: queue.SimpleQueue[_Job | None],
                         instance: int) -> None:
@@ -457,27 +496,26 @@ class Batcher:
     def _compute(
         self, batch: list[_Pending], instance: int
     ) -> _Computed:
-        """Runs in the instance's compute thread: merge, one ORT call, split (ORT releases the GIL)."""
+        """Runs in the instance's compute thread: merge, ORT call(s), split (ORT releases the GIL)."""
         t0 = perf_counter()
         try:
             feeds, padding = self._merge(batch)
         except Exception as e:  # inconsistent shapes the codec let through
-            return [e] * len(batch), t0, (perf_counter() - t0, 0.0, 0.0), None
+            return [e] * len(batch), t0, (perf_counter() - t0, 0.0), None, []
         t1 = perf_counter()
         rows = sum(p.rows for p in batch)
-        fill = self.policy.fixed_rows - rows if self._variable is None else 0
+        calls: list[tuple[int, float]] = []
         try:
-            outs = self._run_fn(instance, _repeat_last_row(feeds, fill) if fill > 0 else feeds)
-        except Exception as e:
-            t2 = perf_counter()
+            named = self._run_in_batches(instance, feeds, rows, calls)
+        except Exception as e:  # the failed call counts too, with the rows it was given
+            done = sum(n for n, _ in calls)
+            calls.append((min(self.policy.max_batch_size, rows - done),
+                          perf_counter() - t1 - sum(seconds for _, seconds in calls)))
             if len(batch) == 1:
-                return [e], t0, (t1 - t0, t2 - t1, 0.0), padding
+                return [e], t0, (t1 - t0, 0.0), padding, calls
             # One bad request must not fail its neighbours: run each alone to find it.
-            return [self._run_alone(p, instance) for p in batch], t0, (t1 - t0, t2 - t1, 0.0), padding
+            return [self._run_alone(p, instance) for p in batch], t0, (t1 - t0, 0.0), padding, calls
         t2 = perf_counter()
-        named = dict(zip(self.output_names, outs, strict=True))
-        if fill > 0:
-            named = {k: v[:rows] for k, v in named.items()}
         if len(batch) == 1:
             results: list[dict[str, np.ndarray] | Exception] = [named]
         else:
@@ -485,16 +523,51 @@ class Batcher:
             for p in batch:
                 results.append({k: v[offset:offset + p.rows] for k, v in named.items()})
                 offset += p.rows
-        self._monitor(feeds, named)
-        return results, t0, (t1 - t0, t2 - t1, perf_counter() - t2), padding
+        self._monitor_rows(batch, feeds, named)
+        return results, t0, (t1 - t0, perf_counter() - t2), padding, calls
+
+    def _run_in_batches(self, instance: int, feeds: dict[str, np.ndarray], rows: int,
+                        calls: list[tuple[int, float]]) -> dict[str, np.ndarray]:
+        """One ORT call, or one per `max_batch_size` rows for a request larger than a batch; each
+        call's (rows, seconds) is appended to `calls`."""
+        step = self.policy.max_batch_size
+        parts: list[dict[str, np.ndarray]] = []
+        for start in range(0, rows, step):
+            n = min(step, rows - start)
+            chunk = feeds if n == rows else {k: v[start:start + n] for k, v in feeds.items()}
+            fill = self.policy.fixed_rows - n if self._variable is None else 0
+            t = perf_counter()
+            outs = self._run_fn(instance, _repeat_last_row(chunk, fill) if fill > 0 else chunk)
+            calls.append((n, perf_counter() - t))
+            named = dict(zip(self.output_names, outs, strict=True))
+            parts.append({k: v[:n] for k, v in named.items()} if fill > 0 else named)
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([part[k] for part in parts]) for k in self.output_names}
 
     def _run_alone(self, p: _Pending, instance: int) -> dict[str, np.ndarray] | Exception:
         try:
             named = dict(zip(self.output_names, self._run_fn(instance, p.inputs), strict=True))
         except Exception as e:
             return e
-        self._monitor(p.inputs, named)
+        if p.monitored:
+            self._monitor(p.inputs, named)
         return named
+
+    def _monitor_rows(self, batch: list[_Pending], feeds: dict[str, np.ndarray],
+                      outputs: dict[str, np.ndarray]) -> None:
+        """Monitor the rows of the batch's monitored requests only."""
+        if all(p.monitored for p in batch):
+            self._monitor(feeds, outputs)
+            return
+        keep, offset = [], 0
+        for p in batch:
+            if p.monitored:
+                keep.extend(range(offset, offset + p.rows))
+            offset += p.rows
+        if keep:
+            index = np.asarray(keep)
+            self._monitor({k: v[index] for k, v in feeds.items()}, {k: v[index] for k, v in outputs.items()})
 
     def _monitor(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         if self._observe is None:

@@ -6,6 +6,7 @@ Counted in the worker process that served the requests (Prometheus metrics are t
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,18 +46,28 @@ class Stats:
 
     def batch(self, rows: int, requests: int, input_s: float, infer_s: float, output_s: float) -> None:
         """One ORT call of `rows` rows serving `requests` requests."""
-        self.execution_count += 1
-        self.inference_count += rows
+        self.calls([(rows, infer_s)], requests, input_s, output_s)
+
+    def calls(self, calls: Sequence[tuple[int, float]], requests: int, input_s: float,
+              output_s: float) -> None:
+        """The ORT calls, each (rows, seconds), that served `requests` requests together: one, or
+        several for a request larger than a batch (counted once, with all its rows)."""
+        if not calls:
+            return
+        self.execution_count += len(calls)
+        self.inference_count += sum(rows for rows, _ in calls)
         self.last_inference_ms = int(time.time() * 1000)
         self.compute_input.add(input_s, requests)
-        self.compute_infer.add(infer_s, requests)
+        self.compute_infer.add(sum(seconds for _, seconds in calls), requests)
         self.compute_output.add(output_s, requests)
-        b = self.batches.get(rows)
-        if b is None:
-            b = self.batches[rows] = BatchStats()
-        b.compute_input.add(input_s)
-        b.compute_infer.add(infer_s)
-        b.compute_output.add(output_s)
+        for i, (rows, infer_s) in enumerate(calls):
+            b = self.batches.get(rows)
+            if b is None:
+                b = self.batches[rows] = BatchStats()
+            # Merging and splitting happen once per request, around the first and the last call.
+            b.compute_input.add(input_s if i == 0 else 0.0)
+            b.compute_infer.add(infer_s)
+            b.compute_output.add(output_s if i == len(calls) - 1 else 0.0)
 
     def json(self, name: str, version: str) -> dict[str, Any]:
         empty = Duration().json()

@@ -7,8 +7,10 @@ import asyncio
 import threading
 
 import numpy as np
+import pytest
 
 from service.batching import Batcher, BatchPolicy, InputLayout
+from service.errors import PayloadTooLarge
 from service.metrics import ModelMetrics
 from service.stats import Stats
 
@@ -108,3 +110,44 @@ def test_fixed_rows_pads_with_the_last_row_and_hands_back_only_real_rows():
     assert shapes == [(4, 3), (4, 3)]  # the session only ever sees the one shape
     assert one.outputs["y"].tolist() == [[6.0]]
     assert two.outputs["y"].tolist() == [[3.0], [12.0]]
+
+
+def test_submit_many_computes_rows_beyond_a_batch_alone_in_full_batches_as_one_request():
+    calls: list[int] = []
+    observed: list[int] = []
+
+    def run(instance, feeds):
+        calls.append(len(feeds["x"]))
+        return [feeds["x"].sum(axis=1, keepdims=True)]
+
+    async def scenario():
+        policy = BatchPolicy(4, 0.0, 64, 1)
+        stats = Stats()
+        b = Batcher(run, ["y"], [InputLayout("x")], policy, ModelMetrics("batcher-test", "1", "CPU"), stats,
+                    observe=lambda feeds, outputs: observed.append(len(feeds["x"])))
+        b.start()
+        rows = np.arange(10, dtype=np.float32)[:, None].repeat(3, axis=1)
+        many = await b.submit_many({"x": rows}, 10)
+        one = await b.submit({"x": np.ones((1, 3), np.float32)}, 1)
+        await b.close()
+        return many, one, stats
+
+    many, one, stats = asyncio.run(scenario())
+    assert calls == [4, 4, 2, 1]
+    assert many.outputs["y"][:, 0].tolist() == [3.0 * i for i in range(10)]  # in order
+    assert (many.calls, many.batch_rows, one.calls) == (3, 4, 1)
+    assert stats.success.count == 2 and stats.inference_count == 11 and stats.execution_count == 4
+    assert observed == [1]  # an explanation's rows are not traffic to monitor
+
+
+def test_submit_many_refuses_more_rows_than_the_queue_holds_as_too_large():
+    async def scenario():
+        b = _batcher(lambda instance, feeds: [feeds["x"]], max_batch=4)
+        b.start()
+        try:
+            await b.submit_many({"x": np.zeros((65, 1), np.float32)}, 65)
+        finally:
+            await b.close()
+
+    with pytest.raises(PayloadTooLarge):
+        asyncio.run(scenario())
