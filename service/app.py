@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import __version__, errors, metrics
 from service import logging as service_logging
-from service.api import health, tasks, v2
+from service.api import explain, health, tasks, v2
 from service.api.middleware import ServiceMiddleware
 from service.api.schemas import DOC_MODELS
 from service.settings import Settings
@@ -51,6 +51,8 @@ ONNX inference for image, text and speech classifiers.
   data, classification, statistics, model configuration and model repository extensions:
   `tritonclient.http` works unchanged.
 * **Task endpoints** under `/v1`: upload an image or audio file or send text, get the top-k labels.
+* **Explanations** at `/v1/explain/{model}`: the same inputs, and which pixels, words or moments of
+  the input the answer rests on (occlusion).
 * **Prometheus metrics** at `/metrics`.
 
 Every error is JSON `{"error": message, "code": machine_code}`. Every response carries
@@ -223,6 +225,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "v2", "description": "Open Inference Protocol (KServe/Triton V2 REST)"},
             {"name": "v2 repository", "description": "Model repository extension: index, load, unload"},
             {"name": "tasks", "description": "Upload an image, audio clip or text; get top-k labels"},
+            {"name": "explain", "description": "Why a model answered what it did: occlusion attributions"},
         ],
     )
     app.state.service = state
@@ -233,6 +236,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     app.include_router(tasks.router)
     app.include_router(health.router)
+    app.include_router(explain.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

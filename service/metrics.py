@@ -40,6 +40,7 @@ RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 RMS_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+EXPLANATION_BUCKETS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 PROVIDER_LABELS = ("model", "version", "provider")
 
@@ -71,6 +72,10 @@ INPUT_AUDIO_DURATION = Histogram(
 INPUT_AUDIO_RMS = Histogram(
     "neuroserve_input_audio_rms", "Root-mean-square level of an input clip (full scale = 1)",
     ["model", "version"], buckets=RMS_BUCKETS)
+EXPLANATION_ROWS = Histogram(
+    "neuroserve_explanation_rows",
+    "Rows (the input and its perturbed copies) one explanation computed, as one batcher request",
+    ["model", "version"], buckets=EXPLANATION_BUCKETS)
 
 REQUESTS = Counter(
     "neuroserve_requests", "Requests by outcome (success|client_error|rejected|error)",
@@ -102,7 +107,8 @@ MODEL_INFO = Gauge(
 MODEL_STATES = ("loading", "ready", "unavailable", "unloaded")
 OUTCOMES = ("success", "client_error", "rejected", "error")
 REJECTION_REASONS = ("queue_full", "deadline", "too_large", "invalid", "not_ready")
-# The `endpoint` label of each task's own endpoint (besides `v2_infer`, which every model has).
+# The `endpoint` label of each task's own endpoint (besides `v2_infer` and `explain`, which every
+# model has).
 TASK_ENDPOINTS = {"image": "image", "text": "text", "speech": "audio"}
 
 # Outcome of a response, from its status code.
@@ -172,6 +178,7 @@ class ModelMetrics:
         self.text_tokens = INPUT_TEXT_TOKENS.labels(*mv)
         self.audio_duration = INPUT_AUDIO_DURATION.labels(*mv)
         self.audio_rms = INPUT_AUDIO_RMS.labels(*mv)
+        self.explanation_rows = EXPLANATION_ROWS.labels(*mv)
         self.queue_depth = QUEUE_DEPTH.labels(*mv)
         self.inflight = INFLIGHT.labels(*mv)
         self._predictions = [PREDICTIONS.labels(self.model, self.version, label) for label in self.labels]
@@ -205,7 +212,7 @@ def count_from_zero(model: str, version: str, task: str) -> None:
     A series that first appears at 1 has no earlier sample, so `rate()` and `increase()` miss the
     first request after a restart; created at 0 when the model becomes ready, it counts from there.
     """
-    for endpoint in ("v2_infer", TASK_ENDPOINTS.get(task)):
+    for endpoint in ("v2_infer", TASK_ENDPOINTS.get(task), "explain"):
         if endpoint is not None:
             for outcome_ in OUTCOMES:
                 REQUESTS.labels(model, version, endpoint, outcome_)

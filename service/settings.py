@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     max_audio_duration_s: float = Field(30.0, gt=0, description="Longest audio clip in seconds")
     max_text_chars: int = Field(10_000, gt=0, description="Longest text in characters")
     max_items: int = Field(256, gt=0, description="Most texts/files in one task-endpoint request")
+    max_explain_rows: int = Field(
+        1024, gt=0, description="Most rows (inputs and their occluded copies) one explanation computes"
+    )
     max_header_bytes: int = Field(64 * 1024, gt=0, description="Largest request line plus headers (431)")
     read_timeout_s: float = Field(
         30.0, gt=0,

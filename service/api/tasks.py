@@ -63,7 +63,14 @@ async def classify_image(request: Request, model: str, top_k: TopK = TOP_K_DEFAU
                          version: Version = None) -> Response:
     """PNG, JPEG, BMP, WebP or GIF of any size and colour mode; resized to the model's input."""
     mv, ctx = admit(request, "image", model, version)
-    _check_task(mv, "image")
+    check_task(mv, "image")
+    pixels = await image_inputs(request, mv)
+    name = mv.config.inputs[0].name
+    return await _classify(request, mv, ctx, [{name: p[None]} for p in pixels], top_k)
+
+
+async def image_inputs(request: Request, mv: ModelVersion) -> list[np.ndarray]:
+    """The uploaded pictures as the model's uint8 [C, H, W] pixels."""
     settings = state_of(request).settings
     spec = mv.config.image
     assert spec is not None
@@ -71,10 +78,8 @@ async def classify_image(request: Request, model: str, top_k: TopK = TOP_K_DEFAU
     def prepare(data: bytes) -> np.ndarray:
         return image.to_pixels(image.decode(data, max_pixels=settings.max_image_pixels), spec)
 
-    uploads = await _uploads(request, ("image/",))
-    pixels = [await _off_loop_if_large(prepare, data) for data in uploads]
-    name = mv.config.inputs[0].name
-    return await _classify(request, mv, ctx, [{name: p[None]} for p in pixels], top_k)
+    uploads = await read_uploads(request, ("image/",))
+    return [await _off_loop_if_large(prepare, data) for data in uploads]
 
 
 @router.post("/audio/{model}", summary="Classify an audio clip", responses=_RESPONSES,
@@ -85,7 +90,19 @@ async def classify_audio(request: Request, model: str, top_k: TopK = TOP_K_DEFAU
                          version: Version = None) -> Response:
     """WAV, FLAC or OGG at any sample rate and channel count; downmixed, resampled, fitted in length."""
     mv, ctx = admit(request, "audio", model, version)
-    _check_task(mv, "speech")
+    check_task(mv, "speech")
+    clips = await audio_inputs(request, mv)
+    if mv.metrics is not None:
+        for clip in clips:
+            mv.metrics.audio_duration.observe(clip.duration_s)
+    name = mv.config.inputs[0].name
+    dtype = waveform_dtype(mv)
+    rows = [{name: clip.pcm[None].astype(dtype, copy=False)} for clip in clips]
+    return await _classify(request, mv, ctx, rows, top_k)
+
+
+async def audio_inputs(request: Request, mv: ModelVersion) -> list[audio.Decoded]:
+    """The uploaded clips, decoded, at the model's rate and fitted to its duration."""
     settings = state_of(request).settings
     spec = mv.config.audio
     assert spec is not None
@@ -93,15 +110,12 @@ async def classify_audio(request: Request, model: str, top_k: TopK = TOP_K_DEFAU
     def prepare(data: bytes) -> audio.Decoded:
         return audio.decode_clip(data, spec, max_duration_s=settings.max_audio_duration_s)
 
-    uploads = await _uploads(request, ("audio/",))
-    clips = [await _off_loop_if_large(prepare, data) for data in uploads]
-    if mv.metrics is not None:
-        for clip in clips:
-            mv.metrics.audio_duration.observe(clip.duration_s)
-    name = mv.config.inputs[0].name
-    dtype = np.float16 if mv.config.inputs[0].datatype == "FP16" else np.float32
-    rows = [{name: clip.pcm[None].astype(dtype, copy=False)} for clip in clips]
-    return await _classify(request, mv, ctx, rows, top_k)
+    uploads = await read_uploads(request, ("audio/",))
+    return [await _off_loop_if_large(prepare, data) for data in uploads]
+
+
+def waveform_dtype(mv: ModelVersion) -> type[np.floating]:
+    return np.float16 if mv.config.inputs[0].datatype == "FP16" else np.float32
 
 
 @router.post(
@@ -117,9 +131,15 @@ async def classify_text(request: Request, model: str, top_k: TopK = TOP_K_DEFAUL
                         version: Version = None) -> Response:
     """One text or a list of texts, tokenized with the model's own tokenizer."""
     mv, ctx = admit(request, "text", model, version)
-    _check_task(mv, "text")
+    check_task(mv, "text")
     text = mv.model.text
     assert text is not None
+    pairs = text.encode(await text_inputs(request))
+    return await _classify(request, mv, ctx, [text.feeds([pair]) for pair in pairs], top_k)
+
+
+async def text_inputs(request: Request) -> list[str]:
+    """The texts of a JSON `{"text": ...}` / `{"texts": [...]}` or a text/plain body."""
     body = await request.body()
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "text/plain":
@@ -137,9 +157,8 @@ async def classify_text(request: Request, model: str, top_k: TopK = TOP_K_DEFAUL
             problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}"
                                  for err in e.errors())
             raise InvalidInput(problems) from None
-    _check_items(len(texts), state_of(request).settings.max_items)
-    pairs = text.encode(texts)
-    return await _classify(request, mv, ctx, [text.feeds([pair]) for pair in pairs], top_k)
+    check_items(len(texts), state_of(request).settings.max_items)
+    return texts
 
 
 _HANDLERS = {"image": classify_image, "audio": classify_audio, "text": classify_text}
@@ -169,18 +188,18 @@ async def task_request(request: Request, task: str, model: str) -> Response:
     return await _HANDLERS[task](request, model, top_k, query.get("version"))
 
 
-def _check_task(mv: ModelVersion, task: str) -> None:
+def check_task(mv: ModelVersion, task: str) -> None:
     if mv.config.task != task:
         raise InvalidInput(f"model {mv.name!r} is a {mv.config.task} model; "
                            f"use /v1/{metrics.TASK_ENDPOINTS[mv.config.task]}/{mv.name}")
 
 
-def _check_items(n: int, limit: int) -> None:
+def check_items(n: int, limit: int) -> None:
     if n > limit:
         raise PayloadTooLarge(f"{n} inputs in one request; the limit is {limit}")
 
 
-async def _uploads(request: Request, media_prefixes: tuple[str, ...]) -> list[bytes]:
+async def read_uploads(request: Request, media_prefixes: tuple[str, ...]) -> list[bytes]:
     """The uploaded files: multipart parts, or the raw body when it is itself the file."""
     settings = state_of(request).settings
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -190,7 +209,7 @@ async def _uploads(request: Request, media_prefixes: tuple[str, ...]) -> list[by
             files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
             if not files:
                 raise InvalidInput("the multipart body has no file part")
-            _check_items(len(files), settings.max_items)
+            check_items(len(files), settings.max_items)
             return [await f.read() for f in files]
         finally:
             await form.close()
