@@ -5,10 +5,11 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-# Debian packages: the data sets and speech synthesizers the tests evaluate on, Prometheus, and wrk
-# (the benchmark's closed-loop load generator, run by tests/bench).
+# Debian packages: the data sets and speech synthesizers the tests evaluate on, Prometheus, wrk
+# (the benchmark's closed-loop load generator, run by tests/bench), and Chromium with its WebDriver
+# (the browser tests of the page at `/` and the API docs).
 APT_PACKAGES := dataset-fashion-mnist espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k \
-	festvox-us-slt-hts sox libsox-fmt-all libsndfile1 prometheus wrk
+	festvox-us-slt-hts sox libsox-fmt-all libsndfile1 prometheus wrk chromium chromium-driver
 
 .PHONY: serve test lint system-deps venv dev-venv data clean
 

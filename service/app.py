@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import __version__, errors, metrics
 from service import logging as service_logging
-from service.api import explain, health, tasks, v2
+from service.api import demo, docs, explain, health, models, tasks, v2
 from service.api.middleware import ServiceMiddleware
 from service.api.schemas import DOC_MODELS
 from service.settings import Settings
@@ -53,6 +53,7 @@ ONNX inference for image, text and speech classifiers.
 * **Task endpoints** under `/v1`: upload an image or audio file or send text, get the top-k labels.
 * **Explanations** at `/v1/explain/{model}`: the same inputs, and which pixels, words or moments of
   the input the answer rests on (occlusion).
+* **A page to try the models** at `/`, and these docs, served with no outside resources.
 * **Prometheus metrics** at `/metrics`.
 
 Every error is JSON `{"error": message, "code": machine_code}`. Every response carries
@@ -226,7 +227,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "v2 repository", "description": "Model repository extension: index, load, unload"},
             {"name": "tasks", "description": "Upload an image, audio clip or text; get top-k labels"},
             {"name": "explain", "description": "Why a model answered what it did: occlusion attributions"},
+            {"name": "models", "description": "The models, their inputs and their cards, for clients"},
         ],
+        # Served by `service.api.docs` with local assets instead of FastAPI's CDN-loading pages.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = state
     app.add_exception_handler(errors.ServiceError, _service_error)
@@ -237,6 +242,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(health.router)
     app.include_router(explain.router)
+    app.include_router(models.router)
+    app.include_router(docs.router)
+    app.include_router(demo.router)
+    app.mount(docs.ASSETS_URL, docs.assets(), name="docs-assets")
+    app.mount(demo.ASSETS_URL, demo.assets(), name="ui")
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
