@@ -70,7 +70,15 @@ def _summary(model: Model) -> dict[str, Any]:
 async def list_models(request: Request) -> Response:
     repo = state_of(request).repository
     models = [_summary(m) for _, m in sorted(repo.models.items())]
+    if repo.loading:  # models further down the first load's list are not registered yet
+        models += [_not_yet_loaded(name) for name in repo.scan() if name not in repo.models]
+        models.sort(key=lambda m: m["name"])
     return Response(orjson.dumps(models), media_type="application/json")
+
+
+def _not_yet_loaded(name: str) -> dict[str, Any]:
+    return {"name": name, "task": "", "description": "", "state": State.LOADING.value, "version": None,
+            "versions": [], "labels": [], "input": {}, "max_batch_size": 0, "card": False}
 
 
 @router.get("/{model}/card", summary="The model's card as HTML", response_class=HTMLResponse,

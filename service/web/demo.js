@@ -519,7 +519,13 @@ async function main() {
   const status = document.getElementById("status");
   let models;
   try {
-    models = (await call("v1/models")).body;
+    // A server just started loads its models one by one: wait for them (a minute at most).
+    for (let tries = 0; ; tries++) {
+      models = (await call("v1/models")).body;
+      if (!models.some((m) => m.state === "LOADING") || tries >= 60) break;
+      status.textContent = "The models are loading…";
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+    }
   } catch (e) {
     status.textContent = `The models could not be listed: ${e.message}`;
     status.className = "error";
