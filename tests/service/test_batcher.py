@@ -151,3 +151,23 @@ def test_submit_many_refuses_more_rows_than_the_queue_holds_as_too_large():
 
     with pytest.raises(PayloadTooLarge):
         asyncio.run(scenario())
+
+
+def test_submit_many_pads_each_call_to_fixed_rows_and_hands_back_only_real_rows():
+    shapes: list[tuple[int, ...]] = []
+
+    def run(instance, feeds):
+        shapes.append(feeds["x"].shape)
+        return [feeds["x"].sum(axis=1, keepdims=True)]
+
+    async def scenario():
+        policy = BatchPolicy(4, 0.0, 64, 1, fixed_rows=4)
+        b = Batcher(run, ["y"], [InputLayout("x")], policy, ModelMetrics("batcher-test", "1", "CPU"), Stats())
+        b.start()
+        result = await b.submit_many({"x": np.arange(30, dtype=np.float32).reshape(10, 3)}, 10)
+        await b.close()
+        return result
+
+    result = asyncio.run(scenario())
+    assert shapes == [(4, 3)] * 3  # the last call's 2 rows padded: the session sees one shape
+    assert result.outputs["y"][:, 0].tolist() == [float(3 * i * 3 + 3) for i in range(10)]
