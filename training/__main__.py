@@ -2,6 +2,8 @@
 
 Commands: fetch, fashion-mnist, mnist, sentiment, spoken-digits, all. Each training command also
 trains the comparison architectures of its task for docs/model-zoo.md unless `--no-zoo` is given.
+`python -m training evaluate <model>` measures a shipped model's test accuracy on this machine
+against its card (`python -m training evaluate --help`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["evaluate"]:
+        from training import evaluate
+
+        parser = argparse.ArgumentParser(prog="python -m training evaluate", description=evaluate.__doc__)
+        evaluate.add_arguments(parser)
+        try:
+            return evaluate.main(parser.parse_args(argv[1:]))
+        except DataMissing as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    args = parse_args(argv)
     commands = ALL if args.command == "all" else [args.command]
     started = time.perf_counter()
     try:

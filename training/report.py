@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import onnxruntime as ort
 import tomli_w
 
 from service.model_config import ModelConfig
@@ -32,6 +34,34 @@ def evaluate(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> Evalua
         precision = np.nan_to_num(tp / confusion.sum(axis=0))
         recall = np.nan_to_num(tp / confusion.sum(axis=1))
     return Evaluation(float(tp.sum() / len(y_true)), precision, recall, confusion, len(y_true))
+
+
+# The instruction sets that pick different ONNX Runtime (MLAS) kernels, best first, as the kernel's
+# /proc/cpuinfo names them.
+_ISAS = [("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"), ("avx512bw", "AVX-512"), ("avx2", "AVX2")]
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the best of the instruction sets that change ORT's kernels."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = next((name for flag, name in _ISAS if flag in flags), "no AVX2")
+    return f"{model} ({isa})"
+
+
+def measured_with(optimization: str = "ALL") -> str:
+    """What a card's figures ran on: ONNX Runtime version, provider, optimization level and CPU."""
+    return (f"ONNX Runtime {ort.__version__}, CPUExecutionProvider, graph optimization {optimization}, "
+            f"{cpu_description()}")
 
 
 def plot_confusion(ev: Evaluation, labels: list[str], path: Path, title: str) -> None:
@@ -98,6 +128,7 @@ class ModelCard:
     parity: str
     training_command: str
     notes: list[str] = field(default_factory=list)
+    measured_with: str = field(default_factory=measured_with)
 
     def render(self) -> str:
         ev = self.evaluation
@@ -116,6 +147,7 @@ class ModelCard:
 | architecture | {self.architecture} |
 | parameters | {self.parameters:,} |
 | test accuracy | **{ev.accuracy:.2%}** on {ev.samples:,} held-out samples |
+| measured with | {self.measured_with} |
 | training time | {self.training_seconds / 60:.1f} min on 2 CPU cores |
 | ONNX file | {self.onnx_bytes / 1e6:.2f} MB |
 | PyTorch vs ONNX Runtime | {self.parity} |
@@ -137,7 +169,8 @@ Split: {self.split}
 ## Notes
 {notes}
 
-Reproduce: `{self.training_command}`
+Reproduce: `{self.training_command}`; check the served graph's figure on this machine:
+`python -m training evaluate {self.name}`
 """
 
     def write(self, model_dir: Path) -> None:

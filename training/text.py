@@ -15,6 +15,7 @@ import copy
 import hashlib
 import io
 import math
+import shutil
 import tarfile
 import tempfile
 import time
@@ -430,6 +431,8 @@ def main(args: argparse.Namespace) -> None:
         parity = check_parity(WithProbabilities(model), fp32_path, mixed)
         print(f"parity FP32 graph vs PyTorch on {parity.samples} test sentences in padded batches: "
               f"max |Δlogit| {parity.max_abs_logit_diff:.2e}, argmax agreement {parity.argmax_agreement:.2%}")
+        if not args.fast:
+            shutil.copyfile(fp32_path, cache_dir() / f"{MODEL_NAME}-seed{args.seed}-fp32.onnx")
         served_path = model_dir / "1" / "model.onnx"
         quantize_weights_int8(fp32_path, served_path)
         fp32_bytes, served_bytes = fp32_path.stat().st_size, served_path.stat().st_size
@@ -514,8 +517,11 @@ def main(args: argparse.Namespace) -> None:
             training_command="python -m training sentiment" + (" --fast" if args.fast else ""),
             notes=[
                 "The served graph stores its weights as int8 (symmetric, one scale per output channel "
-                "of each MatMul and per row of the embedding tables) and dequantizes them inside the "
-                f"graph, so all arithmetic stays float32: {fp32_bytes / 1e6:.1f} MB FP32 → "
+                "of each MatMul and per row of the embedding tables) and turns them back into float32 "
+                "inside the graph with Cast and Mul, which ONNX Runtime folds into float32 weights at "
+                "load (a DequantizeLinear would be fused into MatMulNBits, which quantizes activations "
+                "with kernels that differ between CPUs), so all arithmetic stays float32: "
+                f"{fp32_bytes / 1e6:.1f} MB FP32 → "
                 f"{served_bytes / 1e6:.1f} MB. Unlike ONNX Runtime's dynamic quantization, whose "
                 "activation scales depend on the whole batch, a sentence gets the same answer whatever "
                 "it is batched with.",

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from training.export import cpu_session
+from training.report import measured_with
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TASK_TITLES = {"image-fashion-mnist": "Images: Fashion-MNIST", "image-mnist": "Images: MNIST digits",
@@ -32,6 +33,8 @@ class ZooRow:
     latency_b1_ms: float | None
     latency_b32_ms: float | None
     served: bool = False
+    # ONNX Runtime version, provider, optimization level and CPU the figures ran on (report.measured_with)
+    measured_with: str | None = None
 
 
 def median_latency_ms(onnx_path: Path, feeds: dict[str, np.ndarray], repeats: int = 50) -> float:
@@ -50,6 +53,8 @@ def median_latency_ms(onnx_path: Path, feeds: dict[str, np.ndarray], repeats: in
 def save_rows(task: str, rows: list[ZooRow]) -> None:
     folder = DOCS / "model-zoo"
     folder.mkdir(parents=True, exist_ok=True)
+    where = measured_with()
+    rows = [r if r.measured_with else replace(r, measured_with=where) for r in rows]
     (folder / f"{task}.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     render()
 
@@ -64,7 +69,11 @@ def render() -> None:
         "Every architecture below was trained by `python -m training` on the same data and split as the",
         "served model, and measured the same way: test accuracy on the held-out split, training time on",
         "a 2-core CPU machine, ONNX file size, and the median ONNX Runtime CPU latency of one",
-        "`session.run` at batch 1 and batch 32 (2 threads). The **served** row is the one in `models/`.\n",
+        "`session.run` at batch 1 and batch 32 (2 threads). The **served** row is the one in `models/`.",
+        "Each task names the ONNX Runtime version, execution provider, graph optimization level and CPU",
+        "(its widest instruction set that changes ORT's kernels: AVX2, AVX-512, VNNI) its figures ran on;",
+        "the served int8 image graphs score the same on every x86-64 CPU, the float graphs within a test",
+        "row or two (tests/training/test_cpu_portability.py).\n",
     ]
     for task, title in TASK_TITLES.items():
         path = DOCS / "model-zoo" / f"{task}.json"
@@ -72,6 +81,9 @@ def render() -> None:
             continue
         rows = [ZooRow(**r) for r in json.loads(path.read_text())]
         parts.append(f"## {title}\n")
+        machines = sorted({r.measured_with or "not recorded (measured before the figures named it)"
+                           for r in rows})
+        parts.append(f"Measured with: {'; '.join(machines)}.\n")
         parts.append("| architecture | parameters | test accuracy | training time | ONNX size "
                      "| latency batch 1 | latency batch 32 |")
         parts.append("|---|---:|---:|---:|---:|---:|---:|")
