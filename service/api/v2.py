@@ -9,7 +9,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service import __version__
+from service import __version__, inference
 from service.api.common import admit, deadline, state_of
 from service.api.schemas import (
     BYTES_EXAMPLE,
@@ -272,13 +272,10 @@ async def infer_request(request: Request, model: str, version: str | None) -> Re
     body = await request.body()
     body = codec.decompress(body, headers.get("content-encoding"), state.settings.max_body_bytes)
     req = codec.decode_request(body, headers.get(codec.HEADER_LENGTH))
-    config = mv.config
-    codec.check_outputs(req, config)
-    feeds, rows = codec.to_feeds(req, config, mv.model.text)
-    result = await mv.serving_batcher().submit(feeds, rows, deadline(request, state, req.timeout_s))
+    result = await inference.infer(mv, req, deadline(request, state, req.timeout_s))
     ctx.timed(result.queue_s, result.compute_s, result.batch_rows)
-    content, header_length = codec.encode_response(mv.name, str(mv.version), req, result.outputs,
-                                                   mv.model.labels)
+    content, header_length = codec.encode_response(result.model_name, result.model_version, req,
+                                                   result.outputs)
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream",

@@ -95,13 +95,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
         if not isinstance(name, str):
             raise InvalidInput(f"inputs[{i}] needs a string 'name'")
-        if name in inputs:
-            raise InvalidInput(f"input {name!r} appears twice")
-        if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in _NUMPY_DTYPES):
-            raise InvalidInput(f"input {name!r}: unknown datatype {datatype!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers")
-        _check_shape_size(name, shape)
+        check_input_head(name, datatype, shape, inputs)
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidInput(f"input {name!r}: 'parameters' must be an object")
@@ -109,7 +103,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         if size is not None:
             if type(size) is not int or size < 0 or offset + size > len(binary):
                 raise InvalidInput(f"input {name!r}: binary_data_size {size!r} exceeds the binary data")
-            inputs[name] = _from_binary(name, datatype, shape, binary[offset:offset + size])
+            inputs[name] = from_raw(name, datatype, shape, binary[offset:offset + size])
             offset += size
         elif "data" in item:
             inputs[name] = _from_json(name, datatype, shape, item["data"])
@@ -221,6 +215,18 @@ _MAX_DIMS = 32
 _MAX_DIM_PRODUCT = 2**40
 
 
+def check_input_head(name: str, datatype: Any, shape: Any, seen: dict[str, np.ndarray]) -> None:
+    """The checks every input's name, datatype and shape pass before its data is read, whichever
+    transport carried it (`seen`: the inputs read so far)."""
+    if name in seen:
+        raise InvalidInput(f"input {name!r} appears twice")
+    if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in _NUMPY_DTYPES):
+        raise InvalidInput(f"input {name!r}: unknown datatype {datatype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    _check_shape_size(name, shape)
+
+
 def _check_shape_size(name: str, shape: list[int]) -> None:
     if len(shape) > _MAX_DIMS:
         raise InvalidInput(f"input {name!r}: shape has {len(shape)} dimensions; at most {_MAX_DIMS}")
@@ -267,7 +273,9 @@ def _flatten(data: Any):
         yield data
 
 
-def _from_binary(name: str, datatype: str, shape: list[int], buf: memoryview) -> np.ndarray:
+def from_raw(name: str, datatype: str, shape: list[int], buf: memoryview) -> np.ndarray:
+    """One tensor from its raw bytes (binary extension, gRPC `raw_input_contents`): a view, no copy
+    unless misaligned."""
     n = math.prod(shape)
     if datatype == "BYTES":
         items, pos = [], 0
@@ -369,27 +377,38 @@ def _tokenize(
 # -- responses --------------------------------------------------------------------------------------
 
 
+def select_outputs(
+    req: InferRequest, outputs: dict[str, np.ndarray], labels: Sequence[str]
+) -> list[tuple[RequestedOutput, np.ndarray]]:
+    """The outputs the request asked for (all, in model order, when it named none), in its order,
+    with the classification extension applied: what every transport then writes in its own form."""
+    wanted = req.outputs
+    if wanted is None:
+        wanted = [RequestedOutput(name, req.binary_output) for name in outputs]
+    return [(out, classify(outputs[out.name], out.classification, labels) if out.classification
+             else outputs[out.name]) for out in wanted]
+
+
+def datatype_of(arr: np.ndarray) -> str:
+    """The V2 datatype of an output array (object arrays hold BYTES)."""
+    return "BYTES" if arr.dtype == object else _DTYPE_TO_V2[arr.dtype]
+
+
 def encode_response(
     model_name: str,
     version: str,
     req: InferRequest,
-    outputs: dict[str, np.ndarray],
-    labels: Sequence[str],
+    selected: list[tuple[RequestedOutput, np.ndarray]],
 ) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when binary tensors follow it."""
-    wanted = req.outputs
-    if wanted is None:
-        wanted = [RequestedOutput(name, req.binary_output) for name in outputs]
+    """The response body for `select_outputs`' result, and the JSON header's length when binary
+    tensors follow it."""
     entries: list[dict[str, Any]] = []
     chunks: list[bytes] = []
-    for out in wanted:
-        arr = outputs[out.name]
-        if out.classification:
-            arr = classify(arr, out.classification, labels)
-        datatype = "BYTES" if arr.dtype == object else _DTYPE_TO_V2[arr.dtype]
+    for out, arr in selected:
+        datatype = datatype_of(arr)
         entry: dict[str, Any] = {"name": out.name, "datatype": datatype, "shape": list(arr.shape)}
         if out.binary:
-            raw = _bytes_to_binary(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes()
+            raw = bytes_to_binary(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         elif datatype == "BYTES":
@@ -434,7 +453,9 @@ def classify(scores: np.ndarray, k: int, labels: Sequence[str]) -> np.ndarray:
     return out
 
 
-def _bytes_to_binary(arr: np.ndarray) -> bytes:
+def bytes_to_binary(arr: np.ndarray) -> bytes:
+    """BYTES elements as the binary extension (and gRPC's raw contents) carry them: each
+    prefixed by its uint32 little-endian length."""
     parts = []
     for b in arr.reshape(-1):
         parts.append(struct.pack("<I", len(b)))

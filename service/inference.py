@@ -1,0 +1,41 @@
+"""The one inference path every transport takes once it has decoded a request.
+
+A transport (V2 REST, V2 gRPC) looks the model version up with `ServiceState.model`, decodes its
+wire format into a `codecs.v2.InferRequest` (tensors as numpy arrays, requested outputs with their
+classification count, request id, timeout) and calls `infer`: the model-aware checks, the batcher
+and the output selection happen here, so both protocols accept, refuse and answer alike. Errors are
+the `service.errors` hierarchy; each transport maps them to its own status codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.codecs import v2 as codec
+from service.codecs.v2 import InferRequest, RequestedOutput
+from service.repository import ModelVersion
+
+
+@dataclass(slots=True)
+class InferResult:
+    model_name: str
+    model_version: str
+    outputs: list[tuple[RequestedOutput, np.ndarray]]  # as asked for, classification applied
+    queue_s: float
+    compute_s: float
+    batch_rows: int
+
+
+async def infer(mv: ModelVersion, req: InferRequest, deadline: float | None) -> InferResult:
+    """Check `req` against the model, queue it on the version's batcher and select its outputs.
+
+    `deadline` is a `time.perf_counter()` value (None: none); raises `ServiceError`s only."""
+    config = mv.config
+    codec.check_outputs(req, config)
+    feeds, rows = codec.to_feeds(req, config, mv.model.text)
+    result = await mv.serving_batcher().submit(feeds, rows, deadline)
+    selected = codec.select_outputs(req, result.outputs, mv.model.labels)
+    return InferResult(mv.name, str(mv.version), selected, result.queue_s, result.compute_s,
+                       result.batch_rows)
