@@ -27,22 +27,14 @@ from service import logging as service_logging
 from service.api import demo, docs, explain, health, models, tasks, v2
 from service.api.middleware import ServiceMiddleware
 from service.api.schemas import DOC_MODELS
+from service.grpc import server as grpc_server_module
 from service.settings import Settings
 from service.state import ServiceState
 
 log = logging.getLogger("neuroserve.app")
 GIL_SWITCH_INTERVAL_S = 0.0005
 
-# Which `neuroserve_rejections_total` reason each refusal counts as (by exact type: ServerNotReady,
-# the readiness probe's answer, is not a refusal).
-_REJECTION_REASONS: dict[type[errors.ServiceError], str] = {
-    errors.QueueFull: "queue_full",
-    errors.DeadlineExceeded: "deadline",
-    errors.PayloadTooLarge: "too_large",
-    errors.InvalidInput: "invalid",
-    errors.UnsupportedMedia: "invalid",
-    errors.ModelNotReady: "not_ready",
-}
+_REJECTION_REASONS = errors.REJECTION_REASONS
 
 DESCRIPTION = """\
 ONNX inference for image, text and speech classifiers.
@@ -203,11 +195,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.load_task.add_done_callback(_freeze_heap)
         if settings.workers > 1:
             await asyncio.shield(state.load_task)
+        # gRPC in this worker's event loop, over the same state; bound here, after the models with
+        # several workers, as the HTTP socket is (see service.workers).
+        grpc_server = await grpc_server_module.start(state) if settings.grpc_port else None
         _install_drain_on_sigterm(state)
         try:
             yield
         finally:
             state.draining = True
+            if grpc_server is not None:
+                await grpc_server_module.stop(grpc_server)
             if not state.load_task.done():
                 state.load_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

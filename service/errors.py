@@ -1,7 +1,9 @@
-"""Every error a request can meet, each with the HTTP status and the machine-readable code it maps to.
+"""Every error a request can meet, each with the HTTP status, the gRPC status (by its name in
+`grpc.StatusCode`) and the machine-readable code it maps to.
 
 Routes raise these; one exception handler in `service.app` turns them into
-`{"error": message, "code": code}` JSON with `status`. Nothing else decides a status code.
+`{"error": message, "code": code}` JSON with `status`, and the gRPC servicer aborts with `grpc`.
+Nothing else decides a status code.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 class ServiceError(Exception):
     status: int = 500
+    grpc: str = "INTERNAL"
     code: str = "internal"
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
@@ -21,31 +24,37 @@ class InvalidInput(ServiceError):
     """The request is well-formed HTTP but its content is wrong: shape, datatype, values."""
 
     status = 400
+    grpc = "INVALID_ARGUMENT"
     code = "invalid_input"
 
 
 class ModelNotFound(ServiceError):
     status = 404
+    grpc = "NOT_FOUND"
     code = "model_not_found"
 
 
 class PayloadTooLarge(ServiceError):
     status = 413
+    grpc = "RESOURCE_EXHAUSTED"
     code = "too_large"
 
 
 class UnsupportedMedia(ServiceError):
     status = 415
+    grpc = "INVALID_ARGUMENT"
     code = "unsupported_media"
 
 
 class QueueFull(ServiceError):
     status = 429
+    grpc = "RESOURCE_EXHAUSTED"
     code = "queue_full"
 
 
 class ModelNotReady(ServiceError):
     status = 503
+    grpc = "UNAVAILABLE"
     code = "not_ready"
 
 
@@ -58,6 +67,7 @@ class DeadlineExceeded(ServiceError):
     """The request waited longer than its deadline; it was shed before any compute was spent."""
 
     status = 504
+    grpc = "DEADLINE_EXCEEDED"
     code = "deadline"
 
 
@@ -72,6 +82,7 @@ class ModelLoadFailed(ServiceError):
     """A repository load request could not make the model READY (the reason says why)."""
 
     status = 400
+    grpc = "INVALID_ARGUMENT"
     code = "load_failed"
 
 
@@ -80,5 +91,18 @@ class Unsupported(ServiceError):
     several worker processes, where each worker holds its own copy of the models)."""
 
     status = 400
+    grpc = "FAILED_PRECONDITION"
     code = "unsupported"
 
+
+
+# Which `neuroserve_rejections_total` reason each refusal counts as, whichever transport refused it
+# (by exact type: ServerNotReady, the readiness probe's answer, is not a refusal).
+REJECTION_REASONS: dict[type[ServiceError], str] = {
+    QueueFull: "queue_full",
+    DeadlineExceeded: "deadline",
+    PayloadTooLarge: "too_large",
+    InvalidInput: "invalid",
+    UnsupportedMedia: "invalid",
+    ModelNotReady: "not_ready",
+}

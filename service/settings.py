@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Interface to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="TCP port of the V2 gRPC API (0: no gRPC server)"
+    )
     workers: int = Field(1, ge=1, description="Worker processes (each loads every model)")
 
     # ONNX Runtime.

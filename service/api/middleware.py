@@ -58,11 +58,11 @@ _ID_PREFIX = secrets.token_hex(4)
 _id_counter = itertools.count(1)
 
 
-def _new_request_id() -> str:
+def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):08x}"
 
 
-def _valid_request_id(value: bytes) -> bool:
+def valid_request_id(value: bytes) -> bool:
     return 0 < len(value) <= 128 and all(0x21 <= c <= 0x7E for c in value)
 
 
@@ -84,7 +84,7 @@ class ServiceMiddleware:
                 rid_header = value
             elif key == b"content-length":
                 length = int(value) if value.isdigit() else -1
-        rid = rid_header.decode() if _valid_request_id(rid_header) else _new_request_id()
+        rid = rid_header.decode() if valid_request_id(rid_header) else new_request_id()
         ctx = RequestContext(rid, perf_counter())
         scope["neuroserve"] = ctx
         token = request_id.set(rid)
@@ -98,7 +98,7 @@ class ServiceMiddleware:
                 status = message["status"]
                 headers = list(message.get("headers", ()))
                 headers.append((b"x-request-id", rid.encode()))
-                headers.append((b"server-timing", self._server_timing(ctx).encode()))
+                headers.append((b"server-timing", server_timing(ctx).encode()))
                 message["headers"] = headers
             await send(message)
 
@@ -153,13 +153,13 @@ class ServiceMiddleware:
                         if ctx.endpoint else None, "client": _client(scope)})
             request_id.reset(token)
 
-    @staticmethod
-    def _server_timing(ctx: RequestContext) -> str:
-        total = f"total;dur={(perf_counter() - ctx.start) * 1000:.3f}"
-        if not ctx.batch_rows:
-            return total
-        return (f"queue;dur={ctx.queue_s * 1000:.3f}, compute;dur={ctx.compute_s * 1000:.3f}, "
-                f'batch;desc="{ctx.batch_rows}", {total}')
+def server_timing(ctx: RequestContext) -> str:
+    """The `Server-Timing` value (HTTP header, gRPC trailing metadata) for a finished request."""
+    total = f"total;dur={(perf_counter() - ctx.start) * 1000:.3f}"
+    if not ctx.batch_rows:
+        return total
+    return (f"queue;dur={ctx.queue_s * 1000:.3f}, compute;dur={ctx.compute_s * 1000:.3f}, "
+            f'batch;desc="{ctx.batch_rows}", {total}')
 
 
 def _client(scope: Scope) -> str | None:

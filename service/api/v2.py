@@ -23,8 +23,9 @@ from service.api.schemas import (
 )
 from service.codecs import v2 as codec
 from service.errors import ModelLoadFailed, ModelNotFound, ModelNotReady, Unsupported
-from service.repository import Model, ModelVersion, State
+from service.repository import Model, ModelVersion, Repository, State
 from service.runtime import CUDA
+from service.state import ServiceState
 
 router = APIRouter(tags=["v2"])
 
@@ -42,7 +43,7 @@ def _json(doc: Any, status: int = 200) -> Response:
 
 
 @router.get("/v2", summary="Server metadata", response_model=V2ServerMetadata)
-async def server_metadata() -> Response:
+async def servermetadata_doc() -> Response:
     return _json({"name": "neuroserve", "version": __version__, "extensions": EXTENSIONS})
 
 
@@ -51,10 +52,7 @@ async def server_metadata() -> Response:
 
 @router.get("/v2/models/stats", summary="Statistics of every model")
 async def all_stats(request: Request) -> Response:
-    repo = state_of(request).repository
-    out = [mv.stats.json(m.name, str(v)) for m in repo.models.values() for v, mv in sorted(m.versions.items())
-           if mv.state is State.READY or mv.stats.execution_count]
-    return _json({"model_stats": out})
+    return _json({"model_stats": all_stats_docs(state_of(request).repository)})
 
 
 @router.get("/v2/models/{model}/stats", summary="Model statistics", responses=_errors(404))
@@ -69,13 +67,24 @@ async def model_version_stats(request: Request, model: str, version: str) -> Res
 
 
 def _stats(request: Request, model: str, version: str | None) -> Response:
-    m = state_of(request).repository.model(model)
+    return _json({"model_stats": stats_docs(state_of(request).repository, model, version)})
+
+
+def stats_docs(repo: Repository, model: str, version: str | None) -> list[dict[str, Any]]:
+    """Triton's statistics of one model (every version, or the one asked for)."""
+    m = repo.model(model)
     versions = sorted(m.versions.items())
     if version is not None:
         versions = [(v, mv) for v, mv in versions if str(v) == version]
         if not versions:
             raise _no_version(model, version)
-    return _json({"model_stats": [mv.stats.json(model, str(v)) for v, mv in versions]})
+    return [mv.stats.json(model, str(v)) for v, mv in versions]
+
+
+def all_stats_docs(repo: Repository) -> list[dict[str, Any]]:
+    """Triton's statistics of every model version that is ready or has served."""
+    return [mv.stats.json(m.name, str(v)) for m in repo.models.values()
+            for v, mv in sorted(m.versions.items()) if mv.state is State.READY or mv.stats.execution_count]
 
 
 # -- metadata, readiness, configuration -------------------------------------------------------------
@@ -88,7 +97,12 @@ def _no_version(model: str, version: str) -> Exception:
 def _model_and_versions(
     request: Request, model: str, version: str | None
 ) -> tuple[Model, list[ModelVersion]]:
-    m = state_of(request).repository.model(model)
+    return model_and_versions(state_of(request).repository, model, version)
+
+
+def model_and_versions(repo: Repository, model: str, version: str | None) -> tuple[Model, list[ModelVersion]]:
+    """The model and its ready versions (or the one asked for), for metadata and configuration."""
+    m = repo.model(model)
     if m.config is None:
         raise ModelNotReady(f"model {model!r} is unavailable: {m.error}")
     if version is None:
@@ -99,7 +113,7 @@ def _model_and_versions(
     return m, [mv]
 
 
-def _metadata(m: Model, versions: list[ModelVersion]) -> dict[str, Any]:
+def metadata_doc(m: Model, versions: list[ModelVersion]) -> dict[str, Any]:
     config = m.config
     assert config is not None
     provider = versions[-1].provider if versions else ""
@@ -116,14 +130,14 @@ def _metadata(m: Model, versions: list[ModelVersion]) -> dict[str, Any]:
 
 @router.get("/v2/models/{model}", summary="Model metadata", response_model=V2ModelMetadata,
             responses=_errors(404, 503))
-async def model_metadata(request: Request, model: str) -> Response:
-    return _json(_metadata(*_model_and_versions(request, model, None)))
+async def modelmetadata_doc(request: Request, model: str) -> Response:
+    return _json(metadata_doc(*_model_and_versions(request, model, None)))
 
 
 @router.get("/v2/models/{model}/versions/{version}", summary="Model version metadata",
             response_model=V2ModelMetadata, responses=_errors(404, 503))
-async def model_version_metadata(request: Request, model: str, version: str) -> Response:
-    return _json(_metadata(*_model_and_versions(request, model, version)))
+async def model_versionmetadata_doc(request: Request, model: str, version: str) -> Response:
+    return _json(metadata_doc(*_model_and_versions(request, model, version)))
 
 
 @router.get("/v2/models/{model}/ready", summary="Model ready",
@@ -144,7 +158,7 @@ def _triton_type(datatype: str) -> str:
     return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
 
 
-def _triton_config(m: Model, versions: list[ModelVersion], device_id: int) -> dict[str, Any]:
+def triton_config_doc(m: Model, versions: list[ModelVersion], device_id: int) -> dict[str, Any]:
     """Triton's JSON model configuration, enough for perf_analyzer and tritonclient."""
     config = m.config
     assert config is not None
@@ -185,14 +199,14 @@ def _triton_config(m: Model, versions: list[ModelVersion], device_id: int) -> di
             responses=_errors(404, 503))
 async def model_config(request: Request, model: str) -> Response:
     device = state_of(request).settings.cuda_device_id
-    return _json(_triton_config(*_model_and_versions(request, model, None), device))
+    return _json(triton_config_doc(*_model_and_versions(request, model, None), device))
 
 
 @router.get("/v2/models/{model}/versions/{version}/config", summary="Model version configuration",
             responses=_errors(404, 503))
 async def model_version_config(request: Request, model: str, version: str) -> Response:
     device = state_of(request).settings.cuda_device_id
-    return _json(_triton_config(*_model_and_versions(request, model, version), device))
+    return _json(triton_config_doc(*_model_and_versions(request, model, version), device))
 
 
 # -- inference ---------------------------------------------------------------------------------------
@@ -304,8 +318,8 @@ async def repository_index(request: Request) -> Response:
     return _json(state_of(request).repository.index(ready_only=doc.get("ready") is True))
 
 
-def _single_worker(request: Request) -> None:
-    if state_of(request).settings.workers > 1:
+def _single_worker(state: ServiceState) -> None:
+    if state.settings.workers > 1:
         raise Unsupported("model load/unload needs --workers 1: each worker holds its own models, "
                           "and this request would reach only one of them")
 
@@ -314,28 +328,39 @@ def _single_worker(request: Request) -> None:
                         responses={200: {"description": "Every version of the model is READY"},
                                    **_errors(400, 404)})
 async def repository_load(request: Request, model: str) -> Response:
-    _single_worker(request)
+    _single_worker(state_of(request))
     params = (await _optional_json(request)).get("parameters") or {}
+    await load_model(state_of(request), model, params)
+    return Response(status_code=200)
+
+
+async def load_model(state: ServiceState, model: str, params: Any) -> None:
+    """Load or reload `model`; raises unless every version of it is READY afterwards."""
+    _single_worker(state)
     if isinstance(params, dict) and any(k == "config" or k.startswith("file:") for k in params):
         raise Unsupported("loading with an overriding config or files is not supported; edit config.toml")
-    m = await state_of(request).repository.load(model)
+    m = await state.repository.load(model)
     if m.error:
         raise ModelLoadFailed(f"failed to load {model!r}: {m.error}")
     failed = [f"version {mv.version}: {mv.reason}"
               for mv in m.versions.values() if mv.state is not State.READY]
     if failed:
         raise ModelLoadFailed(f"failed to load {model!r}: " + "; ".join(failed))
-    return Response(status_code=200)
 
 
 @repository_router.post("/v2/repository/models/{model}/unload", summary="Unload a model",
                         responses={200: {"description": "Unloaded after its in-flight requests finished"},
                                    **_errors(400, 404)})
 async def repository_unload(request: Request, model: str) -> Response:
-    _single_worker(request)
+    _single_worker(state_of(request))
     await _optional_json(request)
-    await state_of(request).repository.unload(model)
+    await unload_model(state_of(request), model)
     return Response(status_code=200)
+
+
+async def unload_model(state: ServiceState, model: str) -> None:
+    _single_worker(state)
+    await state.repository.unload(model)
 
 
 router.include_router(repository_router)

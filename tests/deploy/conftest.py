@@ -180,7 +180,7 @@ def service(model_repository: Path, service_port: int,
     port = service_port
     log = tmp_path_factory.mktemp("service") / "service.log"
     args = [sys.executable, "-m", "service", "serve", "--model-repository", str(model_repository),
-            "--host", "127.0.0.1", "--port", str(port)]
+            "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0"]
     url = f"http://127.0.0.1:{port}"
     with background(args, log=log) as proc:
         try:

@@ -109,6 +109,7 @@ async def running_app(repo: Path, **settings: object) -> AsyncIterator[httpx.Asy
     from service.app import create_app
     from service.settings import Settings
 
+    settings = {"grpc_port": 0, **settings}  # no gRPC server on the shared default port
     app = create_app(Settings(model_repository=repo, intra_op_threads=1, access_log=False, **settings))
     async with app.router.lifespan_context(app):
         state = app.state.service

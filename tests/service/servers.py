@@ -64,6 +64,9 @@ def start_server(repo: Path, log: Path, *args: str, wait: str = "ready", timeout
         str(port),
         "--intra-op-threads",
         "1",
+        # No gRPC unless a test asks for it (a later --grpc-port wins): the default port is shared.
+        "--grpc-port",
+        "0",
         *args,
     ]
     with open(log, "wb") as out:

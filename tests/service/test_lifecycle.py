@@ -75,7 +75,7 @@ def _during_and_after_loading(repository: Path, during: list[str], after: list[s
     from service.settings import Settings
 
     async def main():
-        app = create_app(Settings(model_repository=repository, intra_op_threads=1))
+        app = create_app(Settings(model_repository=repository, intra_op_threads=1, grpc_port=0))
         transport = httpx.ASGITransport(app=app)
         async with (
             app.router.lifespan_context(app),
