@@ -43,9 +43,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     NEUROSERVE_MODEL_REPOSITORY=/models \
     NEUROSERVE_HOST=0.0.0.0 \
     NEUROSERVE_PORT=8000 \
+    NEUROSERVE_GRPC_PORT=8001 \
     NEUROSERVE_PROVIDERS=cuda
 USER 10001
-EXPOSE 8000
+# HTTP (REST, /metrics) and V2 gRPC.
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('NEUROSERVE_PORT', '8000'), timeout=2)"]
 # exec: the service is PID 1 and receives SIGTERM itself, so it drains before the container stops.
@@ -69,9 +71,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     NEUROSERVE_MODEL_REPOSITORY=/models \
     NEUROSERVE_HOST=0.0.0.0 \
-    NEUROSERVE_PORT=8000
+    NEUROSERVE_PORT=8000 \
+    NEUROSERVE_GRPC_PORT=8001
 USER 10001
-EXPOSE 8000
+# HTTP (REST, /metrics) and V2 gRPC.
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('NEUROSERVE_PORT', '8000'), timeout=2)"]
 # exec: the service is PID 1 and receives SIGTERM itself, so it drains before the container stops.

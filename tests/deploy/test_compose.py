@@ -46,7 +46,7 @@ def test_service_builds_the_cpu_image_and_mounts_the_model_repository():
     mounts = {v["target"]: v for v in service["volumes"]}
     assert mounts["/models"]["type"] == "bind"
     assert mounts["/models"]["source"] == str(ROOT / "models")
-    assert [p["target"] for p in service["ports"]] == [8000]
+    assert [p["target"] for p in service["ports"]] == [8000, 8001]  # HTTP, V2 gRPC
 
 
 def test_prometheus_and_grafana_mount_the_provisioned_configuration():

@@ -41,7 +41,8 @@ def started(image: Stage, model_repository: Path, tmp_path_factory) -> Iterator[
     assert image.env["PATH"].startswith(IMAGE_VENV + ":")
     port = free_port()
     env = container_env(image, NEUROSERVE_MODEL_REPOSITORY=str(model_repository),
-                        NEUROSERVE_HOST="127.0.0.1", NEUROSERVE_PORT=str(port))
+                        NEUROSERVE_HOST="127.0.0.1", NEUROSERVE_PORT=str(port),
+                        NEUROSERVE_GRPC_PORT=str(free_port()))
     log = tmp_path_factory.mktemp("container-command") / "service.log"
     url = f"http://127.0.0.1:{port}"
     with background(image.cmd, env=env, log=log) as proc:
@@ -60,6 +61,7 @@ def test_start_command_takes_repository_and_address_from_the_image_env(image: St
     assert image.env["NEUROSERVE_MODEL_REPOSITORY"] == "/models"
     assert image.env["NEUROSERVE_HOST"] == "0.0.0.0"
     assert image.env["NEUROSERVE_PORT"] == "8000"
+    assert image.env["NEUROSERVE_GRPC_PORT"] == "8001"
 
 
 def test_start_command_serves_the_repository_and_predicts(started):
@@ -89,3 +91,12 @@ def test_healthcheck_command_passes_against_the_ready_service(image: Stage, star
 def test_healthcheck_command_fails_when_nothing_answers(image: Stage, started):
     _, env = started
     assert healthcheck(image, {**env, "NEUROSERVE_PORT": str(free_port())}).returncode != 0
+
+
+def test_start_command_serves_grpc_on_the_env_port(started):
+    import tritonclient.grpc as triton
+
+    _, env = started
+    with triton.InferenceServerClient(f"127.0.0.1:{env['NEUROSERVE_GRPC_PORT']}") as client:
+        assert client.is_server_ready()
+        assert client.get_model_metadata("tiny-image").name == "tiny-image"

@@ -219,11 +219,14 @@ def test_start_command_uses_only_real_flags_and_listens_on_the_container_port(co
     args = serve_args(container_argv(container, image))
     assert args.model_repository == image.env["NEUROSERVE_MODEL_REPOSITORY"]
     assert args.host == "0.0.0.0", "the pod's IP, not loopback, must answer"
-    (port,) = container["ports"]
-    assert port["name"] == "http"
-    assert port["containerPort"] == int(args.port)
+    http, grpc = container["ports"]
+    assert (http["name"], grpc["name"]) == ("http", "grpc")
+    assert http["containerPort"] == int(args.port)
+    # gRPC's port is not a flag of the command: the setting's default, and the image's env.
+    assert grpc["containerPort"] == Settings.model_fields["grpc_port"].default
+    assert grpc["containerPort"] == int(image.env["NEUROSERVE_GRPC_PORT"])
     exposed = [rest for keyword, rest in image.instructions if keyword == "EXPOSE"]
-    assert exposed == [str(port["containerPort"])]
+    assert exposed == [f"{http['containerPort']} {grpc['containerPort']}"]
 
 
 def test_probes_use_the_apps_readiness_and_liveness_routes(container, app, client):
@@ -342,9 +345,10 @@ def test_selectors_match_the_pod_labels(deployment, pod):
 def test_service_targets_the_named_container_port(container):
     service = one("Service")
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
-    (port,) = service["spec"]["ports"]
-    assert port["name"] == "http"
-    assert port["targetPort"] == container["ports"][0]["name"]
+    http, grpc = service["spec"]["ports"]
+    assert (http["name"], http["targetPort"]) == ("http", container["ports"][0]["name"])
+    assert (grpc["name"], grpc["targetPort"]) == ("grpc", container["ports"][1]["name"])
+    assert grpc["port"] == container["ports"][1]["containerPort"]
 
 
 def test_hpa_scales_the_deployment_and_the_pdb_leaves_one_serving(deployment, container):
