@@ -6,10 +6,11 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 
 # Debian packages: the data sets and speech synthesizers the tests evaluate on, Prometheus, wrk
-# (the benchmark's closed-loop load generator, run by tests/bench), and Chromium with its WebDriver
-# (the browser tests of the page at `/` and the API docs).
+# (the benchmark's closed-loop load generator, run by tests/bench), Chromium with its WebDriver
+# (the browser tests of the page at `/` and the API docs), and qemu-user (runs ONNX Runtime's AVX2
+# kernels on any x86-64 CPU, so the tests check that the shipped models answer the same there).
 APT_PACKAGES := dataset-fashion-mnist espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k \
-	festvox-us-slt-hts sox libsox-fmt-all libsndfile1 prometheus wrk chromium chromium-driver
+	festvox-us-slt-hts sox libsox-fmt-all libsndfile1 prometheus wrk chromium chromium-driver qemu-user
 
 .PHONY: serve test lint system-deps venv dev-venv data clean
 

@@ -2,14 +2,19 @@
 
 A real server on the real `models/` repository is driven the ways users drive it — `tritonclient`
 over V2 binary and JSON (with the classification extension), and the task endpoints with PNG, text
-and WAV uploads — over each model's whole held-out test set, and the accuracy it yields must match
-the card's figure within 0.5 points.
+and WAV uploads — over each model's whole held-out test set, and the accuracy it yields must be
+the card's figure on whatever CPU runs the tests:
+
+- exactly, for the int8 image graphs, which compute bit for bit the same on AVX2, AVX-512 and VNNI
+  kernels (tests/training/test_cpu_portability.py);
+- within 0.1 point for the float graphs (sentiment, spoken-digits): the order of float additions
+  differs between the AVX2 and AVX-512 kernels, which moves logits by about 1e-6, enough to flip a
+  test row whose two best classes lie closer than that — one sentence of 1,057, two clips of 2,400.
 """
 
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,15 +27,22 @@ from PIL import Image
 
 from service.model_config import load_model_config
 from tests.service.conftest import Server, start_server
-from training import images, speech_corpus, text
+from training import evaluate, images, speech_corpus, text
 from training.speech import wav_bytes
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
+FLOAT_TOLERANCE = 0.001  # 0.1 point: see the module's docstring
+
+
 def card_accuracy(name: str) -> float:
-    card = (MODELS / name / "README.md").read_text()
-    return float(re.search(r"\| test accuracy \| \*\*([\d.]+)%\*\*", card).group(1)) / 100
+    return evaluate.card_accuracy(MODELS / name)
+
+
+def assert_card_figure_exactly(name: str, accuracy: float) -> None:
+    """The accuracy as the card prints it (two decimals of a percentage) is the card's."""
+    assert f"{accuracy:.2%}" == f"{card_accuracy(name):.2%}", accuracy
 
 
 def batch_size(name: str) -> int:
@@ -71,15 +83,13 @@ def v2_predict(server: Server, model: str, pixels: np.ndarray, *, binary: bool) 
 
 def test_fashion_mnist_over_v2_binary_scores_its_card_accuracy(shipped, fashion):
     predicted = v2_predict(shipped, "fashion-mnist", fashion.x_test, binary=True)
-    accuracy = float((predicted == fashion.y_test).mean())
-    assert abs(accuracy - card_accuracy("fashion-mnist")) <= 0.005, accuracy
+    assert_card_figure_exactly("fashion-mnist", float((predicted == fashion.y_test).mean()))
 
 
 def test_mnist_over_v2_json_classification_scores_its_card_accuracy(shipped):
     digits = images.load_digits()
     predicted = v2_predict(shipped, "mnist", digits.x_test, binary=False)
-    accuracy = float((predicted == digits.y_test).mean())
-    assert abs(accuracy - card_accuracy("mnist")) <= 0.005, accuracy
+    assert_card_figure_exactly("mnist", float((predicted == digits.y_test).mean()))
 
 
 def test_image_uploads_get_the_same_answers_as_v2_tensors(shipped, fashion):
@@ -115,7 +125,7 @@ def test_sentiment_text_endpoint_scores_its_card_accuracy(shipped):
     with ThreadPoolExecutor(4) as pool:
         predicted = np.concatenate(list(pool.map(classify, chunks)))
     accuracy = float((predicted == truth).mean())
-    assert abs(accuracy - card_accuracy("sentiment")) <= 0.005, accuracy
+    assert abs(accuracy - card_accuracy("sentiment")) <= FLOAT_TOLERANCE + 1e-9, accuracy
 
 
 def test_spoken_digits_audio_endpoint_scores_its_card_accuracy(shipped):
@@ -132,4 +142,4 @@ def test_spoken_digits_audio_endpoint_scores_its_card_accuracy(shipped):
     with ThreadPoolExecutor(8) as pool:
         predicted = np.asarray(list(pool.map(classify, split["audio"])))
     accuracy = float((predicted == split["labels"]).mean())
-    assert abs(accuracy - card_accuracy("spoken-digits")) <= 0.005, accuracy
+    assert abs(accuracy - card_accuracy("spoken-digits")) <= FLOAT_TOLERANCE + 1e-9, accuracy
