@@ -185,8 +185,12 @@ def start_service(repository: Path, *, workers: int = 1, port: int | None = None
                   log_dir: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None,
                   extra_args: list[str] | None = None) -> Server:
     port = port or free_port()
+    extra_args = list(extra_args or [])
+    if "--grpc-port" not in extra_args:
+        # The HTTP benchmarks need no gRPC, and servers up side by side must not share its port.
+        extra_args += ["--grpc-port", "0"]
     cmd = [sys.executable, "-m", "service", "serve", "--model-repository", str(repository),
-           "--host", HOST, "--port", str(port), "--workers", str(workers), *(extra_args or [])]
+           "--host", HOST, "--port", str(port), "--workers", str(workers), *extra_args]
     server = _start("service", cmd, port, env or {}, log_dir, "/v2/health/ready", timeout)
     server.info = {"workers": workers}
     # Ready means one worker answers. Each worker listens on its own socket once it has loaded, and
