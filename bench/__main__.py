@@ -3,6 +3,7 @@
     python -m bench all --quick        # a short run (minutes) of everything, report in docs/
     python -m bench all                # the full run (about an hour on 2 cores)
     python -m bench raw                # ONNX Runtime in process, per model and batch size
+    python -m bench int8               # the served int8 graphs against their FP32 graphs
     python -m bench soak --duration 300
     python -m bench tune --model fashion-mnist   # batching knobs for this machine
     python -m bench breakdown --model models/fashion-mnist   # µs per step of the request path
@@ -20,8 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import breakdown, raw_ort, report, soak, suite, tune
+from bench import breakdown, int8, raw_ort, report, soak, suite, tune
 from bench.workloads import find_models, model_file, raw_workload
+from training.report import measured_with
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -69,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--threads", type=int, default=os.cpu_count())
     r.add_argument("--batch-sizes", type=_ints, default=raw_ort.DEFAULT_BATCH_SIZES)
     r.add_argument("--duration", type=float, default=2.0)
+
+    q = sub.add_parser("int8", help="served int8 graphs vs their FP32 graphs, raw ORT, batch 1 and 16")
+    q.add_argument("--repository", type=Path, default=Path("models"), help="model repository")
+    q.add_argument("--models", default="fashion-mnist,mnist,sentiment")
+    q.add_argument("--threads", type=_ints, default=(1, 2), help="ORT threads, e.g. 1,2")
+    q.add_argument("--out", type=Path, default=Path("docs/benchmarks/int8.json"))
 
     s = sub.add_parser("soak", help="RSS per worker over a bounded run at ~70 %% of peak")
     _common(s)
@@ -153,6 +161,19 @@ def main(argv: list[str] | None = None) -> int:
             for p in res["points"]:
                 print(f"{d.name:14s} batch {p['batch_size']:4d}: {p['samples_per_s']:10,.0f} samples/s  "
                       f"p50 {p['p50_ms']:7.3f} ms  p99 {p['p99_ms']:7.3f} ms")
+        return 0
+
+    if args.cmd == "int8":
+        results = {"command": command, "machine": measured_with(), "runs": []}
+        for name in args.models.split(","):
+            for threads in args.threads:
+                res = int8.run(args.repository / name, threads=threads)
+                results["runs"].append(res)
+                for p in res["points"]:
+                    print(f"{name:14s} {threads} thread(s) batch {p['batch_size']:3d}: "
+                          f"int8 {p['int8_ms']:8.3f} ms  FP32 {p['fp32_ms']:8.3f} ms  ×{p['speedup']:.2f}")
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"{results['machine']}; written to {args.out}")
         return 0
 
     if args.cmd == "soak":
