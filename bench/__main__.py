@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--repository", type=Path, default=Path("models"), help="model repository")
     q.add_argument("--models", default="fashion-mnist,mnist,sentiment")
     q.add_argument("--threads", type=_ints, default=(1, 2), help="ORT threads, e.g. 1,2")
+    q.add_argument("--rounds", type=int, default=7, help="rounds of interleaved measurement")
     q.add_argument("--out", type=Path, default=Path("docs/benchmarks/int8.json"))
 
     s = sub.add_parser("soak", help="RSS per worker over a bounded run at ~70 %% of peak")
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {"command": command, "machine": measured_with(), "runs": []}
         for name in args.models.split(","):
             for threads in args.threads:
-                res = int8.run(args.repository / name, threads=threads)
+                res = int8.run(args.repository / name, threads=threads, rounds=args.rounds)
                 results["runs"].append(res)
                 for p in res["points"]:
                     print(f"{name:14s} {threads} thread(s) batch {p['batch_size']:3d}: "

@@ -189,3 +189,25 @@ def test_tune_measures_every_worker_count(tmp_path: Path, capsys) -> None:
     assert sorted((r["workers"], r["max_batch_size"]) for r in rows) == [(1, 4), (2, 4)]
     assert all(r["rps"] > 0 and r["p50_c1_ms"] > 0 for r in rows)
     assert "| workers | max_batch_size |" in capsys.readouterr().out
+
+
+def test_int8_command_compares_the_served_graph_with_its_cached_fp32_graph(tmp_path, monkeypatch):
+    repo = build_repository(tmp_path / "models")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("NEUROSERVE_DATA_DIR", str(cache))
+    out = tmp_path / "int8.json"
+    args = ["int8", "--repository", str(repo), "--models", "tiny", "--threads", "1", "--rounds", "1",
+            "--out", str(out)]
+    with pytest.raises(FileNotFoundError, match="python -m training tiny"):
+        main(args)  # no FP32 graph in the cache: says which command leaves it there
+    shutil.copyfile(repo / "tiny" / "1" / "model.onnx", cache / "tiny-seed0-fp32.onnx")
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert "CPUExecutionProvider" in result["machine"]
+    assert result["command"].startswith("python -m bench int8")
+    (run,) = result["runs"]
+    assert [p["batch_size"] for p in run["points"]] == [1, 16]
+    for p in run["points"]:
+        assert p["int8_ms"] > 0 and p["fp32_ms"] > 0
+        assert p["speedup"] == pytest.approx(p["fp32_ms"] / p["int8_ms"])
