@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import __version__, errors, metrics
+from service import __version__, errors, metrics, tracing
 from service import logging as service_logging
 from service.api import demo, docs, explain, health, models, tasks, v2
 from service.api.middleware import ServiceMiddleware
@@ -60,9 +60,11 @@ def _json_error(status: int, message: str, code: str, headers: dict[str, str] | 
 
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.ServiceError)
+    ctx = request.scope.get("neuroserve")
+    if ctx is not None and ctx.trace is not None:
+        ctx.trace.error(exc.code, exc.message)
     reason = _REJECTION_REASONS.get(type(exc))
     if reason is not None:
-        ctx = request.scope.get("neuroserve")
         metrics.reject(ctx.model if ctx else metrics.UNKNOWN_MODEL, reason)
     if exc.status >= 500 and not isinstance(exc, errors.ModelNotReady | errors.DeadlineExceeded):
         log.error("%s: %s", exc.code, exc.message)
@@ -188,6 +190,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # busy with HTTP, CPython would make it wait up to the 5 ms default switch interval.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         metrics.worker_started()
+        # Here, in the worker: the exporter's thread must belong to this process, not a parent.
+        tracing.setup(settings.otlp_endpoint, settings.trace_sample_ratio, settings.trace_slow_ms,
+                      __version__)
         # One worker loads in the background: live answers at once, ready turns true when every
         # model is warm. With several workers each loads first: a worker's socket listens only once
         # its start-up is over (see service.workers), so traffic never meets a cold worker.
@@ -210,6 +215,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await state.load_task
             await state.repository.close()
+            await asyncio.to_thread(tracing.shutdown)
             metrics.worker_stopped()
             gc.unfreeze()  # what this app held may be garbage now (several apps in one process: tests)
 

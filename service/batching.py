@@ -34,6 +34,7 @@ from time import perf_counter
 
 import numpy as np
 
+from service import tracing
 from service.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -102,6 +103,7 @@ class _Pending:
     timer: asyncio.TimerHandle | None = None
     queued: bool = True
     monitored: bool = True  # its rows count in the input and prediction histograms
+    trace: tracing.RequestTrace | None = None  # only while tracing is on
 
 
 # (per request: outputs or error), start time, (input, output) seconds, padding ratio, and the
@@ -237,6 +239,9 @@ class Batcher:
             length = math.prod(arr.shape[1:])
         p = _Pending(inputs, rows, length, loop.create_future(), now, deadline, request_id.get(),
                      monitored=monitored)
+        if tracing.enabled and (trace := tracing.current.get()) is not None:
+            p.trace = trace
+            tracing.enqueued(trace, now)
         if deadline is not None:
             p.timer = loop.call_later(max(0.0, deadline - now), self._expire, p)
         self._pending.append(p)
@@ -248,6 +253,8 @@ class Batcher:
         try:
             return await p.future
         finally:
+            if p.trace is not None:
+                p.trace.answered = perf_counter()
             self._inflight -= 1
             self.metrics.inflight.dec()
             if p.queued:  # cancelled while waiting
@@ -451,6 +458,9 @@ class Batcher:
         infer_s = sum(seconds for _, seconds in calls)
         largest = max((n for n, _ in calls), default=rows)
         end = perf_counter()
+        if tracing.enabled:
+            self._trace(batch, results, start, start + input_s + infer_s + output_s, rows, padding,
+                        len(calls), instance)
         for p, result in zip(batch, results, strict=True):
             if p.future.done():
                 continue
@@ -472,6 +482,23 @@ class Batcher:
         if padding is not None:
             self.metrics.padding.observe(padding)
         self.stats.calls(calls, len(batch), input_s, output_s)
+
+    def _trace(self, batch: list[_Pending], results: list[dict[str, np.ndarray] | Exception],
+               start: float, end: float, rows: int, padding: float | None, calls: int,
+               instance: int) -> None:
+        """Hand the batch's times and shape to the traces of the requests it served."""
+        traced = [(p.trace, p.enqueued) for p in batch if p.trace is not None]
+        if not traced:
+            return
+        m = self.metrics
+        attributes: dict[str, int | float | str] = {
+            "batch.size": rows, "batch.requests": len(batch), "batch.calls": calls,
+            "neuroserve.model": m.model, "neuroserve.model.version": m.version,
+            "neuroserve.provider": m.provider, "neuroserve.instance": instance}
+        if padding is not None:
+            attributes["batch.padding_ratio"] = padding
+        failed = any(isinstance(r, BaseException) for r in results)
+        tracing.batch_computed(traced, start, end, failed, attributes)
 
     def _compute_thread(self, loop: asyncio.AbstractEventLoop, jobs: queue.SimpleQueue[_Job | None],
                         instance: int) -> None:

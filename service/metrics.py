@@ -26,6 +26,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
 # `*_created` timestamps double the series count and no dashboard reads them.
 disable_created_metrics()
@@ -184,7 +186,8 @@ class ModelMetrics:
         self._predictions = [PREDICTIONS.labels(self.model, self.version, label) for label in self.labels]
         self._requests: dict[tuple[str, int], tuple[Histogram, Counter]] = {}
 
-    def request(self, endpoint: str, status: int, seconds: float) -> None:
+    def request(self, endpoint: str, status: int, seconds: float, trace_id: str | None = None) -> None:
+        """Count a finished request; `trace_id` (an exported trace) becomes the duration's exemplar."""
         children = self._requests.get((endpoint, status))
         if children is None:
             children = (
@@ -192,7 +195,11 @@ class ModelMetrics:
                 REQUESTS.labels(self.model, self.version, endpoint, outcome(status)),
             )
             self._requests[(endpoint, status)] = children
-        children[0].observe(seconds)
+        if trace_id is None:
+            children[0].observe(seconds)
+        else:
+            # Kept only in one process: prometheus-client stores no exemplars with several workers.
+            children[0].observe(seconds, {"trace_id": trace_id})
         children[1].inc()
 
     def predictions(self, scores: np.ndarray) -> None:
@@ -290,5 +297,9 @@ def worker_stopped() -> None:
         mark_process_dead(os.getpid(), MULTIPROC_DIR)
 
 
-def exposition() -> tuple[bytes, str]:
+def exposition(openmetrics: bool = False) -> tuple[bytes, str]:
+    """The text format, or OpenMetrics (which Prometheus asks for first) when the scraper accepts
+    it: only OpenMetrics carries exemplars, the trace ids on request durations."""
+    if openmetrics:
+        return openmetrics_latest(registry()), OPENMETRICS_CONTENT_TYPE
     return generate_latest(registry()), CONTENT_TYPE_LATEST

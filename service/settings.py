@@ -84,6 +84,20 @@ class Settings(BaseSettings):
         0.0, ge=0, description="Deadline for requests that set none (0: no deadline)"
     )
 
+    # Traces (OpenTelemetry, OTLP/HTTP): off unless an endpoint is set here or in the OTEL_* variables.
+    otlp_endpoint: str = Field(
+        "", description="OTLP/HTTP collector URL for traces, e.g. http://127.0.0.1:4318 (empty: "
+                        "OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else no tracing)"
+    )
+    trace_sample_ratio: float = Field(
+        1.0, ge=0, le=1,
+        description="Share of requests without a sampled caller that are traced (parent-based; "
+                    "OTEL_TRACES_SAMPLER/_ARG override it)",
+    )
+    trace_slow_ms: float = Field(
+        1000.0, ge=0, description="Requests slower than this are traced whatever the sampler said (0: off)"
+    )
+
     # Logs.
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
     # Off by default: a log line costs about as much as the rest of a small model's request.

@@ -49,6 +49,7 @@ router.add_api_route("/v2/health/ready", ready, methods=["HEAD"], include_in_sch
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {}}}})
-async def prometheus() -> Response:
-    body, content_type = metrics.exposition()
+async def prometheus(request: Request) -> Response:
+    openmetrics = "application/openmetrics-text" in request.headers.get("accept", "")
+    body, content_type = metrics.exposition(openmetrics)
     return Response(body, media_type=content_type)

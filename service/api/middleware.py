@@ -16,7 +16,7 @@ import orjson
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics
+from service import metrics, tracing
 from service.errors import PayloadTooLarge
 from service.logging import request_id
 from service.metrics import ModelMetrics
@@ -41,6 +41,7 @@ class RequestContext:
     queue_s: float = 0.0
     compute_s: float = 0.0
     batch_rows: int = 0
+    trace: tracing.RequestTrace | None = None  # only while tracing is on
 
     def timed(self, queue_s: float, compute_s: float, batch_rows: int) -> None:
         """Fold in one batch result (task requests may span several batches)."""
@@ -88,6 +89,10 @@ class ServiceMiddleware:
         ctx = RequestContext(rid, perf_counter())
         scope["neuroserve"] = ctx
         token = request_id.set(rid)
+        trace_token = None
+        if tracing.enabled and scope["path"] not in _QUIET_PATHS:
+            ctx.trace = tracing.begin_http(scope["headers"], ctx.start)
+            trace_token = tracing.current.set(ctx.trace)
         status = 500
         started = False
 
@@ -136,12 +141,23 @@ class ServiceMiddleware:
                 await _send_json(send_with_headers, 500,
                                  {"error": "internal server error", "code": "internal"})
         finally:
-            elapsed = perf_counter() - ctx.start
+            end = perf_counter()
+            elapsed = end - ctx.start
             if ctx.admitted:
                 self.state.active -= 1
+            trace_id = None
+            if ctx.trace is not None:
+                tracing.current.reset(trace_token)
+                name, attributes = tracing.http_attributes(scope, status)
+                if ctx.endpoint is not None:
+                    attributes["neuroserve.model"] = ctx.model
+                if ctx.model_metrics is not None:
+                    attributes["neuroserve.model.version"] = ctx.model_metrics.version
+                attributes["neuroserve.request_id"] = rid
+                trace_id = tracing.finish(ctx.trace, name, attributes, status >= 500, end)
             if ctx.endpoint is not None:
                 if ctx.model_metrics is not None:
-                    ctx.model_metrics.request(ctx.endpoint, status, elapsed)
+                    ctx.model_metrics.request(ctx.endpoint, status, elapsed, trace_id)
                 else:
                     metrics.request_without_model(ctx.endpoint, status, elapsed, ctx.model)
             if self.access_log:

@@ -16,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from time import perf_counter
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from service import __version__, inference, metrics
+from service import __version__, inference, metrics, tracing
 from service.api import v2
 from service.api.middleware import RequestContext, new_request_id, server_timing, valid_request_id
 from service.errors import REJECTION_REASONS, DeadlineExceeded, ModelNotReady, ServiceError
@@ -139,7 +139,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                          ) -> pb.ModelInferResponse:
         ctx = RequestContext(_request_id(context, request.id), perf_counter())
         try:
-            response = await self._infer(request, ctx, context.time_remaining())
+            response = await self._infer(request, ctx, context.time_remaining(), "ModelInfer",
+                                         context.invocation_metadata())
         except ServiceError as e:
             context.set_trailing_metadata(self._trailers(ctx))
             await _abort(context, e)
@@ -152,12 +153,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         """Each request is served as soon as it arrives; answers go back in completion order, each
         with its request's id (an error as `error_message`, the stream staying open)."""
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        # Each request of the stream is its own span, under the caller's trace of the stream.
+        metadata = context.invocation_metadata() if tracing.enabled else None
         tasks: set[asyncio.Task[None]] = set()
 
         async def serve(request: pb.ModelInferRequest) -> None:
             ctx = RequestContext(_request_id(None, request.id), perf_counter())
             try:
-                answer = pb.ModelStreamInferResponse(infer_response=await self._infer(request, ctx, None))
+                result = await self._infer(request, ctx, None, "ModelStreamInfer", metadata)
+                answer = pb.ModelStreamInferResponse(infer_response=result)
             except Exception as e:  # the stream answers on: a failed request is one error message
                 message = e.message if isinstance(e, ServiceError) else "internal server error"
                 failed = pb.ModelInferResponse(model_name=request.model_name,
@@ -184,13 +188,18 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     async def _infer(self, request: pb.ModelInferRequest, ctx: RequestContext,
-                     remaining_s: float | None) -> pb.ModelInferResponse:
+                     remaining_s: float | None, method: str, metadata: Any) -> pb.ModelInferResponse:
         """One inference with the bookkeeping ServiceMiddleware does for REST: in-flight count,
-        request metrics, rejections, the request id in the logs."""
+        request metrics, rejections, the request id in the logs, the trace."""
         state = self.state
         token = request_id.set(ctx.request_id)
         ctx.endpoint = ENDPOINT
         status = 500
+        code = grpc.StatusCode.UNKNOWN
+        trace_token = None
+        if tracing.enabled:
+            ctx.trace = tracing.begin_grpc(metadata, ctx.start)
+            trace_token = tracing.current.set(ctx.trace)
         try:
             if request.model_name in state.repository.models:
                 ctx.model = request.model_name
@@ -203,9 +212,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             ctx.timed(result.queue_s, result.compute_s, result.batch_rows)
             response = codec.encode_infer(result, request.id)
             status = 200
+            code = grpc.StatusCode.OK
             return response
         except ServiceError as e:
             status = e.status
+            code = grpc.StatusCode[e.grpc]
+            if ctx.trace is not None:
+                ctx.trace.error(e.code, e.message)
             reason = REJECTION_REASONS.get(type(e))
             if reason is not None:
                 metrics.reject(ctx.model, reason)
@@ -214,19 +227,38 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             raise
         except asyncio.CancelledError:
             status = 499  # the caller went away (cancelled, or its deadline passed)
+            code = grpc.StatusCode.CANCELLED
             raise
         except Exception:
             log.exception("unhandled error")
             raise
         finally:
-            elapsed = perf_counter() - ctx.start
+            end = perf_counter()
+            elapsed = end - ctx.start
             if ctx.admitted:
                 state.active -= 1
+            trace_id = None
+            if ctx.trace is not None:
+                tracing.current.reset(trace_token)
+                trace_id = self._finish_trace(ctx, method, code, end)
             if ctx.model_metrics is not None:
-                ctx.model_metrics.request(ENDPOINT, status, elapsed)
+                ctx.model_metrics.request(ENDPOINT, status, elapsed, trace_id)
             else:
                 metrics.request_without_model(ENDPOINT, status, elapsed, ctx.model)
             request_id.reset(token)
+
+    @staticmethod
+    def _finish_trace(ctx: RequestContext, method: str, code: grpc.StatusCode, end: float) -> str | None:
+        assert ctx.trace is not None
+        number = code.value[0]
+        name, attributes = tracing.grpc_attributes(SERVICE_NAME, method, number)
+        attributes["neuroserve.model"] = ctx.model
+        attributes["neuroserve.request_id"] = ctx.request_id
+        if ctx.model_metrics is not None:
+            attributes["neuroserve.model.version"] = ctx.model_metrics.version
+        if tracing.grpc_error(number) and ctx.trace.error_type is None:
+            ctx.trace.error(code.name, code.name)
+        return tracing.finish(ctx.trace, name, attributes, tracing.grpc_error(number), end)
 
     def _deadline(self, start: float, timeout_s: float | None, remaining_s: float | None) -> float | None:
         """The sooner of `parameters.timeout` and the call's gRPC deadline, else the default."""

@@ -46,11 +46,14 @@ class Server:
         return self.process.returncode
 
 
-def start_server(repo: Path, log: Path, *args: str, wait: str = "ready", timeout: float = 120) -> Server:
-    """Start `python -m service serve` on a free port and wait until it is ready (or done loading)."""
+def start_server(repo: Path, log: Path, *args: str, wait: str = "ready", timeout: float = 120,
+                 env: dict[str, str] | None = None) -> Server:
+    """Start `python -m service serve` on a free port and wait until it is ready (or done loading);
+    `env` adds variables to this process's environment (NEUROSERVE_* and OTEL_* left out)."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEUROSERVE_")}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("NEUROSERVE_", "OTEL_"))}
+    inherited.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env = {**inherited, **(env or {})}
     cmd = [
         sys.executable,
         "-m",
