@@ -487,7 +487,8 @@ class Batcher:
                start: float, end: float, rows: int, padding: float | None, calls: int,
                instance: int) -> None:
         """Hand the batch's times and shape to the traces of the requests it served."""
-        traced = [(p.trace, p.enqueued) for p in batch if p.trace is not None]
+        # A request cancelled meanwhile has ended already: it waits for no batch span.
+        traced = [(p.trace, p.enqueued) for p in batch if p.trace is not None and not p.future.done()]
         if not traced:
             return
         m = self.metrics

@@ -24,6 +24,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from time import perf_counter
@@ -31,13 +32,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 log = logging.getLogger("neuroserve.tracing")
@@ -47,14 +47,16 @@ enabled = False
 # The trace of the request being served, for the batcher (set by the transports while enabled).
 current: ContextVar[RequestTrace | None] = ContextVar("neuroserve_trace", default=None)
 
-_provider: TracerProvider | None = None
-_tracer: trace.Tracer | None = None
+_processor: BatchSpanProcessor | None = None
+_resource = Resource({})
+_scope = InstrumentationScope("neuroserve")
 _sampler: _Sampler | None = None
 _slow_s = 0.0
 # perf_counter() seconds → Unix nanoseconds, as spans want them.
 _epoch_offset_ns = 0
 _propagator = TraceContextTextMapPropagator()
-_ROOT = Context()  # an empty context: batch spans start a trace of their own
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_OK = Status(StatusCode.UNSET)
 
 # gRPC status codes that mark a server span as an error (OpenTelemetry semantic conventions).
 _GRPC_SERVER_ERRORS = frozenset({2, 4, 12, 13, 14, 15})  # UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED,
@@ -151,7 +153,7 @@ def wanted(otlp_endpoint: str) -> bool:
 def setup(otlp_endpoint: str, sample_ratio: float, slow_ms: float, version: str) -> bool:
     """Start exporting from this process (each worker calls it after the fork). Returns whether
     tracing is on; a failure to set up is logged and leaves it off, never stops the service."""
-    global enabled, _provider, _tracer, _sampler, _slow_s, _epoch_offset_ns
+    global enabled, _processor, _resource, _scope, _sampler, _slow_s, _epoch_offset_ns
     if not wanted(otlp_endpoint):
         return False
     try:
@@ -161,15 +163,12 @@ def setup(otlp_endpoint: str, sample_ratio: float, slow_ms: float, version: str)
         if not os.environ.get("OTEL_SERVICE_NAME") and "service.name=" not in os.environ.get(
                 "OTEL_RESOURCE_ATTRIBUTES", ""):
             resource = resource.merge(Resource({SERVICE_NAME: "neuroserve"}))
-        # Sampling is decided here, at the end of each request (see the module docstring); the
-        # SDK records every span it is asked to make.
-        provider = TracerProvider(resource=resource, sampler=ALWAYS_ON, shutdown_on_exit=False)
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=traces_endpoint(otlp_endpoint))))
+        processor = BatchSpanProcessor(OTLPSpanExporter(endpoint=traces_endpoint(otlp_endpoint)))
     except Exception:
         log.exception("tracing could not be set up; serving without it")
         return False
-    _provider = provider
-    _tracer = provider.get_tracer("neuroserve", version)
+    _processor, _resource = processor, resource
+    _scope = InstrumentationScope("neuroserve", version)
     _sampler = sampler_from(os.environ.get("OTEL_TRACES_SAMPLER", ""),
                             os.environ.get("OTEL_TRACES_SAMPLER_ARG", ""), sample_ratio)
     _slow_s = slow_ms / 1000
@@ -182,15 +181,15 @@ def setup(otlp_endpoint: str, sample_ratio: float, slow_ms: float, version: str)
 
 def shutdown(timeout_s: float = 3.0) -> None:
     """Stop tracing and send what is queued (bounded: a down collector does not hold the exit)."""
-    global enabled, _provider, _tracer
+    global enabled, _processor
     enabled = False
-    provider, _provider, _tracer = _provider, None, None
-    if provider is None:
+    processor, _processor = _processor, None
+    if processor is None:
         return
 
     def flush() -> None:
         try:
-            provider.shutdown()
+            processor.shutdown()
         except Exception:
             log.exception("tracing shutdown failed")
 
@@ -199,6 +198,14 @@ def shutdown(timeout_s: float = 3.0) -> None:
     thread = threading.Thread(target=flush, name="otel-shutdown", daemon=True)
     thread.start()
     thread.join(timeout_s)
+
+
+def _span_id() -> int:
+    return random.getrandbits(64) or 1  # 0 is the invalid id
+
+
+def _trace_id() -> int:
+    return random.getrandbits(128) or 1
 
 
 def _ns(perf: float) -> int:
@@ -243,11 +250,17 @@ def _parent(carrier: Any, getter: Getter[Any]) -> SpanContext | None:
 
 
 def begin_http(headers: list[tuple[bytes, bytes]], start: float) -> RequestTrace:
+    # Most requests carry no trace context: look before paying for the propagator.
+    if not any(k == b"traceparent" for k, _ in headers):
+        return RequestTrace(None, start)
     return RequestTrace(_parent(headers, _HEADERS), start)
 
 
 def begin_grpc(metadata: Any, start: float) -> RequestTrace:
-    return RequestTrace(_parent(metadata or (), _METADATA), start)
+    metadata = metadata or ()
+    if not any(k == "traceparent" for k, _ in metadata):
+        return RequestTrace(None, start)
+    return RequestTrace(_parent(metadata, _METADATA), start)
 
 
 def enqueued(rt: RequestTrace, now: float) -> None:
@@ -263,67 +276,77 @@ def batch_computed(traces: list[tuple[RequestTrace, float]], start: float, end: 
         rt.batches.append((enqueued_at, batch))
 
 
-def finish(rt: RequestTrace, name: str, kind_attributes: dict[str, Any], status_error: bool,
-           end: float | None = None) -> str | None:
-    """End a request: export its spans if sampled or slow. Returns the trace id (hex) when
+Describe = Callable[[], tuple[str, dict[str, Any]]]
+
+
+def finish(rt: RequestTrace, describe: Describe, status_error: bool, end: float | None = None) -> str | None:
+    """End a request: export its spans if sampled or slow. `describe()` gives the server span's
+    name and attributes, asked for only when it is exported. Returns the trace id (hex) when
     exported, for exemplars. Never raises: tracing must not fail a request."""
     try:
-        return _finish(rt, name, kind_attributes, status_error, perf_counter() if end is None else end)
+        return _finish(rt, describe, status_error, perf_counter() if end is None else end)
     except Exception:
         log.exception("recording a trace failed")
         return None
 
 
-def _finish(rt: RequestTrace, name: str, attributes: dict[str, Any], status_error: bool,
-            end: float) -> str | None:
-    tracer = _tracer
-    exported = tracer is not None and (_sampler.sampled(rt.parent) or (0 < _slow_s <= end - rt.start))
+def _finish(rt: RequestTrace, describe: Describe, status_error: bool, end: float) -> str | None:
+    processor = _processor
+    exported = processor is not None and (_sampler.sampled(rt.parent) or (0 < _slow_s <= end - rt.start))
     request_span = None
     if exported:
-        context = trace.set_span_in_context(NonRecordingSpan(rt.parent)) if rt.parent else _ROOT
-        span = tracer.start_span(name, context=context, kind=SpanKind.SERVER, attributes=attributes,
-                                 start_time=_ns(rt.start))
-        inside = trace.set_span_in_context(span)
+        name, attributes = describe()
+        # Finished spans are built directly: the SDK's tracer would run a sampler, the span
+        # processors' start hooks and locks for each, work that buys nothing for spans whose times
+        # are all known already.
+        parent = rt.parent
+        trace_id = parent.trace_id if parent is not None else _trace_id()
+        request_span = SpanContext(trace_id, _span_id(), False, _SAMPLED,
+                                   parent.trace_state if parent is not None else None)
+        spans = []
         if rt.enqueued:
-            _child(tracer, "decode", inside, rt.start, rt.enqueued)
+            spans.append(_span("decode", request_span, rt.start, rt.enqueued))
         last_end = 0.0
         for enqueued_at, batch in rt.batches:
-            _child(tracer, "queue", inside, enqueued_at, batch.start)
-            _child(tracer, "compute", inside, batch.start, batch.end, {
+            spans.append(_span("queue", request_span, enqueued_at, batch.start))
+            spans.append(_span("compute", request_span, batch.start, batch.end, {
                 "batch.size": batch.attributes["batch.size"],
-                "batch.requests": batch.attributes["batch.requests"]})
+                "batch.requests": batch.attributes["batch.requests"]}))
             last_end = max(last_end, batch.end)
         if rt.answered and last_end:
-            _child(tracer, "encode", inside, rt.answered, end)
+            spans.append(_span("encode", request_span, rt.answered, end))
         if rt.error_type is not None:
-            span.set_attribute("error.type", rt.error_type)
-        if status_error:
-            span.set_status(Status(StatusCode.ERROR, rt.error_message))
-        span.end(end_time=_ns(end))
-        request_span = span.get_span_context()
+            attributes["error.type"] = rt.error_type
+        status = Status(StatusCode.ERROR, rt.error_message) if status_error else _OK
+        processor.on_end(ReadableSpan(
+            name, request_span, parent, _resource, attributes, kind=SpanKind.SERVER, status=status,
+            start_time=_ns(rt.start), end_time=_ns(end), instrumentation_scope=_scope))
+        for span in spans:
+            processor.on_end(span)
     for _, batch in rt.batches:
         if request_span is not None:
             batch.links.append(Link(request_span))
         batch.waiting -= 1
-        if batch.waiting == 0 and batch.links and tracer is not None:
-            _batch_span(tracer, batch)
+        if batch.waiting == 0 and batch.links and processor is not None:
+            processor.on_end(_batch_span(batch))
     return format(request_span.trace_id, "032x") if request_span is not None else None
 
 
-def _child(tracer: trace.Tracer, name: str, context: Context, start: float, end: float,
-           attributes: dict[str, Any] | None = None) -> None:
-    span = tracer.start_span(name, context=context, kind=SpanKind.INTERNAL, attributes=attributes,
-                             start_time=_ns(start))
-    span.end(end_time=_ns(max(start, end)))
+def _span(name: str, parent: SpanContext, start: float, end: float,
+          attributes: dict[str, Any] | None = None) -> ReadableSpan:
+    context = SpanContext(parent.trace_id, _span_id(), False, _SAMPLED, parent.trace_state)
+    return ReadableSpan(name, context, parent, _resource, attributes, kind=SpanKind.INTERNAL,
+                        start_time=_ns(start), end_time=_ns(max(start, end)), instrumentation_scope=_scope)
 
 
-def _batch_span(tracer: trace.Tracer, batch: BatchTrace) -> None:
-    span = tracer.start_span(f"batch {batch.attributes.get('neuroserve.model', '')}".strip(), context=_ROOT,
-                             kind=SpanKind.INTERNAL, attributes=batch.attributes, links=batch.links,
-                             start_time=_ns(batch.start))
-    if batch.failed:
-        span.set_status(Status(StatusCode.ERROR, "a request of the batch failed"))
-    span.end(end_time=_ns(batch.end))
+def _batch_span(batch: BatchTrace) -> ReadableSpan:
+    """A trace of its own (a batch has many parents), linked to the request spans it served."""
+    context = SpanContext(_trace_id(), _span_id(), False, _SAMPLED)
+    status = Status(StatusCode.ERROR, "a request of the batch failed") if batch.failed else _OK
+    return ReadableSpan(f"batch {batch.attributes.get('neuroserve.model', '')}".strip(), context, None,
+                        _resource, batch.attributes, links=batch.links, kind=SpanKind.INTERNAL,
+                        status=status, start_time=_ns(batch.start), end_time=_ns(batch.end),
+                        instrumentation_scope=_scope)
 
 
 # -- span names and attributes (OpenTelemetry semantic conventions) ----------------------------------

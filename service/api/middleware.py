@@ -148,13 +148,8 @@ class ServiceMiddleware:
             trace_id = None
             if ctx.trace is not None:
                 tracing.current.reset(trace_token)
-                name, attributes = tracing.http_attributes(scope, status)
-                if ctx.endpoint is not None:
-                    attributes["neuroserve.model"] = ctx.model
-                if ctx.model_metrics is not None:
-                    attributes["neuroserve.model.version"] = ctx.model_metrics.version
-                attributes["neuroserve.request_id"] = rid
-                trace_id = tracing.finish(ctx.trace, name, attributes, status >= 500, end)
+                trace_id = tracing.finish(ctx.trace, lambda: _span_description(scope, ctx, status),
+                                          status >= 500, end)
             if ctx.endpoint is not None:
                 if ctx.model_metrics is not None:
                     ctx.model_metrics.request(ctx.endpoint, status, elapsed, trace_id)
@@ -168,6 +163,17 @@ class ServiceMiddleware:
                         "status": status, "ms": round(elapsed * 1000, 3), "model": ctx.model
                         if ctx.endpoint else None, "client": _client(scope)})
             request_id.reset(token)
+
+def _span_description(scope: Scope, ctx: RequestContext, status: int) -> tuple[str, dict[str, Any]]:
+    """The request span's name and attributes (HTTP semantic conventions, and the model's)."""
+    name, attributes = tracing.http_attributes(scope, status)
+    if ctx.endpoint is not None:
+        attributes["neuroserve.model"] = ctx.model
+    if ctx.model_metrics is not None:
+        attributes["neuroserve.model.version"] = ctx.model_metrics.version
+    attributes["neuroserve.request_id"] = ctx.request_id
+    return name, attributes
+
 
 def server_timing(ctx: RequestContext) -> str:
     """The `Server-Timing` value (HTTP header, gRPC trailing metadata) for a finished request."""

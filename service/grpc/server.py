@@ -251,14 +251,18 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def _finish_trace(ctx: RequestContext, method: str, code: grpc.StatusCode, end: float) -> str | None:
         assert ctx.trace is not None
         number = code.value[0]
-        name, attributes = tracing.grpc_attributes(SERVICE_NAME, method, number)
-        attributes["neuroserve.model"] = ctx.model
-        attributes["neuroserve.request_id"] = ctx.request_id
-        if ctx.model_metrics is not None:
-            attributes["neuroserve.model.version"] = ctx.model_metrics.version
+
+        def describe() -> tuple[str, dict[str, Any]]:
+            name, attributes = tracing.grpc_attributes(SERVICE_NAME, method, number)
+            attributes["neuroserve.model"] = ctx.model
+            attributes["neuroserve.request_id"] = ctx.request_id
+            if ctx.model_metrics is not None:
+                attributes["neuroserve.model.version"] = ctx.model_metrics.version
+            return name, attributes
+
         if tracing.grpc_error(number) and ctx.trace.error_type is None:
             ctx.trace.error(code.name, code.name)
-        return tracing.finish(ctx.trace, name, attributes, tracing.grpc_error(number), end)
+        return tracing.finish(ctx.trace, describe, tracing.grpc_error(number), end)
 
     def _deadline(self, start: float, timeout_s: float | None, remaining_s: float | None) -> float | None:
         """The sooner of `parameters.timeout` and the call's gRPC deadline, else the default."""

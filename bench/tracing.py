@@ -1,0 +1,119 @@
+"""What OpenTelemetry tracing costs: the service with tracing off, on (every request sampled and
+exported to an OTLP/HTTP receiver in this process) and on with the collector down (a closed port),
+under the same closed-loop load, in interleaved rounds on the same machine; and on at ratio 0.1.
+
+    python -m bench.tracing --model models/fashion-mnist --rounds 3 --duration 8 [--baseline DIR]
+
+Each round measures every configuration at concurrency 1 and 64 with wrk (V2 JSON, batch 1, the
+model's sample inputs; each request without `traceparent`, so the service's ratio sampler decides,
+at 1.0 here). It prints requests per second and p50/p99 per configuration: the median over rounds,
+and every round's figure, so noise is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import statistics
+import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from bench.load import closed_loop
+from bench.servers import free_port, start_service, wait_idle
+from bench.workloads import load_workload, v2_json
+
+
+class Sink:
+    """An OTLP/HTTP endpoint that accepts every export and counts its bytes (no decoding: the cost
+    under test is the service's, not the receiver's)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.bytes = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                n = int(self.headers.get("content-length", 0))
+                self.rfile.read(n)
+                sink.requests += 1
+                sink.bytes += n
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=Path("models/fashion-mnist"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per measured point")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a checkout of the service without tracing (git worktree add DIR <commit>), "
+                         "measured too, to show what tracing off costs")
+    args = ap.parse_args(argv)
+
+    workload = load_workload(args.model)
+    requests = [v2_json(workload, s) for s in workload.samples]
+    sink = Sink()
+    configs = {
+        "off": [],
+        "on, ratio 1.0": ["--otlp-endpoint", sink.url, "--trace-sample-ratio", "1.0"],
+        "on, ratio 0.1": ["--otlp-endpoint", sink.url, "--trace-sample-ratio", "0.1"],
+        "on, collector down": ["--otlp-endpoint", f"http://127.0.0.1:{free_port()}",
+                               "--trace-sample-ratio", "1.0"],
+    }
+    # A repository of this model alone: the other shipped models would only slow start-up.
+    repo = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
+    (repo / args.model.name).symlink_to(args.model.resolve(), target_is_directory=True)
+    servers = {name: start_service(repo, extra_args=[*extra, "--intra-op-threads", "1"],
+                                   env={"OTEL_BSP_SCHEDULE_DELAY": "1000"})
+               for name, extra in configs.items()}
+    if args.baseline is not None:
+        # `python -m service` imports the package of its working directory: the baseline's.
+        with contextlib.chdir(args.baseline):
+            servers["before tracing"] = start_service(repo, extra_args=["--intra-op-threads", "1"])
+        configs["before tracing"] = []
+    results: dict[tuple[str, int], list[dict]] = {}
+    try:
+        for srv in servers.values():  # warm every server up once
+            closed_loop(srv.port, requests, concurrency=8, duration_s=2)
+        for _ in range(args.rounds):
+            for c in args.concurrency:
+                for name, srv in servers.items():
+                    wait_idle(servers.values())
+                    point = closed_loop(srv.port, requests, concurrency=c, duration_s=args.duration)
+                    results.setdefault((name, c), []).append(point)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+        shutil.rmtree(repo, ignore_errors=True)
+    print(f"model {workload.model}, {args.rounds} rounds × {args.duration:.0f} s per point; "
+          f"exported {sink.requests} OTLP requests, {sink.bytes / 1e6:.1f} MB")
+    print("| tracing | concurrency | req/s (median) | req/s per round | p50 ms | p99 ms | errors |")
+    print("|---|---:|---:|---|---:|---:|---:|")
+    for c in args.concurrency:
+        for name in configs:
+            points = results[(name, c)]
+            rps = [p["rps"] for p in points]
+            print(f"| {name} | {c} | {statistics.median(rps):.0f} | {', '.join(f'{r:.0f}' for r in rps)} | "
+                  f"{statistics.median(p['p50_ms'] for p in points):.2f} | "
+                  f"{statistics.median(p['p99_ms'] for p in points):.2f} | "
+                  f"{sum(p['errors'] for p in points)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
