@@ -83,3 +83,18 @@ def test_gpu_variant_runs_several_workers(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("NEUROSERVE_WORKERS", env["NEUROSERVE_WORKERS"])
     # One worker's event loop, not the GPU, is the limit there (docs/benchmarks-gpu.md).
     assert Settings().workers > 1
+
+
+def test_tracing_profile_adds_tempo_and_prometheus_keeps_exemplars(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("NEUROSERVE_OTLP_ENDPOINT", "http://tempo:4318")
+    services = compose_config([*BASE, "--profile", "tracing"])["services"]
+    assert {"tempo", "tempo-init"} <= set(services)
+    tempo = services["tempo"]
+    assert {p["target"] for p in tempo["ports"]} == {3200, 4318}  # Grafana's API, OTLP/HTTP in
+    mounts = {v["target"]: v["source"] for v in tempo["volumes"]}
+    assert mounts["/etc/tempo"] == str(ROOT / "deploy" / "tempo")
+    assert services["neuroserve"]["environment"]["NEUROSERVE_OTLP_ENDPOINT"] == "http://tempo:4318"
+    assert "--enable-feature=exemplar-storage" in services["prometheus"]["command"]
+    monkeypatch.delenv("NEUROSERVE_OTLP_ENDPOINT")
+    plain = compose_config(BASE)["services"]
+    assert "tempo" not in plain and plain["neuroserve"]["environment"]["NEUROSERVE_OTLP_ENDPOINT"] == ""

@@ -120,8 +120,20 @@ def test_datasource_provisioning_points_at_the_compose_prometheus():
     files = list((GRAFANA / "provisioning" / "datasources").glob("*.yml"))
     assert files
     sources = [s for f in files for s in yaml.safe_load(f.read_text())["datasources"]]
-    assert [(s["type"], s["uid"], s["url"], s["isDefault"]) for s in sources] == [
+    prometheus = [s for s in sources if s["type"] == "prometheus"]
+    assert [(s["type"], s["uid"], s["url"], s["isDefault"]) for s in prometheus] == [
         ("prometheus", "prometheus", "http://prometheus:9090", True)]
+
+
+def test_latency_exemplars_link_to_the_trace_in_the_compose_tempo():
+    files = list((GRAFANA / "provisioning" / "datasources").glob("*.yml"))
+    sources = {s["uid"]: s for f in files for s in yaml.safe_load(f.read_text())["datasources"]}
+    assert (sources["tempo"]["type"], sources["tempo"]["url"]) == ("tempo", "http://tempo:3200")
+    links = sources["prometheus"]["jsonData"]["exemplarTraceIdDestinations"]
+    assert links == [{"name": "trace_id", "datasourceUid": "tempo"}]  # the label the service sets
+    latency = [p for p in panels(load_dashboard()) if any(
+        "neuroserve_request_duration_seconds_bucket" in t.get("expr", "") for t in p.get("targets", []))]
+    assert any(all(t.get("exemplar") for t in p["targets"]) for p in latency)
 
 
 def test_dashboard_provider_reads_the_directory_compose_mounts():
