@@ -159,7 +159,8 @@ def setup(otlp_endpoint: str, sample_ratio: float, slow_ms: float, version: str)
     try:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        resource = Resource.create({SERVICE_VERSION: version}).merge(Resource({}))
+        # Per worker: its pid, and a service.instance.id of its own (the SDK makes one per call).
+        resource = Resource.create({SERVICE_VERSION: version, "process.pid": os.getpid()})
         if not os.environ.get("OTEL_SERVICE_NAME") and "service.name=" not in os.environ.get(
                 "OTEL_RESOURCE_ATTRIBUTES", ""):
             resource = resource.merge(Resource({SERVICE_NAME: "neuroserve"}))

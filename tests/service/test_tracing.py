@@ -337,3 +337,25 @@ def test_a_down_collector_neither_slows_nor_fails_requests(
         srv.stop()
     assert srv.process.returncode in (0, -15)  # -15: uvicorn re-raises SIGTERM once drained
     assert time.monotonic() - started < 10  # spans the collector never took do not hold the exit
+
+
+def test_each_worker_process_exports_its_own_spans(
+        repository: Path, receiver: Receiver, tmp_path: Path) -> None:
+    srv = start_server(repository, tmp_path / "server.log", "--workers", "2", "--otlp-endpoint", receiver.url,
+                       env=FAST_EXPORT)
+    try:
+        callers = [traceparent() for _ in range(16)]
+        for header, _, _ in callers:  # new connections: the kernel spreads them over both workers
+            with httpx.Client(base_url=srv.url) as client:
+                assert client.post(f"/v2/models/{MODEL}/infer", json=pixels_body(),
+                                   headers={"traceparent": header}).status_code == 200
+        ids = {trace_id for _, trace_id, _ in callers}
+        spans = receiver.wait_for(
+            lambda s: ids <= {x.trace_id for x in s if x.kind == PbSpan.SPAN_KIND_SERVER})
+        pids = {s.resource.get("process.pid") for s in spans if s.trace_id in ids}
+        assert len(pids) == 2, pids  # both workers traced, each with its own exporter
+        # Exemplars are a one-worker feature; with two the exposition still answers, without them.
+        body = httpx.get(f"{srv.url}/metrics", headers={"accept": "application/openmetrics-text"}).text
+        assert "neuroserve_request_duration_seconds_bucket" in body
+    finally:
+        srv.stop()
