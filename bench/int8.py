@@ -17,13 +17,13 @@ import onnxruntime as ort
 
 from bench.raw_ort import session
 from bench.workloads import Workload, model_file, raw_workload
-from training.data_cache import cache_dir
+from training import data_cache
 
 BATCH_SIZES = (1, 16)
 
 
 def fp32_graph(model: str, seed: int = 0) -> Path:
-    path = cache_dir() / f"{model}-seed{seed}-fp32.onnx"
+    path = data_cache.fp32_graph(model, seed)
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: `python -m training {model}` leaves it there")
     return path

@@ -25,6 +25,12 @@ def cache_dir() -> Path:
     return root
 
 
+def fp32_graph(model: str, seed: int) -> Path:
+    """Where training keeps a model's FP32 graph (not shipped): to re-quantize or benchmark it
+    without retraining."""
+    return cache_dir() / f"{model}-seed{seed}-fp32.onnx"
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

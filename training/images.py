@@ -30,7 +30,7 @@ from torch import nn
 from service.codecs.image import to_pixels
 from service.model_config import Batching, ImagePreprocessing, ModelConfig, TensorSpec
 from training import report, zoo
-from training.data_cache import cache_dir, cached_arrays, verified
+from training.data_cache import cached_arrays, fp32_graph, verified
 from training.export import WithProbabilities, check_parity, cpu_session, export, onnx_predict
 from training.fetch import ARCHIVES, archive_path
 from training.loop import fit
@@ -433,8 +433,8 @@ def main(args: argparse.Namespace) -> None:
         fp32_path = workdir / "model_fp32.onnx"
         fp32_ev, fp32_predicted, parity_text = measure(cnn, fp32_path, data, test_pixels,
                                                        f"{data.name} CNN (FP32 graph)")
-        if not args.fast:  # kept outside git, to re-quantize or benchmark without retraining
-            shutil.copyfile(fp32_path, cache_dir() / f"{data.name}-seed{args.seed}-fp32.onnx")
+        if not args.fast:
+            shutil.copyfile(fp32_path, fp32_graph(data.name, args.seed))
         quantized = quantize(fp32_path, onnx_path, data, test_pixels, fp32_predicted, args.seed)
         ev = quantized.evaluation
         if not args.fast and ev.accuracy < spec.bar:
