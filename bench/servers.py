@@ -222,6 +222,6 @@ def service_available() -> bool:
 
     try:
         return all(importlib.util.find_spec(m) is not None
-                   for m in ("service.__main__", "service.cli", "service.app"))
+                   for m in ("service.__main__", "service.cli", "service.server.app"))
     except ImportError:
         return False

@@ -18,8 +18,9 @@ from typing import Any, get_args, get_origin
 
 from pydantic import ValidationError
 
-from service import __version__, workers
-from service import logging as service_logging
+from service import __version__
+from service.observability import logging as service_logging
+from service.server import workers
 from service.settings import Settings
 
 log = logging.getLogger("neuroserve.cli")
@@ -93,12 +94,12 @@ def serve(settings: Settings) -> int:
                                 "providers": settings.providers, "cores": settings.cores,
                                 "model_repository": str(settings.model_repository)})
     server = {
-        "app": "service.app:create_app",
+        "app": "service.server.app:create_app",
         "factory": True,
         "host": settings.host,
         "port": settings.port,
         "loop": "uvloop",
-        "http": "service.http_protocol:HttpProtocol",
+        "http": "service.server.http_protocol:HttpProtocol",
         "log_config": service_logging.config_dict(settings.log_level),
         "access_log": False,  # the service writes its own access line, with request id and model
         "server_header": False,
@@ -106,7 +107,7 @@ def serve(settings: Settings) -> int:
         "timeout_graceful_shutdown": int(settings.drain_timeout_s) + 5,
     }
     if settings.workers > 1:
-        # A listening socket per worker (see service.workers), not uvicorn's shared one.
+        # A listening socket per worker (see service.server.workers), not uvicorn's shared one.
         return workers.serve(server, workers=settings.workers, host=settings.host, port=settings.port,
                              stop_timeout_s=settings.drain_timeout_s + 10)
     uvicorn.run(**server)
@@ -115,7 +116,7 @@ def serve(settings: Settings) -> int:
 
 def _cuda_problem(settings: Settings) -> str | None:
     """Try CUDA on the first model of the repository (onnxruntime-gpu may fall back silently)."""
-    from service.runtime import cuda_binds
+    from service.core.runtime import cuda_binds
 
     first = next(iter(sorted(settings.model_repository.glob("*/[0-9]*/model.onnx"))), None)
     return cuda_binds(first, settings)

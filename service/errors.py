@@ -1,7 +1,7 @@
 """Every error a request can meet, each with the HTTP status, the gRPC status (by its name in
 `grpc.StatusCode`) and the machine-readable code it maps to.
 
-Routes raise these; one exception handler in `service.app` turns them into
+Routes raise these; one exception handler in `service.server.app` turns them into
 `{"error": message, "code": code}` JSON with `status`, and the gRPC servicer aborts with `grpc`.
 Nothing else decides a status code.
 """

@@ -20,8 +20,8 @@ import numpy as np
 import onnxruntime as ort
 
 from service.codecs.text import TextEncoder
-from service.model_config import load_model_config
-from service.runtime import CPU, session_options
+from service.core.model_config import load_model_config
+from service.core.runtime import CPU, session_options
 from service.settings import GraphOptimization, Settings
 from training import images, report, speech, text
 

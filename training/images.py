@@ -28,7 +28,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from service.codecs.image import to_pixels
-from service.model_config import Batching, ImagePreprocessing, ModelConfig, TensorSpec
+from service.core.model_config import Batching, ImagePreprocessing, ModelConfig, TensorSpec
 from training import report, zoo
 from training.data_cache import cached_arrays, fp32_graph, verified
 from training.export import WithProbabilities, check_parity, cpu_session, export, onnx_predict

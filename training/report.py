@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import tomli_w
 
-from service.model_config import ModelConfig
+from service.core.model_config import ModelConfig
 
 
 @dataclass(frozen=True)

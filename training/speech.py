@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from service.codecs.audio import decode
-from service.model_config import AudioPreprocessing, Batching, ModelConfig, TensorSpec
+from service.core.model_config import AudioPreprocessing, Batching, ModelConfig, TensorSpec
 from training import report, speech_corpus, zoo
 from training.export import WithProbabilities, check_parity, cpu_session, export, onnx_predict
 from training.loop import fit

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from service.codecs.text import TextEncoder
-from service.model_config import Batching, CudaBatching, ModelConfig, TensorSpec, TextPreprocessing
+from service.core.model_config import Batching, CudaBatching, ModelConfig, TensorSpec, TextPreprocessing
 from training.bert import (
     BertConfig,
     SentenceClassifier,

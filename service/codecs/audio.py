@@ -15,8 +15,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from service.core.model_config import AudioPreprocessing
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
-from service.model_config import AudioPreprocessing
 
 
 @dataclass(frozen=True)

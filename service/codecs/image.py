@@ -12,8 +12,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from service.core.model_config import ImagePreprocessing
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
-from service.model_config import ImagePreprocessing
 
 FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF")
 

@@ -24,8 +24,8 @@ import orjson
 import simdjson
 
 from service.codecs.text import TextModel
+from service.core.model_config import V2_TO_NUMPY, ModelConfig
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
-from service.model_config import V2_TO_NUMPY, ModelConfig
 
 HEADER_LENGTH = "inference-header-content-length"
 _NUMPY_DTYPES = {k: np.dtype(v) for k, v in V2_TO_NUMPY.items()}

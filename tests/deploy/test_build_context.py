@@ -97,7 +97,8 @@ def test_package_builds_from_the_context_with_every_service_module(context: Path
 def test_service_imports_without_the_training_package(context: Path):
     # `training` is not in the image: make importing it fail, and import the service from the context.
     code = ("import sys; sys.modules['training'] = None; sys.path.insert(0, sys.argv[1]); "
-            "import service.app, service.cli; assert service.app.__file__.startswith(sys.argv[1])")
+            "import service.server.app, service.cli; "
+            "assert service.server.app.__file__.startswith(sys.argv[1])")
     result = subprocess.run([sys.executable, "-c", code, str(context)], capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode == 0, result.stderr

@@ -4,8 +4,8 @@ Built-in kinds are validated offline against the Kubernetes OpenAPI schemas that
 kubernetes-validate bundles (strict: unknown fields fail). KServe's kinds are CRDs those schemas do
 not hold, so they are checked field by field against KServe's API types. Everything else is checked
 against the source of truth: the Dockerfile (command, environment, user), the app's routes, the
-settings and CLI (flags, drain time), service/metrics.py (the HPA's metric) and docs/benchmarks.md
-(memory per worker).
+settings and CLI (flags, drain time), service/observability/metrics.py (the HPA's metric) and
+docs/benchmarks.md (memory per worker).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from fastapi import FastAPI
 from prometheus_client.metrics import MetricWrapperBase
 from starlette.testclient import TestClient
 
-from service import cli, metrics
-from service.app import create_app
+from service import cli
+from service.observability import metrics
+from service.server.app import create_app
 from service.settings import Settings
 from tests.deploy.dockerfile import Stage, parse
 from tests.deploy.support import DEPLOY, ROOT

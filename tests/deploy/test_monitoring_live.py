@@ -183,8 +183,8 @@ def test_requests_are_counted_by_model_endpoint_and_status(prom: Prometheus):
     labels = prom.query("neuroserve_request_duration_seconds_count")
     assert {(r["metric"]["version"], r["metric"]["provider"]) for r in labels} == {("1", PROVIDER)}
 
-    # Counters of every ready model start at 0 (see service.metrics.count_from_zero): only count those
-    # the traffic moved.
+    # Counters of every ready model start at 0 (see service.observability.metrics.count_from_zero):
+    # only count those the traffic moved.
     outcomes = prom.values("sum by (model, endpoint, outcome) (neuroserve_requests_total) > 0",
                            "model", "endpoint", "outcome")
     assert outcomes == {

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.runtime import cuda_available
+from service.core.runtime import cuda_available
 from tests.service import models as m
 
 # Re-exported: test modules import these from here too.
@@ -106,7 +106,7 @@ def server(test_models: TestModels, tmp_path_factory: pytest.TempPathFactory) ->
 @asynccontextmanager
 async def running_app(repo: Path, **settings: object) -> AsyncIterator[httpx.AsyncClient]:
     """The ASGI app with its lifespan, models loaded, behind an httpx client (no sockets)."""
-    from service.app import create_app
+    from service.server.app import create_app
     from service.settings import Settings
 
     settings = {"grpc_port": 0, **settings}  # no gRPC server on the shared default port

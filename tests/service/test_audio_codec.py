@@ -11,8 +11,8 @@ import pytest
 import soundfile as sf
 
 from service.codecs import audio
+from service.core.model_config import AudioPreprocessing
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
-from service.model_config import AudioPreprocessing
 from tests.service import media
 
 SPEC = AudioPreprocessing(sample_rate=16000, duration_s=1.0)

@@ -9,10 +9,10 @@ import threading
 import numpy as np
 import pytest
 
-from service.batching import Batcher, BatchPolicy, InputLayout
+from service.core.batching import Batcher, BatchPolicy, InputLayout
 from service.errors import PayloadTooLarge
-from service.metrics import ModelMetrics
-from service.stats import Stats
+from service.observability.metrics import ModelMetrics
+from service.observability.stats import Stats
 
 
 def _batcher(run, *, max_batch: int, max_padding_ratio: float = 0.5, variable: bool = False) -> Batcher:

@@ -16,7 +16,7 @@ import pytest
 
 from bench import raw_ort
 from bench.workloads import find_models, load_workload, model_file, v2_json
-from service.runtime import cuda_available
+from service.core.runtime import cuda_available
 from tests.service.conftest import Server, start_server
 
 MODELS = Path(__file__).resolve().parents[2] / "models"

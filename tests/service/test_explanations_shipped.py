@@ -23,7 +23,7 @@ import tritonclient.http as triton
 from PIL import Image
 
 from service.codecs.audio import decode
-from service.model_config import load_model_config
+from service.core.model_config import load_model_config
 from tests.service.servers import Server, start_server
 from training import images
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.model_config import V2_TO_NUMPY
+from service.core.model_config import V2_TO_NUMPY
 from tests.service import media
 from tests.service.conftest import Server, TestModels
 

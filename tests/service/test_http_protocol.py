@@ -13,7 +13,7 @@ import h11
 import httpx
 import orjson
 
-from service.http_protocol import _JoinedWrites
+from service.server.http_protocol import _JoinedWrites
 from service.settings import Settings
 from tests.service.conftest import Server, TestModels, start_server
 

@@ -71,7 +71,7 @@ def test_without_strict_readiness_one_ready_model_makes_the_server_ready(broken_
 def _during_and_after_loading(repository: Path, during: list[str], after: list[str]
                               ) -> tuple[list[httpx.Response], list[httpx.Response]]:
     """GET `during` right after start-up, while the models still load; then `after` once they are."""
-    from service.app import create_app
+    from service.server.app import create_app
     from service.settings import Settings
 
     async def main():
@@ -105,7 +105,7 @@ def test_health_probes_answer_head_as_well_as_get(server: Server):
 def test_a_readiness_probe_during_loading_is_not_counted_as_a_rejection(test_models: TestModels):
     from prometheus_client import REGISTRY
 
-    from service.metrics import UNKNOWN_MODEL
+    from service.observability.metrics import UNKNOWN_MODEL
 
     def not_ready_rejections() -> float:
         return REGISTRY.get_sample_value("neuroserve_rejections_total",

@@ -290,7 +290,7 @@ def test_request_and_rejection_counters_start_at_zero_when_a_model_is_ready(
 def test_observe_many_files_values_as_observe_does(n: int):
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-    from service.metrics import LATENCY_BUCKETS, observe_many
+    from service.observability.metrics import LATENCY_BUCKETS, observe_many
 
     rng = np.random.default_rng(n)
     # Values on and around the bucket bounds, beyond the last one, and a NaN (skipped by both).

@@ -8,8 +8,8 @@ import numpy as np
 import orjson
 import pytest
 
-from service.model_config import load_model_config
-from service.runtime import CUDA, Runtime, cuda_available
+from service.core.model_config import load_model_config
+from service.core.runtime import CUDA, Runtime, cuda_available
 from tests.service import models as m
 from tests.service.conftest import with_app
 

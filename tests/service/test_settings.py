@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from service.cli import build_parser, parse_settings
-from service.runtime import cuda_available, session_options
+from service.core.runtime import cuda_available, session_options
 from service.settings import Settings
 
 

@@ -25,7 +25,7 @@ import pytest
 import tritonclient.http as triton
 from PIL import Image
 
-from service.model_config import load_model_config
+from service.core.model_config import load_model_config
 from tests.service.conftest import Server, start_server
 from training import evaluate, images, speech_corpus, text
 from training.speech import wav_bytes

@@ -11,7 +11,7 @@ import pytest
 
 from service.codecs import audio as audio_codec
 from service.codecs import image as image_codec
-from service.model_config import ModelConfig
+from service.core.model_config import ModelConfig
 from tests.service import media
 from tests.service.conftest import TOL, Server, TestModels
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from service.codecs.image import to_pixels
-from service.model_config import load_model_config
+from service.core.model_config import load_model_config
 from training import images, zoo
 from training.__main__ import main as training_main
 from training.export import cpu_session, onnx_predict

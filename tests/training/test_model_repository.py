@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from service.model_config import V2_TO_NUMPY, ModelConfig, load_model_config
+from service.core.model_config import V2_TO_NUMPY, ModelConfig, load_model_config
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 SHIPPED = {"fashion-mnist": "image", "mnist": "image", "sentiment": "text", "spoken-digits": "speech"}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from service.codecs.audio import decode
-from service.model_config import load_model_config
+from service.core.model_config import load_model_config
 from training import speech_corpus
 from training.__main__ import main as training_main
 from training.export import cpu_session, onnx_predict

@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 from service.codecs.text import TextEncoder
-from service.model_config import load_model_config
+from service.core.model_config import load_model_config
 from training import text, zoo
 from training.__main__ import main as training_main
 from training.export import cpu_session

@@ -22,13 +22,13 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
-from service import metrics
-from service.api.common import admit, deadline, state_of
-from service.api.middleware import RequestContext
-from service.api.schemas import ClassifyResponse, ErrorBody, TextRequest
 from service.codecs import audio, image
+from service.core.repository import ModelVersion
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
-from service.repository import ModelVersion
+from service.observability import metrics
+from service.server.rest.common import admit, deadline, state_of
+from service.server.rest.middleware import RequestContext
+from service.server.rest.schemas import ClassifyResponse, ErrorBody, TextRequest
 
 router = APIRouter(prefix="/v1", tags=["tasks"])
 
@@ -173,7 +173,7 @@ def task_path_params(path: str) -> dict[str, str] | None:
 
 
 async def task_request(request: Request, task: str, model: str) -> Response:
-    """A task route without FastAPI's parameter solving (see `service.app.FastPath`): the query
+    """A task route without FastAPI's parameter solving (see `service.server.app.FastPath`): the query
     parameters are read and checked here, as the route signatures above declare them."""
     query = request.query_params
     raw_top_k = query.get("top_k")

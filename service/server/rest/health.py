@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service import metrics
 from service.errors import ServerNotReady
-from service.state import ServiceState
+from service.observability import metrics
+from service.server.state import ServiceState
 
 router = APIRouter(tags=["health"])
 

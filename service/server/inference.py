@@ -15,7 +15,7 @@ import numpy as np
 
 from service.codecs import v2 as codec
 from service.codecs.v2 import InferRequest, RequestedOutput
-from service.repository import ModelVersion
+from service.core.repository import ModelVersion
 
 
 @dataclass(slots=True)

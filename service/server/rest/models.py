@@ -12,10 +12,10 @@ from markdown_it.token import Token
 from pydantic import BaseModel, Field
 from starlette.responses import FileResponse, HTMLResponse, Response
 
-from service.api.common import state_of
-from service.api.schemas import ErrorBody
+from service.core.repository import Model, State
 from service.errors import ModelNotFound
-from service.repository import Model, State
+from service.server.rest.common import state_of
+from service.server.rest.schemas import ErrorBody
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

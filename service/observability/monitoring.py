@@ -12,8 +12,8 @@ from collections.abc import Callable
 import numpy as np
 
 from service.codecs.text import TextModel
-from service.metrics import ModelMetrics, observe_many
-from service.model_config import ModelConfig
+from service.core.model_config import ModelConfig
+from service.observability.metrics import ModelMetrics, observe_many
 
 Observer = Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], None]
 

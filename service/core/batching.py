@@ -34,7 +34,6 @@ from time import perf_counter
 
 import numpy as np
 
-from service import tracing
 from service.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -44,9 +43,10 @@ from service.errors import (
     QueueFull,
     ServiceError,
 )
-from service.logging import request_id
-from service.metrics import ModelMetrics, observe_many
-from service.stats import Stats
+from service.observability import tracing
+from service.observability.logging import request_id
+from service.observability.metrics import ModelMetrics, observe_many
+from service.observability.stats import Stats
 
 log = logging.getLogger("neuroserve.batching")
 

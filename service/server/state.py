@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from service.core.repository import ModelVersion, Repository
 from service.errors import ModelNotReady
-from service.repository import ModelVersion, Repository
 from service.settings import Settings
 
 log = logging.getLogger("neuroserve.state")

@@ -19,10 +19,17 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from service.api.common import admit, deadline, state_of
-from service.api.middleware import RequestContext
-from service.api.schemas import ErrorBody, LabelScore
-from service.api.tasks import (
+from service.core.batching import BatchResult
+from service.core.repository import ModelVersion
+from service.errors import InvalidInput, PayloadTooLarge
+from service.explain import audio as audio_explain
+from service.explain import png
+from service.explain import text as text_explain
+from service.explain.image import ImageOcclusion
+from service.server.rest.common import admit, deadline, state_of
+from service.server.rest.middleware import RequestContext
+from service.server.rest.schemas import ErrorBody, LabelScore
+from service.server.rest.tasks import (
     TOP_K_DEFAULT,
     TopK,
     Version,
@@ -31,13 +38,6 @@ from service.api.tasks import (
     text_inputs,
     waveform_dtype,
 )
-from service.batching import BatchResult
-from service.errors import InvalidInput, PayloadTooLarge
-from service.explain import audio as audio_explain
-from service.explain import png
-from service.explain import text as text_explain
-from service.explain.image import ImageOcclusion
-from service.repository import ModelVersion
 
 router = APIRouter(prefix="/v1", tags=["explain"])
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from service.api.middleware import RequestContext, context
+from service.core.repository import ModelVersion
 from service.errors import InvalidInput
-from service.repository import ModelVersion
-from service.state import ServiceState
+from service.server.rest.middleware import RequestContext, context
+from service.server.state import ServiceState
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
 

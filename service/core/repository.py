@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from service import metrics
-from service.batching import Batcher, BatchPolicy, InputLayout
 from service.codecs.text import TextEncoder, TextModel
+from service.core.batching import Batcher, BatchPolicy, InputLayout
+from service.core.model_config import V2_TO_NUMPY, ModelConfig, TensorSpec, load_model_config
+from service.core.runtime import CUDA, LoadError, Runtime
 from service.errors import ModelNotFound, ModelNotReady
-from service.model_config import V2_TO_NUMPY, ModelConfig, TensorSpec, load_model_config
-from service.monitoring import batch_observer
-from service.runtime import CUDA, LoadError, Runtime
+from service.observability import metrics
+from service.observability.monitoring import batch_observer
+from service.observability.stats import Stats
 from service.settings import Settings
-from service.stats import Stats
 
 log = logging.getLogger("neuroserve.repository")
 

@@ -22,14 +22,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import __version__, errors, metrics, tracing
-from service import logging as service_logging
-from service.api import demo, docs, explain, health, models, tasks, v2
-from service.api.middleware import ServiceMiddleware
-from service.api.schemas import DOC_MODELS
-from service.grpc import server as grpc_server_module
+from service import __version__, errors
+from service.observability import logging as service_logging
+from service.observability import metrics, tracing
+from service.server.grpc import server as grpc_server_module
+from service.server.rest import demo, docs, explain, health, models, tasks, v2
+from service.server.rest.middleware import ServiceMiddleware
+from service.server.rest.schemas import DOC_MODELS
+from service.server.state import ServiceState
 from service.settings import Settings
-from service.state import ServiceState
 
 log = logging.getLogger("neuroserve.app")
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -195,13 +196,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                       __version__)
         # One worker loads in the background: live answers at once, ready turns true when every
         # model is warm. With several workers each loads first: a worker's socket listens only once
-        # its start-up is over (see service.workers), so traffic never meets a cold worker.
+        # its start-up is over (see service.server.workers), so traffic never meets a cold worker.
         state.load_task = asyncio.create_task(state.repository.load_all())
         state.load_task.add_done_callback(_freeze_heap)
         if settings.workers > 1:
             await asyncio.shield(state.load_task)
         # gRPC in this worker's event loop, over the same state; bound here, after the models with
-        # several workers, as the HTTP socket is (see service.workers).
+        # several workers, as the HTTP socket is (see service.server.workers).
         grpc_server = await grpc_server_module.start(state) if settings.grpc_port else None
         _install_drain_on_sigterm(state)
         try:
@@ -232,7 +233,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "explain", "description": "Why a model answered what it did: occlusion attributions"},
             {"name": "models", "description": "The models, their inputs and their cards, for clients"},
         ],
-        # Served by `service.api.docs` with local assets instead of FastAPI's CDN-loading pages.
+        # Served by `service.server.rest.docs` with local assets instead of FastAPI's CDN-loading pages.
         docs_url=None,
         redoc_url=None,
     )

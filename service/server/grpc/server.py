@@ -1,9 +1,9 @@
 """The V2 gRPC server (`inference.GRPCInferenceService`, as Triton serves it on port 8001), beside
 REST in the same worker process and event loop, over the same `ServiceState`.
 
-A thin servicer: each RPC converts its message (`service.grpc.codec`), calls what the REST routes
-call (`service.inference.infer`, the metadata, statistics and repository helpers of
-`service.api.v2`), and turns a `ServiceError` into the gRPC status the error names. Inference RPCs
+A thin servicer: each RPC converts its message (`service.server.grpc.codec`), calls what the REST routes
+call (`service.server.inference.infer`, the metadata, statistics and repository helpers of
+`service.server.rest.v2`), and turns a `ServiceError` into the gRPC status the error names. Inference RPCs
 are counted like REST ones (`neuroserve_requests_total` and the duration histogram with the
 `grpc_infer` endpoint and the HTTP-equivalent code, rejections by reason), take part in the drain
 on SIGTERM (they count in `ServiceState.active`), and carry the request id and `server-timing` in
@@ -24,13 +24,15 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from service import __version__, inference, metrics, tracing
-from service.api import v2
-from service.api.middleware import RequestContext, new_request_id, server_timing, valid_request_id
+from service import __version__
 from service.errors import REJECTION_REASONS, DeadlineExceeded, ModelNotReady, ServiceError
-from service.grpc import codec
-from service.logging import request_id
-from service.state import ServiceState
+from service.observability import metrics, tracing
+from service.observability.logging import request_id
+from service.server import inference
+from service.server.grpc import codec
+from service.server.rest import v2
+from service.server.rest.middleware import RequestContext, new_request_id, server_timing, valid_request_id
+from service.server.state import ServiceState
 
 log = logging.getLogger("neuroserve.grpc")
 SERVICE_NAME = "inference.GRPCInferenceService"
@@ -315,7 +317,7 @@ def _address(host: str, port: int) -> str:
 
 async def start(state: ServiceState) -> grpc.aio.Server:
     """Listen on `settings.grpc_port`. With several workers each binds the port with SO_REUSEPORT
-    (like their HTTP sockets, see `service.workers`); with one, a port in use is an error."""
+    (like their HTTP sockets, see `service.server.workers`); with one, a port in use is an error."""
     settings = state.settings
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", settings.max_body_bytes),

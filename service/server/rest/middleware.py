@@ -16,11 +16,11 @@ import orjson
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics, tracing
 from service.errors import PayloadTooLarge
-from service.logging import request_id
-from service.metrics import ModelMetrics
-from service.state import ServiceState
+from service.observability import metrics, tracing
+from service.observability.logging import request_id
+from service.observability.metrics import ModelMetrics
+from service.server.state import ServiceState
 
 access_log = logging.getLogger("neuroserve.access")
 log = logging.getLogger("neuroserve.http")

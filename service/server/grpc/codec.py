@@ -1,9 +1,9 @@
-"""V2 gRPC messages ⇄ the transport-free request and result of `service.inference`.
+"""V2 gRPC messages ⇄ the transport-free request and result of `service.server.inference`.
 
 The messages are Triton's own generated classes from `tritonclient[grpc]` (`grpc_service.proto`,
 `model_config.proto`): the exact wire contract `tritonclient.grpc` speaks, with no generated code
 of ours to keep in step. Tensors go through the same checks as the REST codec (`check_input_head`,
-`from_raw`, then `service.inference`): raw contents are `np.frombuffer` views of the message's
+`from_raw`, then `service.server.inference`): raw contents are `np.frombuffer` views of the message's
 bytes, BYTES tensors are uint32-length-prefixed elements as in the binary extension.
 """
 
@@ -19,9 +19,9 @@ from tritonclient.grpc import service_pb2 as pb
 
 from service.codecs import v2 as codec
 from service.codecs.v2 import InferRequest, RequestedOutput
+from service.core.model_config import V2_TO_NUMPY
 from service.errors import InvalidInput
-from service.inference import InferResult
-from service.model_config import V2_TO_NUMPY
+from service.server.inference import InferResult
 
 # Which typed `contents` field carries each datatype (Triton's grpc_service.proto).
 _CONTENTS_FIELD = {

@@ -7,7 +7,7 @@ to one of two workers: 2,720 req/s instead of about 5,000, the other worker idle
 worker the kernel spreads connections over the workers by a hash of their addresses.
 
 The parent only supervises: it starts the workers, starts a new one when one dies, and on SIGTERM or
-SIGINT sends each worker SIGTERM (which drains it, see `service.app`) and waits for them.
+SIGINT sends each worker SIGTERM (which drains it, see `service.server.app`) and waits for them.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service import metrics
+from service.observability import metrics
 from service.settings import Settings
 
 

@@ -9,9 +9,14 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service import __version__, inference
-from service.api.common import admit, deadline, state_of
-from service.api.schemas import (
+from service import __version__
+from service.codecs import v2 as codec
+from service.core.repository import Model, ModelVersion, Repository, State
+from service.core.runtime import CUDA
+from service.errors import ModelLoadFailed, ModelNotFound, ModelNotReady, Unsupported
+from service.server import inference
+from service.server.rest.common import admit, deadline, state_of
+from service.server.rest.schemas import (
     BYTES_EXAMPLE,
     IMAGE_EXAMPLE,
     RESPONSE_EXAMPLE,
@@ -21,11 +26,7 @@ from service.api.schemas import (
     V2ModelMetadata,
     V2ServerMetadata,
 )
-from service.codecs import v2 as codec
-from service.errors import ModelLoadFailed, ModelNotFound, ModelNotReady, Unsupported
-from service.repository import Model, ModelVersion, Repository, State
-from service.runtime import CUDA
-from service.state import ServiceState
+from service.server.state import ServiceState
 
 router = APIRouter(tags=["v2"])
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from starlette.responses import FileResponse
 from starlette.staticfiles import StaticFiles
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+WEB_DIR = Path(__file__).resolve().parents[2] / "web"
 ASSETS_URL = "/ui"
 
 router = APIRouter(include_in_schema=False)
