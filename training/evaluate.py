@@ -67,6 +67,21 @@ def test_set(name: str, models: Path) -> TestSet:
     return TestSet({"waveform": speech.served_waveforms(split.audio)}, split.labels)
 
 
+def validation_set(name: str, models: Path) -> TestSet:
+    """The validation split a shipped model was selected on (temperature scaling is fitted on it)."""
+    config = load_model_config(models / name)
+    if config.task == "image":
+        data = images.SPECS[name].load()
+        return TestSet({"pixels": images.served_pixels(data.x_val, config.image)}, data.y_val)
+    if config.task == "text":
+        sentences = text.load_sentences()
+        index = text.split(sentences["label"])["validation"]
+        encoder = TextEncoder(models / name / config.text.tokenizer, config.text.max_tokens)
+        return TestSet(text.tokenize(encoder, sentences["text"][index]), sentences["label"][index])
+    split = speech.load_split("val")
+    return TestSet({"waveform": speech.served_waveforms(split.audio)}, split.labels)
+
+
 def served_graph(name: str, models: Path, version: int | None = None) -> Path:
     """The graph the service serves by default: the highest version directory."""
     versions = sorted(int(p.name) for p in (models / name).iterdir() if p.name.isdigit())
@@ -90,6 +105,10 @@ def card_accuracy(model_dir: Path) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.quality:
+        from training import quality_report
+
+        return quality_report.main(args)
     path = served_graph(args.model, args.models, args.version)
     test = test_set(args.model, args.models)
     predicted = logits(session(path, args.optimization), test).argmax(1)
@@ -111,5 +130,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", type=int, help="version directory (default: the highest)")
     parser.add_argument("--optimization", choices=("all", "extended", "basic", "disable"), default="all",
                         help="ONNX Runtime graph optimization (the service's default: all)")
+    parser.add_argument("--quality", action="store_true",
+                        help="calibration (ECE, temperature fitted on validation data) and the "
+                             "out-of-domain sets instead of the test accuracy (training/quality.py)")
+    parser.add_argument("--write", action="store_true",
+                        help="with --quality: fold the temperature into the served graph when it lowers "
+                             "the test ECE, write reliability_diagram.png and the card's sections")
     parser.add_argument("--tolerance", type=float, default=0.1,
                         help="largest difference from the card's figure, in points")

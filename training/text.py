@@ -469,7 +469,8 @@ def main(args: argparse.Namespace) -> None:
             # Found best by `python -m bench tune` on a 2-core CPU: small batches of near-equal
             # lengths (docs/benchmarks.md); on an NVIDIA H100 larger, more padded batches served
             # more (docs/benchmarks-gpu.md).
-            batching=Batching(max_batch_size=8, max_queue_delay_ms=0.0, max_queue_size=512, instances=1,
+            # The queue holds a 25,000-token text's windows (about 800 rows; service.codecs.text).
+            batching=Batching(max_batch_size=8, max_queue_delay_ms=0.0, max_queue_size=1024, instances=1,
                               max_padding_ratio=0.1,
                               cuda=CudaBatching(max_batch_size=32, max_padding_ratio=0.5))))
         plot_confusion(ev, LABELS, model_dir / "confusion_matrix.png", "sentiment (int8 graph)")
