@@ -70,7 +70,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest request body")
     max_image_pixels: int = Field(25_000_000, gt=0, description="Largest image (width × height)")
     max_audio_duration_s: float = Field(30.0, gt=0, description="Longest audio clip in seconds")
-    max_text_chars: int = Field(10_000, gt=0, description="Longest text in characters")
+    max_text_chars: int = Field(100_000, gt=0, description="Longest text in characters")
+    max_text_tokens: int = Field(
+        25_000, gt=0, description="Longest text in tokens for the text task endpoint, which reads a long "
+        "text whole as overlapping windows of the model's max_tokens (a window is a row)"
+    )
     max_items: int = Field(256, gt=0, description="Most texts/files in one task-endpoint request")
     max_explain_rows: int = Field(
         1024, gt=0, description="Most rows (inputs and their occluded copies) one explanation computes"

@@ -192,7 +192,7 @@ def test_bad_uploads_return_the_right_4xx(test_models: TestModels):
         _assert_error(await c.post(f"/v1/text/{text}", json={"text": ""}), 400, "invalid_input")
         _assert_error(await c.post(f"/v1/text/{text}", json={"texts": []}), 400, "invalid_input")
         _assert_error(await c.post(f"/v1/text/{text}", json={"txt": "typo"}), 400, "invalid_input")
-        _assert_error(await c.post(f"/v1/text/{text}", json={"text": "x" * 50_000}), 400, "invalid_input")
+        _assert_error(await c.post(f"/v1/text/{text}", json={"text": "x" * 50_000}), 413, "too_large")
         _assert_error(
             await c.post(f"/v1/text/{text}", content=b"\xff\xfe", headers={"content-type": "text/plain"}),
             400,

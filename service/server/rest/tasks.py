@@ -23,8 +23,9 @@ from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
 from service.codecs import audio, image
+from service.codecs import text as text_codec
 from service.core.repository import ModelVersion
-from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
+from service.errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMedia
 from service.observability import metrics
 from service.server.rest.common import admit, deadline, state_of
 from service.server.rest.middleware import RequestContext
@@ -39,6 +40,8 @@ _DECODE_IN_THREAD_BYTES = 256 * 1024
 TOP_K_DEFAULT, TOP_K_MAX = 3, 1000
 TopK = Annotated[int, Query(ge=1, le=TOP_K_MAX, description="How many labels to return per input")]
 Version = Annotated[str | None, Query(description="Model version (default: the newest ready one)")]
+Partial = Annotated[bool, Query(description="Answer the texts that can be read and name the refused ones "
+                                "in `errors` (their prediction is null) instead of refusing the request")]
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": ClassifyResponse},
@@ -128,14 +131,58 @@ def waveform_dtype(mv: ModelVersion) -> type[np.floating]:
     }}},
 )
 async def classify_text(request: Request, model: str, top_k: TopK = TOP_K_DEFAULT,
-                        version: Version = None) -> Response:
-    """One text or a list of texts, tokenized with the model's own tokenizer."""
+                        version: Version = None, partial: Partial = False) -> Response:
+    """One text or a list of texts, tokenized with the model's own tokenizer and read whole: a text
+    longer than the model's window is read as overlapping windows (`windows` in the answer says how
+    many per text). A text over the limits (`--max-text-chars`, `--max-text-tokens`) refuses the
+    request with 413 naming its index, or with `?partial=true` gets a null prediction and an entry
+    in `errors` while the others are answered."""
     mv, ctx = admit(request, "text", model, version)
     check_task(mv, "text")
     text = mv.model.text
     assert text is not None
-    pairs = text.encode(await text_inputs(request))
-    return await _classify(request, mv, ctx, [text.feeds([pair]) for pair in pairs], top_k)
+    settings = state_of(request).settings
+    encoded = text.windows(await text_inputs(request), max_tokens=settings.max_text_tokens)
+    refused = [e for e in encoded if isinstance(e, ServiceError)]
+    if refused and not partial:
+        raise refused[0]
+    until = deadline(request, state_of(request))
+    batcher = mv.serving_batcher()
+    max_rows = mv.config.batching.max_batch_size
+
+    async def compute(windows: np.ndarray) -> Any:
+        feeds = text.window_feeds(windows)
+        if len(windows) <= max_rows:  # batches with other requests' rows
+            return await batcher.submit(feeds, len(windows), until)
+        return await batcher.submit_many(feeds, len(windows), until)
+
+    readable = [e for e in encoded if not isinstance(e, ServiceError)]
+    results = await asyncio.gather(*(compute(w) for w in readable), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    labels = mv.model.labels
+    answers = iter(results)
+    predictions: list[list[dict[str, Any]] | None] = []
+    windows: list[int] = []
+    errors = []
+    for i, item in enumerate(encoded):
+        if isinstance(item, ServiceError):
+            predictions.append(None)
+            windows.append(0)
+            errors.append({"index": i, "error": item.message, "code": item.code, "status": item.status})
+            continue
+        r = next(answers)
+        ctx.timed(r.queue_s, r.compute_s, r.batch_rows)
+        scores = text_codec.aggregate(r.outputs[mv.config.scores_output])
+        top = np.argsort(-scores, kind="stable")[:top_k].tolist()
+        predictions.append([{"label": labels[k], "probability": float(scores[k])} for k in top])
+        windows.append(len(item))
+    body: dict[str, Any] = {"model": mv.name, "version": str(mv.version), "predictions": predictions,
+                            "windows": windows}
+    if partial:
+        body["errors"] = errors
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 async def text_inputs(request: Request) -> list[str]:
@@ -185,6 +232,11 @@ async def task_request(request: Request, task: str, model: str) -> Response:
             top_k = 0
         if not 1 <= top_k <= TOP_K_MAX:
             raise InvalidInput(f"query.top_k: must be an integer from 1 to {TOP_K_MAX}, not {raw_top_k!r}")
+    if task == "text":
+        raw_partial = query.get("partial", "false").lower()
+        if raw_partial not in ("true", "false", "1", "0"):
+            raise InvalidInput(f"query.partial: must be true or false, not {raw_partial!r}")
+        return await classify_text(request, model, top_k, query.get("version"), raw_partial in ("true", "1"))
     return await _HANDLERS[task](request, model, top_k, query.get("version"))
 
 
