@@ -36,7 +36,8 @@ def test_fit_temperature_recovers_the_temperature_that_made_the_labels():
 
 def test_fold_temperature_scales_probabilities_and_leaves_logits_alone(tmp_path):
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["logits"]), helper.make_node("Softmax", ["logits"], ["probabilities"])],
+        [helper.make_node("Identity", ["x"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probabilities"])],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 3]),
          helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 3])])
