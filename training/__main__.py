@@ -3,7 +3,9 @@
 Commands: fetch, fashion-mnist, mnist, sentiment, spoken-digits, all. Each training command also
 trains the comparison architectures of its task for docs/model-zoo.md unless `--no-zoo` is given.
 `python -m training evaluate <model>` measures a shipped model's test accuracy on this machine
-against its card (`python -m training evaluate --help`).
+against its card, and with `--quality` its calibration and out-of-domain figures
+(`python -m training evaluate --help`). A training command (not `--fast`) ends with
+`evaluate <model> --quality --write`.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         for command in commands:
             args.command = command
             importlib.import_module(COMMANDS[command]).main(args)
+            if command != "fetch" and not args.fast:
+                # The card's Calibration and Out of domain sections, and the temperature in the graph.
+                from training import quality_report
+
+                quality_report.refresh(args.models, command)
     except DataMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

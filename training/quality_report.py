@@ -124,6 +124,12 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def refresh(models, name: str) -> int:
+    """Measure and write a freshly trained model's calibration and out-of-domain sections."""
+    return main(argparse.Namespace(model=name, models=models, version=None, optimization="all",
+                                   write=True))
+
+
 def config_labels(model_dir) -> list[str]:
     return [line.strip() for line in (model_dir / "labels.txt").read_text(encoding="utf-8").splitlines()
             if line.strip()]
