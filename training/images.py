@@ -34,6 +34,7 @@ from training.data_cache import cached_arrays, fp32_graph, verified
 from training.export import WithProbabilities, check_parity, cpu_session, export, onnx_predict
 from training.fetch import ARCHIVES, archive_path
 from training.loop import fit
+from training.nets import conv_bn, parameter_count
 from training.quantize import quantize_static_int8
 
 # ---------------------------------------------------------------------------------------------- data
@@ -151,10 +152,6 @@ class Pixels(nn.Module):
         return (x.float() / 255.0 - self.mean) / self.std
 
 
-def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-
-
 class CNN(nn.Module):
     """Three conv stages (28→14→7→3 pixels) with BatchNorm, then a dropout MLP head."""
 
@@ -206,10 +203,6 @@ class RowGRU(nn.Module):
         return self.out(last[0])
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # ------------------------------------------------------------------------------------------ training
 
 @dataclass(frozen=True)
@@ -225,15 +218,21 @@ class Recipe:
 
 @dataclass(frozen=True)
 class Augment:
-    """Random affine jitter applied to each training batch (and horizontal flips for clothes)."""
+    """Random affine jitter applied to each training batch (and horizontal flips for clothes); for
+    digits optionally elastic distortion and stroke thickness, as other writers and pens vary."""
 
     shift: float  # pixels
     rotate: float = 0.0  # degrees
     scale: float = 0.0  # ± fraction
     flip: bool = False
+    elastic: float = 0.0  # largest displacement of a smooth random field, in pixels
+    thicken: float = 0.0  # share of images whose strokes are dilated by one pixel (3×3 max)
+    thin: float = 0.0  # share of the others whose strokes are eroded by one pixel (3×3 min)
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if not (self.rotate or self.scale):
+        if self.thicken or self.thin:
+            x = self._thickness(x, gen)
+        if not (self.rotate or self.scale or self.elastic):
             return self._crop(x, gen)
         n = len(x)
 
@@ -248,8 +247,23 @@ class Augment:
         theta = torch.stack([torch.stack([cos * mirror, -sin, tx], 1),
                              torch.stack([sin * mirror, cos, ty], 1)], 1)
         grid = F.affine_grid(theta, [n, 1, 28, 28], align_corners=False)
+        if self.elastic:
+            # A smooth field: uniform noise on a 4×4 lattice, upsampled bicubically to 28×28.
+            coarse = torch.rand(n, 2, 4, 4, generator=gen) * 2 - 1
+            field = F.interpolate(coarse, size=(28, 28), mode="bicubic", align_corners=True)
+            grid = grid + field.permute(0, 2, 3, 1) * self.elastic * 2 / 28
         moved = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         return moved.round().clamp(0, 255).to(torch.uint8)
+
+    def _thickness(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        draw = torch.rand(len(x), generator=gen)
+        thick, thin = draw < self.thicken, (draw >= self.thicken) & (draw < self.thicken + self.thin)
+        out = x.clone()
+        if thick.any():
+            out[thick] = F.max_pool2d(x[thick].float(), 3, stride=1, padding=1).to(x.dtype)
+        if thin.any():
+            out[thin] = (-F.max_pool2d(-x[thin].float(), 3, stride=1, padding=1)).to(x.dtype)
+        return out
 
     def _crop(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Whole-pixel shifts (a random 28×28 crop of the zero-padded image): no interpolation blur."""
@@ -401,11 +415,8 @@ def quantize(fp32_path: Path, served_path: Path, data: ImageData, test_pixels: n
 
 def zoo_row(architecture: str, model: nn.Module, path: Path, ev: report.Evaluation, seconds: float,
             test_pixels: np.ndarray, served: bool = False) -> zoo.ZooRow:
-    return zoo.ZooRow(
-        architecture, parameter_count(model), ev.accuracy, seconds, path.stat().st_size,
-        zoo.median_latency_ms(path, {"pixels": test_pixels[:1]}),
-        zoo.median_latency_ms(path, {"pixels": test_pixels[:32]}), served=served,
-    )
+    return zoo.graph_row(architecture, parameter_count(model), ev.accuracy, seconds, path,
+                         lambda n: {"pixels": test_pixels[:n]}, served=served)
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -33,6 +33,7 @@ from service.core.model_config import AudioPreprocessing, Batching, ModelConfig,
 from training import report, speech_corpus, zoo
 from training.export import WithProbabilities, check_parity, cpu_session, export, onnx_predict
 from training.loop import fit
+from training.nets import conv_bn, parameter_count
 
 NAME = "spoken-digits"
 LABELS = speech_corpus.LABELS
@@ -127,10 +128,6 @@ class LogMel(nn.Module):
         # Subtracting the utterance mean makes the features independent of the recording level.
         logmel = logmel - logmel.mean(dim=(1, 2), keepdim=True)
         return logmel.unsqueeze(1)
-
-
-def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
 class CNN(nn.Module):
@@ -245,10 +242,6 @@ class Served(nn.Module):
         return self.classifier(self.frontend(waveform))
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 @torch.no_grad()
 def log_mel(frontend: LogMel, audio: np.ndarray, batch: int = 256, scaled: bool = False) -> torch.Tensor:
     """Features of int16 clips (or of float waveforms already in [-1, 1) when `scaled`)."""
@@ -360,11 +353,8 @@ def engine_accuracy_text(split: Split, predicted: np.ndarray) -> str:
 
 def zoo_row(architecture: str, model: nn.Module, path: Path, ev: report.Evaluation, seconds: float,
             test_wave: np.ndarray, served: bool = False) -> zoo.ZooRow:
-    return zoo.ZooRow(
-        architecture, parameter_count(model), ev.accuracy, seconds, path.stat().st_size,
-        zoo.median_latency_ms(path, {"waveform": test_wave[:1]}),
-        zoo.median_latency_ms(path, {"waveform": test_wave[:32]}), served=served,
-    )
+    return zoo.graph_row(architecture, parameter_count(model), ev.accuracy, seconds, path,
+                         lambda n: {"waveform": test_wave[:n]}, served=served)
 
 
 # ------------------------------------------------------------------------------------------------ main

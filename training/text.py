@@ -40,6 +40,7 @@ from training.bert import (
 from training.data_cache import DataMissing, cache_dir, cached_arrays, fp32_graph
 from training.export import WithProbabilities, check_parity, cpu_session, export
 from training.fetch import ARCHIVES, archive_path
+from training.nets import parameter_count
 from training.quantize import quantize_weights_int8
 from training.report import ModelCard, evaluate, plot_confusion, plot_curves, write_config
 from training.zoo import ZooRow, median_latency_ms, save_rows
@@ -260,10 +261,6 @@ def latencies(onnx_path: Path, test_seqs: list[np.ndarray]) -> tuple[float, floa
     return median_latency_ms(onnx_path, pad([median])), median_latency_ms(onnx_path, pad(test_seqs[:32]))
 
 
-def parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # --- zoo: the comparison architectures ---
 class WordPieceCNN(nn.Module):
     """Kim-style CNN trained from scratch: word-piece embeddings → 1-D convolutions of widths 3/5/7
@@ -321,9 +318,9 @@ def cnn_row(seqs: dict[str, list[np.ndarray]], labels: dict[str, np.ndarray], vo
     path = workdir / "cnn.onnx"
     export_text_model(model, path)
     acc = float((onnx_outputs(cpu_session(path), seqs["test"], "logits").argmax(-1) == labels["test"]).mean())
-    print(f"word-piece CNN: test accuracy {acc:.4f} ({parameters(model):,} parameters, {seconds:.0f} s)")
+    print(f"word-piece CNN: test accuracy {acc:.4f} ({parameter_count(model):,} parameters, {seconds:.0f} s)")
     return ZooRow("Word-piece CNN from scratch (embedding 128, convolutions 3/5/7 × 128, max pool)",
-                  parameters(model), acc, seconds, path.stat().st_size, *latencies(path, seqs["test"]))
+                  parameter_count(model), acc, seconds, path.stat().st_size, *latencies(path, seqs["test"]))
 
 
 def frozen_minilm_row(seqs: dict[str, list[np.ndarray]], labels: dict[str, np.ndarray], wheel: Path,
@@ -360,7 +357,7 @@ def frozen_minilm_row(seqs: dict[str, list[np.ndarray]], labels: dict[str, np.nd
     acc = float((onnx_outputs(cpu_session(path), seqs["test"], "logits").argmax(-1) == labels["test"]).mean())
     print(f"frozen MiniLM + LR: test accuracy {acc:.4f} ({seconds:.0f} s)")
     return ZooRow(f"all-MiniLM-L6-v2 frozen, mean pooled + logistic regression (C={clf.C:g}), FP32",
-                  parameters(model.encoder) + clf.coef_.size + 1, acc, seconds, path.stat().st_size,
+                  parameter_count(model.encoder) + clf.coef_.size + 1, acc, seconds, path.stat().st_size,
                   *latencies(path, seqs["test"]))
 
 
@@ -404,7 +401,7 @@ def main(args: argparse.Namespace) -> None:
     model = SentenceClassifier(cfg, len(LABELS))
     if not args.fast:
         load_minilm(model.encoder, wheel)
-    print(f"model: {parameters(model):,} parameters "
+    print(f"model: {parameter_count(model):,} parameters "
           f"({cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads)")
 
     # --- fine-tune ---
@@ -488,7 +485,7 @@ def main(args: argparse.Namespace) -> None:
                     f"{MAX_TOKENS} tokens); output: `logits` and `probabilities` over `negative`, "
                     "`positive`.",
             architecture=architecture,
-            parameters=parameters(model),
+            parameters=parameter_count(model),
             data_sources=[
                 "Sentences: Rotten Tomatoes review snippets rated by 20 people each on -4..4 "
                 "(Hutto & Gilbert, ICWSM 2014), from the source distribution of PyPI "
@@ -559,9 +556,9 @@ def main(args: argparse.Namespace) -> None:
         rows = [tfidf_row(texts, labels),
                 cnn_row(seqs, labels, cfg.vocab_size, args.seed, workdir),
                 frozen_minilm_row(seqs, labels, wheel, workdir),
-                ZooRow("all-MiniLM-L6-v2 fine-tuned, FP32 graph (not served: 90 MB)", parameters(model),
+                ZooRow("all-MiniLM-L6-v2 fine-tuned, FP32 graph (not served: 90 MB)", parameter_count(model),
                        fp32_acc, training_seconds, fp32_bytes, *fp32_latency),
-                ZooRow("all-MiniLM-L6-v2 fine-tuned, int8 weights", parameters(model), ev.accuracy,
+                ZooRow("all-MiniLM-L6-v2 fine-tuned, int8 weights", parameter_count(model), ev.accuracy,
                        training_seconds, served_bytes, *served_latency, served=True)]
         save_rows("text", rows)
     print(f"sentiment with zoo: {(time.perf_counter() - started) / 60:.1f} min")

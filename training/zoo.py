@@ -50,6 +50,13 @@ def median_latency_ms(onnx_path: Path, feeds: dict[str, np.ndarray], repeats: in
     return float(np.median(times) * 1000)
 
 
+def graph_row(architecture: str, parameters: int, accuracy: float, seconds: float, path: Path,
+              feeds: Callable[[int], dict[str, np.ndarray]], served: bool = False) -> ZooRow:
+    """A row for an architecture exported to `path`; `feeds(n)` gives a batch of n test inputs."""
+    return ZooRow(architecture, parameters, accuracy, seconds, path.stat().st_size,
+                  median_latency_ms(path, feeds(1)), median_latency_ms(path, feeds(32)), served=served)
+
+
 def save_rows(task: str, rows: list[ZooRow]) -> None:
     folder = DOCS / "model-zoo"
     folder.mkdir(parents=True, exist_ok=True)
