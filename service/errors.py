@@ -57,10 +57,39 @@ class ModelNotReady(ServiceError):
     grpc = "UNAVAILABLE"
     code = "not_ready"
 
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        # Every 503 says when to try again: a loading model or a draining server is temporary.
+        super().__init__(message, headers={"Retry-After": "1", **(headers or {})})
+
 
 class ServerNotReady(ModelNotReady):
     """The readiness probe's 503: an answer about the server, not a refused request, so it is not
     counted in `neuroserve_rejections_total` (a probe polling a loading server would inflate it)."""
+
+
+class Unauthorized(ServiceError):
+    """No API key, or one the server does not know (HTTP adds `WWW-Authenticate`)."""
+
+    status = 401
+    grpc = "UNAUTHENTICATED"
+    code = "unauthorized"
+
+
+class Forbidden(ServiceError):
+    """A known key without the scope the endpoint needs, a state-changing call the deployment does
+    not allow without a key, or a forged cross-origin browser request."""
+
+    status = 403
+    grpc = "PERMISSION_DENIED"
+    code = "forbidden"
+
+
+class RateLimited(ServiceError):
+    """The caller's token bucket is empty (HTTP adds `Retry-After` and the `RateLimit-*` headers)."""
+
+    status = 429
+    grpc = "RESOURCE_EXHAUSTED"
+    code = "rate_limited"
 
 
 class DeadlineExceeded(ServiceError):
@@ -105,4 +134,7 @@ REJECTION_REASONS: dict[type[ServiceError], str] = {
     InvalidInput: "invalid",
     UnsupportedMedia: "invalid",
     ModelNotReady: "not_ready",
+    Unauthorized: "unauthorized",
+    Forbidden: "forbidden",
+    RateLimited: "rate_limited",
 }

@@ -11,9 +11,17 @@ It also guards the reading of requests, which uvicorn's httptools protocol leave
   value that arrives in pieces on every read: one client streaming a single endless header kept a
   worker's event loop 100 % busy (111 MB in 10 s) and health checks on that worker took 2.3 s
   instead of 2 ms.
+  Every byte of the head counts, including those of the read in which it begins (uvloop reads up
+  to 256 KB at once, so a 200 KB head can arrive in one read): the URL and each header are
+  counted as the parser hands them over, and the reads of a head still arriving are counted whole.
 - A head not complete `read_timeout_s` after its first byte, or a body with no bytes for that
   long, gets 408; a connection that sends nothing for that long is closed. Without this, idle or
   trickling connections (slowloris) were held open for good, each a file descriptor and a task.
+- Malformed framing (a bad request line, `Content-Length: abc`, two lengths) gets the service's
+  JSON 400 with an `X-Request-ID`, not uvicorn's plain-text one.
+- On shutdown (after SIGTERM's grace period), a connection that is between requests is not closed
+  at once: a request may already be on its way. It gets `IDLE_CLOSE_S` to begin one, which is
+  answered with `Connection: close`; a connection that has not begun a request by then is closed.
 """
 
 from __future__ import annotations
@@ -26,7 +34,14 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.observability import metrics
+from service.server.rest.middleware import new_request_id
 from service.settings import Settings
+
+IDLE_CLOSE_S = 0.5
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback: httptools stops parsing and `send_400_response` answers 431."""
 
 
 @functools.cache
@@ -74,6 +89,9 @@ class HttpProtocol(HttpToolsProtocol):
         self._reading_head = False
         self._reading_body = False
         self._head_bytes = 0
+        self._head_parsed = 0  # bytes of URL and headers the parser has handed over for this head
+        self._head_overflow = False
+        self._shutting_down = False
         self._waiting_since = self.loop.time()  # for a head: its first byte; for a body: the last read
         # One timer per connection, re-armed as it fires, rather than one per request.
         self._read_timer = self.loop.call_later(self._read_timeout_s, self._check_read_time)
@@ -101,13 +119,54 @@ class HttpProtocol(HttpToolsProtocol):
         self._heads_begun += 1
         self._reading_head = True
         self._head_bytes = 0
+        self._head_parsed = 16  # the method, the version and the request line's separators
         self._waiting_since = self.loop.time()
+
+    def _count_head(self, n: int) -> None:
+        self._head_parsed += n
+        if self._head_parsed > self._max_head_bytes:
+            self._head_overflow = True
+            raise _HeadTooLarge
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)  # ": " and CRLF
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._reading_head = False
         self._reading_body = True
         self._waiting_since = self.loop.time()
         super().on_headers_complete()
+        if self._shutting_down and self.cycle is not None:
+            self.cycle.keep_alive = False
+
+    def send_400_response(self, msg: str) -> None:
+        """httptools could not parse the request (or a callback refused it): the JSON error."""
+        if self.transport.is_closing():
+            return
+        if self._head_overflow:
+            self._refuse(431, b"Request Header Fields Too Large", "header_too_large", "too_large",
+                         f"request line and headers exceed {self._max_head_bytes} bytes")
+            return
+        self._refuse(400, b"Bad Request", "bad_request", "invalid", "malformed HTTP request")
+
+    def shutdown(self) -> None:
+        self._shutting_down = True
+        if self.cycle is None or self.cycle.response_complete:
+            if not self._reading_head:
+                self.loop.call_later(IDLE_CLOSE_S, self._close_if_idle)
+            # else: a head is arriving; its request is answered with Connection: close
+        else:
+            self.cycle.keep_alive = False
+
+    def _close_if_idle(self) -> None:
+        if not self.transport.is_closing() and not self._reading_head \
+                and (self.cycle is None or self.cycle.response_complete):
+            self.transport.close()
 
     def on_message_complete(self) -> None:
         self._reading_body = False
@@ -145,5 +204,6 @@ class HttpProtocol(HttpToolsProtocol):
             return
         body = orjson.dumps({"error": message, "code": code})
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                             b"connection: close\r\n\r\n%s" % (status, phrase, len(body), body))
+                             b"x-request-id: %s\r\nconnection: close\r\n\r\n%s"
+                             % (status, phrase, len(body), new_request_id().encode(), body))
         self.transport.close()

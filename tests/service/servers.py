@@ -70,6 +70,9 @@ def start_server(repo: Path, log: Path, *args: str, wait: str = "ready", timeout
         # No gRPC unless a test asks for it (a later --grpc-port wins): the default port is shared.
         "--grpc-port",
         "0",
+        # Stop at once on SIGTERM unless a test asks for a grace period (a later flag wins).
+        "--drain-grace-s",
+        "0",
         *args,
     ]
     with open(log, "wb") as out:

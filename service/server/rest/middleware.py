@@ -16,7 +16,9 @@ import orjson
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge
+from service.auth import audit
+from service.auth.gate import Gate, key_of
+from service.errors import PayloadTooLarge, ServiceError
 from service.observability import metrics, tracing
 from service.observability.logging import request_id
 from service.observability.metrics import ModelMetrics
@@ -42,6 +44,7 @@ class RequestContext:
     compute_s: float = 0.0
     batch_rows: int = 0
     trace: tracing.RequestTrace | None = None  # only while tracing is on
+    caller: str | None = None  # the API key's name, when the request came with one
 
     def timed(self, queue_s: float, compute_s: float, batch_rows: int) -> None:
         """Fold in one batch result (task requests may span several batches)."""
@@ -73,6 +76,7 @@ class ServiceMiddleware:
         self.state = state
         self.max_body = state.settings.max_body_bytes
         self.access_log = state.settings.access_log
+        self.gate = Gate.of(state)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,6 +89,8 @@ class ServiceMiddleware:
                 rid_header = value
             elif key == b"content-length":
                 length = int(value) if value.isdigit() else -1
+            elif key == b"transfer-encoding":
+                length = max(length, 1)  # a body of unknown length
         rid = rid_header.decode() if valid_request_id(rid_header) else new_request_id()
         ctx = RequestContext(rid, perf_counter())
         scope["neuroserve"] = ctx
@@ -95,6 +101,8 @@ class ServiceMiddleware:
             trace_token = tracing.current.set(ctx.trace)
         status = 500
         started = False
+        body_read = False
+        extra_headers: list[tuple[bytes, bytes]] = []
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status, started
@@ -104,6 +112,12 @@ class ServiceMiddleware:
                 headers = list(message.get("headers", ()))
                 headers.append((b"x-request-id", rid.encode()))
                 headers.append((b"server-timing", server_timing(ctx).encode()))
+                headers.extend(extra_headers)
+                if self.state.draining or (length > 0 and not body_read):
+                    # Draining: answer, then close, so the client's next request goes elsewhere.
+                    # A body left unread (refused from its head or first bytes): close rather
+                    # than read the rest of it only to throw it away.
+                    headers.append((b"connection", b"close"))
                 message["headers"] = headers
             await send(message)
 
@@ -111,15 +125,28 @@ class ServiceMiddleware:
         max_body = self.max_body
 
         async def receive_limited() -> Message:
-            nonlocal received
+            nonlocal received, body_read
             message = await receive()
             if message["type"] == "http.request":
+                body_read = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > max_body:
                     raise PayloadTooLarge(f"request body exceeds {max_body} bytes")
             return message
 
+        endpoint_scope = "open"
         try:
+            try:
+                # From the head alone, before a byte of the body is read.
+                endpoint_scope, caller = self.gate.check_http(scope)
+            except ServiceError as exc:
+                ctx.caller = key_of(exc)
+                close = length > 0  # an unread body would follow on this connection
+                await _send_json(send_with_headers, exc.status, {"error": exc.message, "code": exc.code},
+                                 exc.headers, close=close)
+                return
+            ctx.caller = caller.name
+            extra_headers.extend((k.lower().encode(), v.encode()) for k, v in caller.headers.items())
             if length > max_body:
                 # Refuse before reading a byte of the body.
                 await _send_json(send_with_headers, 413, {
@@ -162,6 +189,9 @@ class ServiceMiddleware:
                     access_log.log(level, "%s %s %d", scope["method"], path, status, extra={
                         "status": status, "ms": round(elapsed * 1000, 3), "model": ctx.model
                         if ctx.endpoint else None, "client": _client(scope)})
+            if endpoint_scope == "admin":
+                audit.record("admin", key=ctx.caller, action=f"{scope['method']} {scope['path']}",
+                             status=status, client=_client(scope))
             request_id.reset(token)
 
 def _span_description(scope: Scope, ctx: RequestContext, status: int) -> tuple[str, dict[str, Any]]:
@@ -189,9 +219,12 @@ def _client(scope: Scope) -> str | None:
     return f"{client[0]}:{client[1]}" if client else None
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+async def _send_json(send: Send, status: int, body: dict[str, Any],
+                     headers: dict[str, str] | None = None, close: bool = True) -> None:
     data = orjson.dumps(body)
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-        (b"connection", b"close")]})
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    head.extend((k.lower().encode(), v.encode()) for k, v in (headers or {}).items())
+    if close:
+        head.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": data})

@@ -1,0 +1,58 @@
+"""The gate for gRPC: the `authorization` metadata (`Bearer <key>`) checked before the servicer
+runs, with the scopes and quotas REST uses (one `Gate` per worker). A refused call ends with
+UNAUTHENTICATED, PERMISSION_DENIED or RESOURCE_EXHAUSTED; a stream is checked once, when it opens."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from service.auth.gate import Gate, grpc_scope
+from service.errors import ServiceError
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        scope = grpc_scope(details.method)
+        if scope == "open":
+            return await continuation(details)
+        authorization = None
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                authorization = value if isinstance(value, str) else value.decode("latin-1")
+        try:
+            self.gate.authenticate(scope, authorization)
+        except ServiceError as exc:
+            self.gate.refused(exc, action=details.method, client=None)
+            return _refusing(await continuation(details), exc)
+        return await continuation(details)
+
+
+def _refusing(handler: grpc.RpcMethodHandler | None, exc: ServiceError) -> grpc.RpcMethodHandler | None:
+    """A handler of the same kind as `handler` that ends the call with `exc`'s status."""
+    if handler is None:
+        return None
+    code = grpc.StatusCode[exc.grpc]
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, exc.message)
+
+    async def stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(code, exc.message)
+        yield  # an async generator, as a streaming handler is
+
+    kinds = {(False, False): (grpc.unary_unary_rpc_method_handler, unary),
+             (False, True): (grpc.unary_stream_rpc_method_handler, stream),
+             (True, False): (grpc.stream_unary_rpc_method_handler, unary),
+             (True, True): (grpc.stream_stream_rpc_method_handler, stream)}
+    make, behaviour = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(behaviour, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
