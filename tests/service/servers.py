@@ -48,7 +48,8 @@ class Server:
 
 def start_server(repo: Path, log: Path, *args: str, wait: str = "ready", timeout: float = 120,
                  env: dict[str, str] | None = None) -> Server:
-    """Start `python -m service serve` on a free port and wait until it is ready (or done loading);
+    """Start `python -m service serve` on a free port and wait until it is ready (or done loading,
+    or not at all: wait="started");
     `env` adds variables to this process's environment (NEUROSERVE_* and OTEL_* left out)."""
     port = free_port()
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("NEUROSERVE_", "OTEL_"))}
@@ -78,6 +79,8 @@ def start_server(repo: Path, log: Path, *args: str, wait: str = "ready", timeout
     with open(log, "wb") as out:
         process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}", process, log)
+    if wait == "started":  # the caller waits itself (e.g. over TLS)
+        return server
     deadline = time.monotonic() + timeout
     with httpx.Client(base_url=server.url, timeout=5) as client:
         while time.monotonic() < deadline:
