@@ -137,14 +137,29 @@ class LabelScore(BaseModel):
     probability: float
 
 
+class ItemError(BaseModel):
+    """A text the request could not read (`?partial=true`): its index, and the error it alone got."""
+
+    index: int
+    error: str = Field(examples=["text 1: 31,208 tokens; the limit is 25,000"])
+    code: str = Field(examples=["too_large"])
+    status: int = Field(examples=[413], description="The HTTP status the text alone would have got")
+
+
 class ClassifyResponse(BaseModel):
     model: str = Field(examples=["fashion-mnist"])
     version: str = Field(examples=["1"])
-    predictions: list[list[LabelScore]] = Field(
-        description="Per input, the top-k labels, most probable first",
+    predictions: list[list[LabelScore] | None] = Field(
+        description="Per input, the top-k labels, most probable first (null: a text refused under "
+                    "`?partial=true`, named in `errors`)",
         examples=[[[{"label": "Ankle boot", "probability": 0.91},
                     {"label": "Sneaker", "probability": 0.05}]]],
     )
+    windows: list[int] | None = Field(
+        None, description="Text models: per text, how many token windows were read (0: refused); a "
+                          "text longer than the model's window is read whole, in overlapping windows")
+    errors: list[ItemError] | None = Field(
+        None, description="With `?partial=true`: the texts that were refused, by index")
 
 
 DOC_MODELS: list[type[BaseModel]] = [ErrorBody, V2InferRequest, V2InferResponse, V2ModelMetadata,
