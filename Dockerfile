@@ -51,6 +51,9 @@ EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('NEUROSERVE_PORT', '8000'), timeout=2)"]
 # exec: the service is PID 1 and receives SIGTERM itself, so it drains before the container stops.
+# It listens on 0.0.0.0: repository load/unload answer 403 until API keys are given, e.g.
+# -v $PWD/keys.toml:/etc/neuroserve/keys.toml:ro -e NEUROSERVE_API_KEYS_FILE=/etc/neuroserve/keys.toml
+# (`neuroserve keys create --file keys.toml --name NAME --scopes infer|admin`).
 CMD ["sh", "-c", "exec neuroserve serve --model-repository \"$NEUROSERVE_MODEL_REPOSITORY\" --host \"$NEUROSERVE_HOST\" --port \"$NEUROSERVE_PORT\""]
 
 # ---- CPU: build a virtual environment with onnxruntime ---------------------------------------
@@ -79,4 +82,7 @@ EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('NEUROSERVE_PORT', '8000'), timeout=2)"]
 # exec: the service is PID 1 and receives SIGTERM itself, so it drains before the container stops.
+# It listens on 0.0.0.0: repository load/unload answer 403 until API keys are given, e.g.
+# -v $PWD/keys.toml:/etc/neuroserve/keys.toml:ro -e NEUROSERVE_API_KEYS_FILE=/etc/neuroserve/keys.toml
+# (`neuroserve keys create --file keys.toml --name NAME --scopes infer|admin`).
 CMD ["sh", "-c", "exec neuroserve serve --model-repository \"$NEUROSERVE_MODEL_REPOSITORY\" --host \"$NEUROSERVE_HOST\" --port \"$NEUROSERVE_PORT\""]

@@ -304,8 +304,8 @@ def test_memory_request_covers_the_measured_resident_memory(container):
 
 def shutdown_limits(container: dict[str, Any], image: Stage, monkeypatch,
                     tmp_path: Path) -> tuple[float, float]:
-    """(drain timeout, uvicorn's graceful-shutdown limit) as `neuroserve serve` sets them for this
-    container's environment: the CLI runs with uvicorn.run replaced by a recorder."""
+    """(drain grace + drain timeout, uvicorn's graceful-shutdown limit) as `neuroserve serve` sets
+    them for this container's environment: the CLI runs with uvicorn.run replaced by a recorder."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("NEUROSERVE_")}
     environ.update({**image.env, **env_of(container)}, NEUROSERVE_MODEL_REPOSITORY=str(tmp_path))
     monkeypatch.setattr(os, "environ", environ)  # the CLI exports settings; keep that here
@@ -315,7 +315,7 @@ def shutdown_limits(container: dict[str, Any], image: Stage, monkeypatch,
     settings = Settings()
     assert settings.workers == 1, "with several workers the supervisor's stop timeout applies too"
     assert cli.serve(settings) == 0
-    return settings.drain_timeout_s, recorded["timeout_graceful_shutdown"]
+    return settings.drain_grace_s + settings.drain_timeout_s, recorded["timeout_graceful_shutdown"]
 
 
 def test_grace_period_exceeds_pre_stop_sleep_plus_drain(pod, container, image: Stage, monkeypatch, tmp_path):
