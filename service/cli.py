@@ -14,11 +14,13 @@ import shutil
 import sys
 import tempfile
 import typing
+from pathlib import Path
 from typing import Any, get_args, get_origin
 
 from pydantic import ValidationError
 
 from service import __version__
+from service.core.wire import EXECUTOR_SOCKETS_ENV, Address
 from service.observability import logging as service_logging
 from service.server import workers
 from service.settings import Settings
@@ -82,11 +84,18 @@ def serve(settings: Settings) -> int:
     # Workers are separate processes that read their settings from the environment.
     os.environ.update(settings.to_environ())
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    if settings.workers > 1:
+    os.environ.pop(EXECUTOR_SOCKETS_ENV, None)
+    executor = None
+    if settings.workers > 1 or settings.executor_process:
         # A fresh directory per run: values from an earlier run must not leak into this one.
         directory = tempfile.mkdtemp(prefix="neuroserve-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    if settings.executor_process:
+        sockets = tempfile.mkdtemp(prefix="neuroserve-executor-")
+        os.environ[EXECUTOR_SOCKETS_ENV] = sockets
+        atexit.register(shutil.rmtree, sockets, ignore_errors=True)
+        executor = Address(Path(sockets))
 
     import uvicorn
 
@@ -106,10 +115,10 @@ def serve(settings: Settings) -> int:
         "backlog": 2048,
         "timeout_graceful_shutdown": int(settings.drain_timeout_s) + 5,
     }
-    if settings.workers > 1:
+    if settings.workers > 1 or executor is not None:
         # A listening socket per worker (see service.server.workers), not uvicorn's shared one.
         return workers.serve(server, workers=settings.workers, host=settings.host, port=settings.port,
-                             stop_timeout_s=settings.drain_timeout_s + 10)
+                             stop_timeout_s=settings.drain_timeout_s + 10, executor=executor)
     uvicorn.run(**server)
     return 0
 

@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Providers = Literal["auto", "cuda", "cpu"]
@@ -39,7 +39,12 @@ class Settings(BaseSettings):
     grpc_port: int = Field(
         8001, ge=0, le=65535, description="TCP port of the V2 gRPC API (0: no gRPC server)"
     )
-    workers: int = Field(1, ge=1, description="Worker processes (each loads every model)")
+    workers: int = Field(1, ge=1, description="HTTP/gRPC front-end processes")
+    executor: Literal["auto", "in-process", "process"] = Field(
+        "auto", description="Where the models run: in-process (the front-end's own, only with one "
+                            "worker), process (one executor process that every worker feeds), auto "
+                            "(in-process with one worker, else process)"
+    )
 
     # ONNX Runtime.
     providers: Providers = Field(
@@ -59,6 +64,16 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(1, ge=1, description="ORT inter-op threads (graphs run sequentially)")
     graph_optimization: GraphOptimization = Field("all", description="ORT graph optimisation level")
     warmup: bool = Field(True, description="Run every batch shape once before reporting ready")
+
+    # Model management.
+    model_control_mode: Literal["explicit", "poll"] = Field(
+        "explicit", description="explicit: models change through POST /v2/repository/models/{m}/load "
+                                "and unload; poll: also load changed or new models and unload removed "
+                                "ones by watching the repository"
+    )
+    repository_poll_s: float = Field(
+        2.0, gt=0, description="Poll interval; a change is loaded once its files stayed the same this long"
+    )
 
     # Readiness and shutdown.
     strict_readiness: bool = Field(
@@ -107,21 +122,32 @@ class Settings(BaseSettings):
     # Off by default: a log line costs about as much as the rest of a small model's request.
     access_log: bool = Field(False, description="One JSON log line per request")
 
+    @model_validator(mode="after")
+    def _one_process_per_placement(self) -> Settings:
+        if self.executor == "in-process" and self.workers > 1:
+            raise ValueError("--executor in-process serves one worker; with several use process (or auto)")
+        return self
+
     @cached_property
     def cores(self) -> int:
         return available_cores()
 
-    def intra_op_threads_for(self, instances: int) -> int:
-        """Threads for one session so that all sessions of all workers fit in the cores.
+    @property
+    def executor_process(self) -> bool:
+        """Whether the models run in an executor process of their own."""
+        return self.executor == "process" or (self.executor == "auto" and self.workers > 1)
 
-        Each worker's event loop needs about a core of its own under load (HTTP, JSON); every
-        worker runs every model, and each instance of a model may compute at the same time as the
-        others. So the cores left after the event loops are shared out, never oversubscribed: on
-        2 cores with 1 worker, ORT gets 1 thread and the event loop the other core.
+    def intra_op_threads_for(self, instances: int) -> int:
+        """Threads for one session so that the sessions fit in the cores beside the front-ends.
+
+        Each front-end's event loop needs about a core of its own under load (HTTP, JSON); one
+        executor runs every model, and each instance of a model may compute at the same time as
+        the others. So the cores left after the event loops are shared out, never oversubscribed:
+        on 2 cores with 1 worker, ORT gets 1 thread and the event loop the other core.
         """
         if self.intra_op_threads:
             return self.intra_op_threads
-        return max(1, (self.cores - self.workers) // (self.workers * instances))
+        return max(1, (self.cores - self.workers) // instances)
 
     def to_environ(self) -> dict[str, str]:
         """The `NEUROSERVE_*` variables that rebuild these exact settings in a worker process."""

@@ -89,6 +89,7 @@ class BatchResult:
     compute_s: float
     batch_rows: int  # rows of the largest ORT call that computed this request
     calls: int = 1  # ORT calls that computed this request (more than 1 only for `submit_many`)
+    version: str = ""  # the model version that computed it
 
 
 @dataclass(slots=True, eq=False)
@@ -180,6 +181,13 @@ class Batcher:
             await asyncio.gather(*self._tasks)
         for jobs in self._compute_queues:
             jobs.put(None)  # the thread finishes the job it has, if any, and exits
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def pin(self) -> Batcher:
+        return self  # a batcher serves exactly its own version
 
     @property
     def queued_rows(self) -> int:
@@ -473,7 +481,8 @@ class Batcher:
                 p.future.set_exception(result)
             else:
                 self.stats.success.add(end - p.enqueued)
-                p.future.set_result(BatchResult(result, start - p.enqueued, infer_s, largest, len(calls)))
+                p.future.set_result(BatchResult(result, start - p.enqueued, infer_s, largest, len(calls),
+                                                 self.metrics.version))
         per_row = infer_s / rows
         self._row_seconds = 0.9 * self._row_seconds + 0.1 * per_row if self._row_seconds else per_row
         for call_rows, seconds in calls:

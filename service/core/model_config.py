@@ -34,6 +34,9 @@ Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16
 Task = Literal["image", "text", "speech"]
 
 
+# The CUDA execution provider as ONNX Runtime names it (what versions report as their provider).
+CUDA = "CUDAExecutionProvider"
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -1,7 +1,9 @@
-"""The model repository: scan `models/`, validate, load and warm up versions, track their state.
+"""The model repository: scan `models/`, validate, load and warm up versions, switch them live.
 
 Each `models/<name>/` holds `config.toml` and integer version directories with `model.onnx`. A model
-or version that cannot be served is UNAVAILABLE with a reason; the others serve regardless.
+or version that cannot be served is UNAVAILABLE with a reason; the others serve regardless. A
+reload brings the new versions up beside the serving ones and switches only once they are warm; if
+none comes up, the old ones keep serving and the index shows why (see `Repository.load`).
 """
 
 from __future__ import annotations
@@ -9,199 +11,66 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 from pydantic import ValidationError
 
-from service.codecs.text import TextEncoder, TextModel
 from service.core.batching import Batcher, BatchPolicy, InputLayout
+from service.core.catalog import MODEL_FILE, Catalog, Model, ModelVersion, State, text_model
 from service.core.model_config import V2_TO_NUMPY, ModelConfig, TensorSpec, load_model_config
 from service.core.runtime import CUDA, LoadError, Runtime
-from service.errors import ModelNotFound, ModelNotReady
+from service.errors import ModelLoadFailed, ModelNotFound
 from service.observability import metrics
 from service.observability.monitoring import batch_observer
-from service.observability.stats import Stats
 from service.settings import Settings
 
 log = logging.getLogger("neuroserve.repository")
 
-MODEL_FILE = "model.onnx"
+
+def fail(model: Model, reason: str) -> None:
+    model.error = reason
+    metrics.set_model_state(model.name, "", "unavailable")
+    log.error("model unavailable: %s", reason, extra={"model": model.name})
 
 
-class State(StrEnum):
-    LOADING = "LOADING"
-    READY = "READY"
-    UNAVAILABLE = "UNAVAILABLE"
-    UNLOADED = "UNLOADED"
+async def close_version(mv: ModelVersion, replaced_by: ModelVersion | None = None) -> None:
+    """Finish what was admitted and stop serving. `replaced_by` is the version of the same number
+    that a reload has just brought up: the metric series of this (model, version) are its now,
+    so closing this one must not mark them unloaded."""
+    if isinstance(mv.batcher, Batcher):
+        await mv.batcher.close()
+    if mv.provider and (replaced_by is None or replaced_by.provider != mv.provider):
+        metrics.MODEL_INFO.labels(mv.name, str(mv.version), mv.provider).set(0)
+    mv.batcher = None
+    mv.runtime = None
+    if replaced_by is None:
+        mv.set_state(State.UNLOADED)
+    else:
+        mv.state = State.UNLOADED
 
 
-@dataclass(eq=False)
-class ModelVersion:
-    model: Model
-    version: int
-    path: Path
-    state: State = State.LOADING
-    reason: str = ""
-    provider: str = ""
-    runtime: Runtime | None = None
-    batcher: Batcher | None = None
-    metrics: metrics.ModelMetrics | None = None
-    stats: Stats = field(default_factory=Stats)
-    load_seconds: float = 0.0
-    # The model's config with the batching knobs of the provider this version runs on; set on load.
-    served_config: ModelConfig | None = None
-
-    @property
-    def name(self) -> str:
-        return self.model.name
-
-    @property
-    def config(self) -> ModelConfig:
-        if self.served_config is not None:
-            return self.served_config
-        assert self.model.config is not None
-        return self.model.config
-
-    def serving_batcher(self) -> Batcher:
-        """The batcher to queue a request on. A request is admitted before its body is read, and
-        an unload can close the version in between: it then gets 503, like any request for a
-        version that is not ready."""
-        if self.batcher is None:
-            raise ModelNotReady(f"model {self.name!r} version {self.version} was unloaded")
-        return self.batcher
-
-    def set_state(self, state: State, reason: str = "") -> None:
-        self.state, self.reason = state, reason
-        metrics.set_model_state(self.name, str(self.version), state.value.lower())
-
-    async def close(self, replaced_by: ModelVersion | None = None) -> None:
-        """Finish what was admitted and stop serving. `replaced_by` is the version of the same number
-        that a reload has just brought up: the metric series of this (model, version) are its now,
-        so closing this one must not mark them unloaded."""
-        if self.batcher is not None:
-            await self.batcher.close()
-        if self.provider and (replaced_by is None or replaced_by.provider != self.provider):
-            metrics.MODEL_INFO.labels(self.name, str(self.version), self.provider).set(0)
-        self.batcher = None
-        self.runtime = None
-        if replaced_by is None:
-            self.set_state(State.UNLOADED)
-        else:
-            self.state = State.UNLOADED
-
-
-@dataclass(eq=False)
-class Model:
-    name: str
-    directory: Path
-    config: ModelConfig | None = None
-    error: str = ""  # why the model as a whole cannot load (bad config, no versions)
-    labels: list[str] = field(default_factory=list)
-    text: TextModel | None = None  # tokenizer and input roles of a text model
-    versions: dict[int, ModelVersion] = field(default_factory=dict)
-    unloaded: bool = False
-
-    def ready_versions(self) -> list[ModelVersion]:
-        return [v for _, v in sorted(self.versions.items()) if v.state is State.READY]
-
-    def fail(self, reason: str) -> None:
-        self.error = reason
-        metrics.set_model_state(self.name, "", "unavailable")
-        log.error("model unavailable: %s", reason, extra={"model": self.name})
-
-
-class Repository:
+class Repository(Catalog):
     def __init__(self, settings: Settings) -> None:
+        super().__init__(settings.model_repository)
         self.settings = settings
-        self.root = settings.model_repository
-        self.models: dict[str, Model] = {}
-        self.loading = True  # until the first `load_all` has finished: not ready before that
         self._lock = asyncio.Lock()
+        self._loaded_fingerprints: dict[str, tuple[object, ...]] = {}
 
-    # -- queries ------------------------------------------------------------------------------------
-
-    def scan(self) -> list[str]:
-        if not self.root.is_dir():
-            log.error("model repository %s is not a directory", self.root)
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
-
-    def get(self, name: str, version: str | None = None) -> ModelVersion:
-        """The version to serve: the one asked for, else the newest READY one."""
-        model = self.models.get(name)
-        if model is None:
-            raise self._unknown(name)
-        if version is None:
-            for mv in reversed(model.versions.values()):  # versions are kept in ascending order
-                if mv.state is State.READY:
-                    return mv
-            raise ModelNotReady(f"model {name!r} is not ready: {self._why_not(model)}")
-        try:
-            mv = model.versions.get(int(version))
-        except ValueError:
-            mv = None
-        if mv is None:
-            raise ModelNotFound(f"model {name!r} has no version {version!r} being served")
-        if mv.state is not State.READY:
-            reason = f": {mv.reason}" if mv.reason else ""
-            raise ModelNotReady(f"model {name!r} version {version} is {mv.state.value}{reason}")
-        return mv
-
-    def model(self, name: str) -> Model:
-        model = self.models.get(name)
-        if model is None:
-            raise self._unknown(name)
-        return model
-
-    def _unknown(self, name: str) -> ModelNotFound | ModelNotReady:
-        # During the first load a model further down the list is not registered yet: it exists and
-        # will serve soon, so the answer is "not ready" (503, retry), not "no such model" (404).
-        if self.loading and name in self.scan():
-            return ModelNotReady(f"model {name!r} is loading")
-        return ModelNotFound(f"unknown model {name!r}")
-
-    @staticmethod
-    def _why_not(model: Model) -> str:
-        if model.unloaded:
-            return "it was unloaded"
-        if model.error:
-            return model.error
-        states = [f"version {v.version} {v.state.value}" + (f" ({v.reason})" if v.reason else "")
-                  for _, v in sorted(model.versions.items())]
-        return "; ".join(states) or "no versions"
-
-    def ready(self, *, strict: bool) -> bool:
-        if self.loading:
-            return False
-        wanted = [m for m in self.models.values() if not m.unloaded]
-        if strict:
-            return all(
-                not m.error and m.versions and all(v.state is State.READY for v in m.versions.values())
-                for m in wanted
-            )
-        return any(m.ready_versions() for m in wanted)
-
-    def index(self, *, ready_only: bool = False) -> list[dict[str, str]]:
-        """Triton's repository index: one entry per model version (per model if it has none)."""
-        out = []
-        for name in sorted(set(self.scan()) | set(self.models)):
-            model = self.models.get(name)
-            if model is None:
-                if not ready_only:
-                    out.append({"name": name, "state": State.UNLOADED.value, "reason": "not loaded"})
-                continue
-            if model.error and not model.versions:
-                if not ready_only:
-                    out.append({"name": name, "state": State.UNAVAILABLE.value, "reason": model.error})
-                continue
-            for v, mv in sorted(model.versions.items()):
-                if ready_only and mv.state is not State.READY:
-                    continue
-                out.append({"name": name, "version": str(v), "state": mv.state.value, "reason": mv.reason})
-        return out
+    def batcher_for(self, name: str, version: int | None, pinned: bool) -> Batcher:
+        """The batcher for a request a front-end resolved to `version` with its own (maybe a moment
+        old) view: a pinned request gets exactly that version; an unpinned one the newest ready
+        version if that one has been switched away meanwhile."""
+        if pinned:
+            mv = self.get(name, str(version))
+        else:
+            mv = self.model(name).versions.get(version) if version is not None else None
+            if mv is None or mv.state is not State.READY:
+                mv = self.get(name, None)
+        submitter = mv.serving_batcher(pinned)
+        assert isinstance(submitter, Batcher)
+        return submitter
 
     # -- loading ------------------------------------------------------------------------------------
 
@@ -214,37 +83,99 @@ class Repository:
             self.loading = False
 
     async def load(self, name: str) -> Model:
-        """(Re)load a model from disk; the old versions serve until the new ones are loaded."""
+        """(Re)load a model from disk. New versions load and warm up beside the serving ones, then
+        traffic switches to them at once and the old versions drain and close. If none of the new
+        versions comes up, nothing that serves changes: the old versions keep serving and the
+        failed ones show in the index with their reason. Returns the model now in the catalog."""
         directory = self.root / name
         if name not in self.scan():
             raise ModelNotFound(f"no model directory {name!r} in the repository")
         async with self._lock:
+            fingerprint = model_fingerprint(directory)
             model = Model(name, directory)
             old = self.models.get(name)
-            if old is None or old.unloaded:
+            serving = old is not None and not old.unloaded and bool(old.ready_versions())
+            if not serving:
                 self.models[name] = model  # show LOADING in the index while it loads
             self._prepare(model)
             for mv in model.versions.values():
                 await self._load_version(mv)
+            self._loaded_fingerprints[name] = fingerprint
+            if serving and not model.ready_versions():
+                assert old is not None
+                self._keep_serving(old, model)
             self.models[name] = model
             if old is not None and old is not model:
                 for mv in old.versions.values():
-                    await mv.close(replaced_by=model.versions.get(mv.version))
+                    mv.successor = model
+                for mv in old.versions.values():
+                    if mv.state is State.READY:
+                        await close_version(mv, replaced_by=model.versions.get(mv.version))
+            log.info("model switched", extra={"model": name, "versions": [
+                mv.version for mv in model.ready_versions()]})
         return model
+
+    @staticmethod
+    def _keep_serving(old: Model, failed: Model) -> NoReturn:
+        """A reload that brought no version up: record why beside the versions that keep serving,
+        and say so to the caller."""
+        reason = failed.error or "; ".join(f"version {mv.version}: {mv.reason}"
+                                           for mv in failed.versions.values())
+        log.error("reload failed; the serving versions stay: %s", reason, extra={"model": old.name})
+        versions = {v: mv for v, mv in old.versions.items() if not mv.failed_update}
+        for v, mv in failed.versions.items():
+            if v in versions:  # the same number serves its earlier files
+                versions[v].reason = f"reload failed, serving the earlier files: {mv.reason}"
+                continue
+            mv.model, mv.failed_update = old, True
+            versions[v] = mv
+        if failed.error:
+            for mv in versions.values():
+                if mv.state is State.READY:
+                    mv.reason = f"reload failed, serving the earlier files: {failed.error}"
+        old.versions = dict(sorted(versions.items()))
+        raise ModelLoadFailed(f"failed to load {old.name!r}: {reason}; the serving versions "
+                              f"{[mv.version for mv in old.ready_versions()]} keep serving")
 
     async def unload(self, name: str) -> None:
         model = self.model(name)
         async with self._lock:
             model.unloaded = True
             for mv in model.versions.values():
-                await mv.close()
+                await close_version(mv)
         log.info("model unloaded", extra={"model": name})
 
     async def close(self) -> None:
         for model in list(self.models.values()):
             for mv in model.versions.values():
                 if mv.state is State.READY:
-                    await mv.close()
+                    await close_version(mv)
+
+    async def poll(self, interval_s: float) -> None:
+        """`--model-control-mode poll`: load a model whose files changed, a new model, and unload a
+        removed one, as Triton's poll mode does. A change is acted on only once the files have stayed
+        the same for one whole interval, so a version still being copied is never loaded half-written
+        (writing it elsewhere and renaming its directory into place is the safe way to publish)."""
+        seen: dict[str, tuple[object, ...]] = {}
+        while True:
+            await asyncio.sleep(interval_s)
+            on_disk = set(self.scan())
+            for name in sorted(on_disk):
+                fingerprint = model_fingerprint(self.root / name)
+                stable = seen.get(name) == fingerprint
+                seen[name] = fingerprint
+                if stable and fingerprint != self._loaded_fingerprints.get(name):
+                    log.info("model files changed; loading", extra={"model": name})
+                    try:
+                        await self.load(name)
+                    except Exception:  # the next change of its files tries again
+                        log.exception("poll: loading %s failed", name)
+            for name in sorted(set(self.models) - on_disk):
+                if not self.models[name].unloaded:
+                    log.info("model directory removed; unloading", extra={"model": name})
+                    await self.unload(name)
+                self._loaded_fingerprints.pop(name, None)
+                seen.pop(name, None)
 
     def _prepare(self, model: Model) -> None:
         """Read the config, labels and tokenizer, and pick the versions the policy serves."""
@@ -253,30 +184,27 @@ class Repository:
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}"
                                  for err in e.errors())
-            return model.fail(f"invalid config.toml: {problems}")
+            return fail(model, f"invalid config.toml: {problems}")
         except (OSError, ValueError) as e:  # missing file, TOML syntax
-            return model.fail(f"cannot read config.toml: {e}")
+            return fail(model, f"cannot read config.toml: {e}")
         if config.name != model.name:
-            return model.fail(
+            return fail(model,
                 f"config.toml names the model {config.name!r} but its directory is {model.name!r}"
             )
         try:
             model.labels = config.label_list(model.directory)
         except OSError as e:
-            return model.fail(f"cannot read labels: {e}")
-        if config.text is not None and config.task == "text":
-            try:
-                encoder = TextEncoder(model.directory / config.text.tokenizer, config.text.max_tokens)
-            except Exception as e:  # tokenizers raises plain Exception for unreadable files
-                return model.fail(f"cannot load tokenizer {config.text.tokenizer!r}: {e}")
-            dtypes = {t.name: V2_TO_NUMPY[t.datatype] for t in config.inputs}
-            model.text = TextModel.for_inputs(encoder, dtypes, self.settings.max_text_chars)
+            return fail(model, f"cannot read labels: {e}")
+        try:
+            model.text = text_model(config, model.directory, self.settings.max_text_chars)
+        except Exception as e:  # tokenizers raises plain Exception for unreadable files
+            return fail(model, f"cannot load tokenizer {config.text.tokenizer if config.text else ''!r}: {e}")
         model.config = config
         on_disk = sorted(int(p.name) for p in model.directory.iterdir() if p.is_dir() and p.name.isdigit())
         policy = config.version_policy
         wanted = sorted(policy.specific) if policy.specific is not None else on_disk[-(policy.latest or 1):]
         if not wanted:
-            return model.fail("no integer version directories (e.g. 1/model.onnx)")
+            return fail(model, "no integer version directories (e.g. 1/model.onnx)")
         for v in wanted:
             mv = ModelVersion(model, v, model.directory / str(v) / MODEL_FILE)
             model.versions[v] = mv
@@ -403,6 +331,22 @@ def _task_problems(config: ModelConfig) -> list[str]:
 
 def _fmt(shape: tuple[int | None, ...]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def model_fingerprint(directory: Path) -> tuple[object, ...]:
+    """Names, sizes and modification times of a model's files (config, labels, tokenizer, versions)."""
+    entries: list[object] = []
+    try:
+        for path in sorted(directory.iterdir()):
+            if path.name.startswith("."):
+                continue
+            files = sorted(path.iterdir()) if path.is_dir() else [path]
+            for f in files:
+                st = f.stat()
+                entries.append((path.name, f.name, st.st_size, st.st_mtime_ns))
+    except OSError:  # removed or rewritten while we looked: differs from any complete state
+        entries.append(("unreadable",))
+    return tuple(entries)
 
 
 def batch_sizes(max_batch_size: int) -> list[int]:

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.core.model_config import CUDA
 from service.settings import Settings
 
 log = logging.getLogger("neuroserve.runtime")
 
-CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 # onnxruntime's type strings → V2 datatypes.

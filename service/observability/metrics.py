@@ -255,8 +255,8 @@ class WorkerProcessCollector:
         (Path(directory) / f"worker_{os.getpid()}.pid").touch()
 
     @staticmethod
-    def retire(directory: str) -> None:
-        (Path(directory) / f"worker_{os.getpid()}.pid").unlink(missing_ok=True)
+    def retire(directory: str, pid: int | None = None) -> None:
+        (Path(directory) / f"worker_{pid or os.getpid()}.pid").unlink(missing_ok=True)
 
     def collect(self) -> Iterable[Metric]:
         rss = GaugeMetricFamily("process_resident_memory_bytes", "Resident memory size in bytes.",
@@ -295,6 +295,15 @@ def worker_stopped() -> None:
     if MULTIPROC_DIR is not None:
         WorkerProcessCollector.retire(MULTIPROC_DIR)
         mark_process_dead(os.getpid(), MULTIPROC_DIR)
+
+
+def process_exited(pid: int | None) -> None:
+    """For the supervisor: retire a dead worker's or executor's files (a process killed with -9
+    never ran `worker_stopped`), so no gauge keeps its last value."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory and pid:
+        WorkerProcessCollector.retire(directory, pid)
+        mark_process_dead(pid, directory)
 
 
 def exposition(openmetrics: bool = False) -> tuple[bytes, str]:

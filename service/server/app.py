@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -23,6 +25,11 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import __version__, errors
+from service.core.executor_client import RemoteExecutor
+from service.core.wire import EXECUTOR_SOCKETS_ENV, Address
+
+if TYPE_CHECKING:
+    from service.core.executor import LocalExecutor
 from service.observability import logging as service_logging
 from service.observability import metrics, tracing
 from service.server.grpc import server as grpc_server_module
@@ -180,10 +187,21 @@ class _App(FastAPI):
         return FastPath(self, super().build_middleware_stack(), self.state.service)
 
 
+def _executor(settings: Settings) -> LocalExecutor | RemoteExecutor:
+    """The models in this process, or the executor process's (whose sockets the supervisor names)."""
+    sockets = os.environ.get(EXECUTOR_SOCKETS_ENV)
+    if sockets:
+        return RemoteExecutor(settings, Address(Path(sockets)))
+    # Only here: a front-end of an executor process never imports ONNX Runtime.
+    from service.core.executor import LocalExecutor
+
+    return LocalExecutor(settings)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     service_logging.configure(settings.log_level)
-    state = ServiceState(settings)
+    state = ServiceState(settings, _executor(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -194,12 +212,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Here, in the worker: the exporter's thread must belong to this process, not a parent.
         tracing.setup(settings.otlp_endpoint, settings.trace_sample_ratio, settings.trace_slow_ms,
                       __version__)
-        # One worker loads in the background: live answers at once, ready turns true when every
-        # model is warm. With several workers each loads first: a worker's socket listens only once
-        # its start-up is over (see service.server.workers), so traffic never meets a cold worker.
-        state.load_task = asyncio.create_task(state.repository.load_all())
+        # In-process models load in the background: live answers at once, ready turns true when
+        # every model is warm. With an executor process, each front-end waits until the executor
+        # has loaded: its socket listens only once its start-up is over (see
+        # service.server.workers), so traffic never meets a cold worker.
+        state.load_task = asyncio.create_task(state.executor.start())
         state.load_task.add_done_callback(_freeze_heap)
-        if settings.workers > 1:
+        if isinstance(state.executor, RemoteExecutor):
+            await state.executor.wait_loaded()
+        elif settings.workers > 1:
             await asyncio.shield(state.load_task)
         # gRPC in this worker's event loop, over the same state; bound here, after the models with
         # several workers, as the HTTP socket is (see service.server.workers).
@@ -215,7 +236,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 state.load_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await state.load_task
-            await state.repository.close()
+            await state.executor.close()
             await asyncio.to_thread(tracing.shutdown)
             metrics.worker_stopped()
             gc.unfreeze()  # what this app held may be garbage now (several apps in one process: tests)

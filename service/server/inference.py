@@ -15,7 +15,7 @@ import numpy as np
 
 from service.codecs import v2 as codec
 from service.codecs.v2 import InferRequest, RequestedOutput
-from service.core.repository import ModelVersion
+from service.core.catalog import ModelVersion
 
 
 @dataclass(slots=True)
@@ -28,14 +28,17 @@ class InferResult:
     batch_rows: int
 
 
-async def infer(mv: ModelVersion, req: InferRequest, deadline: float | None) -> InferResult:
+async def infer(mv: ModelVersion, req: InferRequest, deadline: float | None, *,
+                pinned: bool = False) -> InferResult:
     """Check `req` against the model, queue it on the version's batcher and select its outputs.
 
-    `deadline` is a `time.perf_counter()` value (None: none); raises `ServiceError`s only."""
+    `deadline` is a `time.perf_counter()` value (None: none); `pinned`: the caller named the
+    version, so no other may answer. Raises `ServiceError`s only."""
     config = mv.config
     codec.check_outputs(req, config)
     feeds, rows = codec.to_feeds(req, config, mv.model.text)
-    result = await mv.serving_batcher().submit(feeds, rows, deadline)
+    result = await mv.serving_batcher(pinned).submit(feeds, rows, deadline)
     selected = codec.select_outputs(req, result.outputs, mv.model.labels)
-    return InferResult(mv.name, str(mv.version), selected, result.queue_s, result.compute_s,
-                       result.batch_rows)
+    # The version that computed it: a reload may have switched versions since `mv` was looked up.
+    return InferResult(mv.name, result.version or str(mv.version), selected, result.queue_s,
+                       result.compute_s, result.batch_rows)

@@ -1,24 +1,35 @@
-"""What one worker process holds while it serves: settings, the repository, and its lifecycle flags."""
+"""What one front-end process holds while it serves: settings, its executor handle (the models, in
+this process or in the executor's), and its lifecycle flags."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
-from service.core.repository import ModelVersion, Repository
+from service.core.catalog import Catalog, ModelVersion
 from service.errors import ModelNotReady
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.core.executor import LocalExecutor
+    from service.core.executor_client import RemoteExecutor
 
 log = logging.getLogger("neuroserve.state")
 
 
 class ServiceState:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, executor: LocalExecutor | RemoteExecutor) -> None:
         self.settings = settings
-        self.repository = Repository(settings)
+        self.executor = executor
         self.draining = False
         self.active = 0  # admitted inference requests not yet answered
         self.load_task: asyncio.Task[None] | None = None
+
+    @property
+    def repository(self) -> Catalog:
+        """What the executor serves (a mirror of its catalog when it runs in another process)."""
+        return self.executor.catalog
 
     def model(self, name: str, version: str | None = None) -> ModelVersion:
         if self.draining:
@@ -31,7 +42,8 @@ class ServiceState:
         return True
 
     def ready(self) -> bool:
-        return not self.draining and self.repository.ready(strict=self.settings.strict_readiness)
+        return (not self.draining and self.executor.connected
+                and self.repository.ready(strict=self.settings.strict_readiness))
 
     async def drain(self) -> None:
         """Refuse new work (ready turns false, infer answers 503) and wait for admitted requests."""

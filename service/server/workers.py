@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -25,6 +26,9 @@ from typing import Any
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
+
+from service.core.wire import Address
+from service.observability import metrics
 
 log = logging.getLogger("neuroserve.workers")
 
@@ -52,9 +56,15 @@ def _worker(config: dict[str, Any], host: str, port: int) -> None:
     uvicorn.Server(uvicorn.Config(**config)).run(sockets=[sock])
 
 
-def serve(config: dict[str, Any], *, workers: int, host: str, port: int, stop_timeout_s: float) -> int:
-    """Run `workers` uvicorn servers of `config` (keyword arguments of `uvicorn.Config`) until SIGTERM
-    or SIGINT; 0, or 1 when a worker could not start."""
+def serve(config: dict[str, Any], *, workers: int, host: str, port: int, stop_timeout_s: float,
+          executor: Address | None = None) -> int:
+    """Run `workers` uvicorn servers of `config` (keyword arguments of `uvicorn.Config`), and the
+    executor process when `executor` names its sockets, until SIGTERM or SIGINT; 0, or 1 when a
+    worker could not start.
+
+    A process that dies is replaced at once and its metric files are retired (its gauges must
+    not count any more). On stop the front-ends drain first (they still need the executor for the
+    requests they finish), then the executor."""
     # Port 0: pick one here and keep it bound (not listening) so every worker gets the same.
     reserved = listening_socket(host, port) if port == 0 else None
     if reserved is not None:
@@ -67,15 +77,34 @@ def serve(config: dict[str, Any], *, workers: int, host: str, port: int, stop_ti
         process.start()
         return process
 
+    def start_executor() -> BaseProcess:
+        from service.core.executor import serve as executor_main  # ONNX Runtime: not in front-ends
+
+        process = context.Process(target=executor_main, args=(executor,), name="neuroserve-executor")
+        process.start()
+        log.info("executor started", extra={"pid": process.pid})
+        return process
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
+    model_executor = start_executor() if executor is not None else None
     processes = [start() for _ in range(workers)]
     log.info("workers started", extra={"pids": [p.pid for p in processes], "port": port})
     code = 0
-    while not stop.wait(0.5):
+    while not stop.is_set():
+        watched = [p.sentinel for p in processes] + ([model_executor.sentinel] if model_executor else [])
+        multiprocessing.connection.wait(watched, timeout=0.2)
+        if stop.is_set():
+            break
+        if model_executor is not None and not model_executor.is_alive():
+            log.error("executor %s exited with %s; starting another", model_executor.pid,
+                      model_executor.exitcode)
+            metrics.process_exited(model_executor.pid)
+            model_executor = start_executor()
         for i, process in enumerate(processes):
             if process.is_alive():
                 continue
+            metrics.process_exited(process.pid)
             if process.exitcode == STARTUP_FAILURE:
                 log.error("worker %s could not start; stopping", process.pid)
                 code = 1
@@ -83,16 +112,24 @@ def serve(config: dict[str, Any], *, workers: int, host: str, port: int, stop_ti
                 break
             log.warning("worker %s exited with %s; starting another", process.pid, process.exitcode)
             processes[i] = start()
-    for process in processes:
-        if process.is_alive():
-            os.kill(process.pid, signal.SIGTERM)  # type: ignore[arg-type]
-    deadline = time.monotonic() + stop_timeout_s
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-        if process.is_alive():
-            log.error("worker %s did not stop in %.0f s; killing it", process.pid, stop_timeout_s)
-            process.kill()
-            process.join()
+    _stop(processes, stop_timeout_s)
+    if model_executor is not None:
+        _stop([model_executor], stop_timeout_s)
     if reserved is not None:
         reserved.close()
     return code
+
+
+def _stop(processes: list[BaseProcess], timeout_s: float) -> None:
+    """SIGTERM each, wait up to `timeout_s` in all, kill what is left."""
+    for process in processes:
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGTERM)  # type: ignore[arg-type]
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            log.error("%s %s did not stop in %.0f s; killing it", process.name, process.pid, timeout_s)
+            process.kill()
+            process.join()
+        metrics.process_exited(process.pid)

@@ -142,7 +142,7 @@ def _wait_for_worker_pids(url: str, n: int, timeout: float = 60) -> None:
 def test_metrics_with_two_workers_add_up_and_show_each_process(test_models: TestModels, tmp_path: Path):
     server = start_server(test_models.repository, tmp_path / "server.log", "--workers", "2")
     try:
-        _wait_for_worker_pids(server.url, 2)
+        _wait_for_worker_pids(server.url, 3)  # two front-ends and the executor
         n = 24
         # New connection per request, so that both workers take some.
         _traffic(server.url, test_models, n=n, keepalive=False)
@@ -179,10 +179,11 @@ def test_metrics_with_two_workers_add_up_and_show_each_process(test_models: Test
             )
             assert _value(s, "neuroserve_batch_size_sum", model=image) == 2 * n
             assert _value(s, "neuroserve_queue_depth", model=image) == 0
+            # Each process shows its memory and CPU: the two front-ends and the executor.
             pids = _worker_pids(text)
-            assert len(pids) == 2, pids
-            assert len(_worker_pids(text, "process_cpu_seconds_total")) == 2
-            # Both workers loaded the model: state gauges aggregate with max, not sum.
+            assert len(pids) == 3, pids
+            assert len(_worker_pids(text, "process_cpu_seconds_total")) == 3
+            # The executor's state gauge, once (front-ends set none).
             assert _value(s, "neuroserve_model_state", model=image, state="ready", version="1") == 1
         _promtool(scrapes[-1])
     finally:

@@ -18,8 +18,28 @@ from tests.service.conftest import ROOT, TestModels, free_port, start_server
 
 
 def worker_pids(parent: int) -> set[int]:
+    """The front-end processes (not the executor, not multiprocessing's resource tracker)."""
+    return {pid for pid in _spawned(parent) if _comm(pid) != EXECUTOR_NAME}
+
+
+def executor_pid(parent: int) -> int:
+    (pid,) = [pid for pid in _spawned(parent) if _comm(pid) == EXECUTOR_NAME]
+    return pid
+
+
+EXECUTOR_NAME = "neuroserve-exec"
+
+
+def _spawned(parent: int) -> list[int]:
     children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-    return {int(pid) for pid in children if "spawn_main" in _cmdline(int(pid))}  # not the resource tracker
+    return [int(pid) for pid in children if "spawn_main" in _cmdline(int(pid))]
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _cmdline(pid: int) -> str:

@@ -104,10 +104,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
                               ) -> pb.ModelStatisticsResponse:
-        repo = self.state.repository
         try:
-            docs = (v2.stats_docs(repo, request.name, request.version or None) if request.name
-                    else v2.all_stats_docs(repo))
+            docs = await self.state.executor.statistics(request.name or None, request.version or None)
         except ServiceError as e:
             await _abort(context, e)
         return codec.model_statistics(docs)
@@ -210,7 +208,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             state.active += 1
             ctx.admitted = True
             req = codec.decode_infer(request)
-            result = await inference.infer(mv, req, self._deadline(ctx.start, req.timeout_s, remaining_s))
+            result = await inference.infer(mv, req, self._deadline(ctx.start, req.timeout_s, remaining_s),
+                                           pinned=bool(request.model_version))
             ctx.timed(result.queue_s, result.compute_s, result.batch_rows)
             response = codec.encode_infer(result, request.id)
             status = 200

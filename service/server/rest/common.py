@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from service.core.repository import ModelVersion
+from service.core.catalog import ModelVersion
 from service.errors import InvalidInput
 from service.server.rest.middleware import RequestContext, context
 from service.server.state import ServiceState

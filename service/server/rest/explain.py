@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from service.core.batching import BatchResult
-from service.core.repository import ModelVersion
+from service.core.catalog import ModelVersion
 from service.errors import InvalidInput, PayloadTooLarge
 from service.explain import audio as audio_explain
 from service.explain import png

@@ -12,7 +12,7 @@ from markdown_it.token import Token
 from pydantic import BaseModel, Field
 from starlette.responses import FileResponse, HTMLResponse, Response
 
-from service.core.repository import Model, State
+from service.core.catalog import Model, State
 from service.errors import ModelNotFound
 from service.server.rest.common import state_of
 from service.server.rest.schemas import ErrorBody

@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from service.codecs import audio, image
 from service.codecs import text as text_codec
-from service.core.repository import ModelVersion
+from service.core.catalog import ModelVersion
 from service.errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMedia
 from service.observability import metrics
 from service.server.rest.common import admit, deadline, state_of

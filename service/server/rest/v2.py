@@ -11,10 +11,11 @@ from starlette.responses import Response
 
 from service import __version__
 from service.codecs import v2 as codec
-from service.core.repository import Model, ModelVersion, Repository, State
-from service.core.runtime import CUDA
+from service.core.catalog import Catalog, Model, ModelVersion, State
+from service.core.model_config import CUDA
 from service.errors import ModelLoadFailed, ModelNotFound, ModelNotReady, Unsupported
 from service.server import inference
+from service.server.rest import admission
 from service.server.rest.common import admit, deadline, state_of
 from service.server.rest.schemas import (
     BYTES_EXAMPLE,
@@ -53,39 +54,23 @@ async def servermetadata_doc() -> Response:
 
 @router.get("/v2/models/stats", summary="Statistics of every model")
 async def all_stats(request: Request) -> Response:
-    return _json({"model_stats": all_stats_docs(state_of(request).repository)})
+    return _json({"model_stats": await state_of(request).executor.statistics(None, None)})
 
 
 @router.get("/v2/models/{model}/stats", summary="Model statistics", responses=_errors(404))
 async def model_stats(request: Request, model: str) -> Response:
-    return _stats(request, model, None)
+    return await _stats(request, model, None)
 
 
 @router.get("/v2/models/{model}/versions/{version}/stats", summary="Model version statistics",
             responses=_errors(404))
 async def model_version_stats(request: Request, model: str, version: str) -> Response:
-    return _stats(request, model, version)
+    return await _stats(request, model, version)
 
 
-def _stats(request: Request, model: str, version: str | None) -> Response:
-    return _json({"model_stats": stats_docs(state_of(request).repository, model, version)})
-
-
-def stats_docs(repo: Repository, model: str, version: str | None) -> list[dict[str, Any]]:
-    """Triton's statistics of one model (every version, or the one asked for)."""
-    m = repo.model(model)
-    versions = sorted(m.versions.items())
-    if version is not None:
-        versions = [(v, mv) for v, mv in versions if str(v) == version]
-        if not versions:
-            raise _no_version(model, version)
-    return [mv.stats.json(model, str(v)) for v, mv in versions]
-
-
-def all_stats_docs(repo: Repository) -> list[dict[str, Any]]:
-    """Triton's statistics of every model version that is ready or has served."""
-    return [mv.stats.json(m.name, str(v)) for m in repo.models.values()
-            for v, mv in sorted(m.versions.items()) if mv.state is State.READY or mv.stats.execution_count]
+async def _stats(request: Request, model: str, version: str | None) -> Response:
+    """Triton's statistics, kept by the executor: the same from every worker."""
+    return _json({"model_stats": await state_of(request).executor.statistics(model, version)})
 
 
 # -- metadata, readiness, configuration -------------------------------------------------------------
@@ -101,7 +86,7 @@ def _model_and_versions(
     return model_and_versions(state_of(request).repository, model, version)
 
 
-def model_and_versions(repo: Repository, model: str, version: str | None) -> tuple[Model, list[ModelVersion]]:
+def model_and_versions(repo: Catalog, model: str, version: str | None) -> tuple[Model, list[ModelVersion]]:
     """The model and its ready versions (or the one asked for), for metadata and configuration."""
     m = repo.model(model)
     if m.config is None:
@@ -284,10 +269,11 @@ async def infer_request(request: Request, model: str, version: str | None) -> Re
     mv, ctx = admit(request, "v2_infer", model, version)
     state = state_of(request)
     headers = request.headers
-    body = await request.body()
+    body = await admission.read_infer_body(request, mv.config.batching.max_batch_size)
     body = codec.decompress(body, headers.get("content-encoding"), state.settings.max_body_bytes)
     req = codec.decode_request(body, headers.get(codec.HEADER_LENGTH))
-    result = await inference.infer(mv, req, deadline(request, state, req.timeout_s))
+    result = await inference.infer(mv, req, deadline(request, state, req.timeout_s),
+                                   pinned=version is not None)
     ctx.timed(result.queue_s, result.compute_s, result.batch_rows)
     content, header_length = codec.encode_response(result.model_name, result.model_version, req,
                                                    result.outputs)
@@ -319,17 +305,10 @@ async def repository_index(request: Request) -> Response:
     return _json(state_of(request).repository.index(ready_only=doc.get("ready") is True))
 
 
-def _single_worker(state: ServiceState) -> None:
-    if state.settings.workers > 1:
-        raise Unsupported("model load/unload needs --workers 1: each worker holds its own models, "
-                          "and this request would reach only one of them")
-
-
 @repository_router.post("/v2/repository/models/{model}/load", summary="Load or reload a model",
                         responses={200: {"description": "Every version of the model is READY"},
                                    **_errors(400, 404)})
 async def repository_load(request: Request, model: str) -> Response:
-    _single_worker(state_of(request))
     params = (await _optional_json(request)).get("parameters") or {}
     await load_model(state_of(request), model, params)
     return Response(status_code=200)
@@ -337,10 +316,9 @@ async def repository_load(request: Request, model: str) -> Response:
 
 async def load_model(state: ServiceState, model: str, params: Any) -> None:
     """Load or reload `model`; raises unless every version of it is READY afterwards."""
-    _single_worker(state)
     if isinstance(params, dict) and any(k == "config" or k.startswith("file:") for k in params):
         raise Unsupported("loading with an overriding config or files is not supported; edit config.toml")
-    m = await state.repository.load(model)
+    m = await state.executor.load(model)
     if m.error:
         raise ModelLoadFailed(f"failed to load {model!r}: {m.error}")
     failed = [f"version {mv.version}: {mv.reason}"
@@ -353,15 +331,13 @@ async def load_model(state: ServiceState, model: str, params: Any) -> None:
                         responses={200: {"description": "Unloaded after its in-flight requests finished"},
                                    **_errors(400, 404)})
 async def repository_unload(request: Request, model: str) -> Response:
-    _single_worker(state_of(request))
     await _optional_json(request)
     await unload_model(state_of(request), model)
     return Response(status_code=200)
 
 
 async def unload_model(state: ServiceState, model: str) -> None:
-    _single_worker(state)
-    await state.repository.unload(model)
+    await state.executor.unload(model)
 
 
 router.include_router(repository_router)

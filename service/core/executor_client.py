@@ -1,0 +1,204 @@
+"""A front-end's handle on the executor process: the same methods as `LocalExecutor`, over ZeroMQ.
+
+The catalog is a mirror of the executor's, rebuilt from the snapshots it publishes, so a model
+switch reaches every front-end within one publish interval. Each ready version's `batcher` is a
+`RemoteBatcher` that sends the request's tensors to the executor and waits for the reply.
+
+If the executor process dies, the DEALER socket reports the disconnection at once: the front-end
+turns not-ready, every request waiting on the executor gets 503 (never hangs), and new ones get 503
+until the restarted executor has loaded its models again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from service import errors
+from service.core import wire
+from service.core.batching import BatchResult
+from service.core.catalog import Catalog, Model
+from service.core.wire import Address
+from service.errors import ModelNotReady
+from service.observability.logging import request_id
+from service.settings import Settings
+
+log = logging.getLogger("neuroserve.executor")
+
+
+def _executor_gone() -> ModelNotReady:
+    return ModelNotReady("the model executor is restarting; retry shortly", headers={"Retry-After": "1"})
+
+
+def raise_failure(failure: wire.Failure) -> None:
+    cls = getattr(errors, failure.error, None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.ServiceError)):
+        cls = errors.InferenceFailed
+    raise cls(failure.message, headers=dict(failure.headers) or None)
+
+
+class RemoteBatcher:
+    """A model version's requests, sent to the executor's batcher for it."""
+
+    closing = False
+
+    def __init__(self, client: RemoteExecutor, model: str, version: int, pinned: bool = False) -> None:
+        self.client, self.model, self.version, self.pinned = client, model, version, pinned
+
+    def pin(self) -> RemoteBatcher:
+        return RemoteBatcher(self.client, self.model, self.version, pinned=True)
+
+    async def submit(self, inputs: dict[str, Any], rows: int, deadline: float | None = None) -> BatchResult:
+        return await self.client.infer(self, inputs, rows, deadline, many=False)
+
+    async def submit_many(self, inputs: dict[str, Any], rows: int,
+                          deadline: float | None = None) -> BatchResult:
+        return await self.client.infer(self, inputs, rows, deadline, many=True)
+
+
+class RemoteExecutor:
+    def __init__(self, settings: Settings, address: Address) -> None:
+        self.settings = settings
+        self.address = address
+        self.catalog = Catalog(settings.model_repository)
+        self.connected = False
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[tuple[wire.Reply, list[Any]]]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loaded = asyncio.Event()
+
+    async def start(self) -> None:
+        """Connect (the executor may not be up yet: ZeroMQ connects when it is)."""
+        self.context = zmq.asyncio.Context()
+        self.dealer = self.context.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        # Queue nothing for an executor that is not connected: a request then fails at once.
+        self.dealer.setsockopt(zmq.IMMEDIATE, 1)
+        self.dealer.setsockopt(zmq.SNDHWM, 0)
+        self.dealer.setsockopt(zmq.RCVHWM, 0)
+        self.dealer.setsockopt(zmq.RECONNECT_IVL, 50)
+        monitor = self.dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self.dealer.connect(self.address.requests)
+        self.events = self.context.socket(zmq.SUB)
+        self.events.setsockopt(zmq.LINGER, 0)
+        self.events.setsockopt(zmq.SUBSCRIBE, b"")
+        self.events.setsockopt(zmq.RECONNECT_IVL, 50)
+        self.events.connect(self.address.events)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._replies()), loop.create_task(self._snapshots()),
+                       loop.create_task(self._connection(monitor))]
+
+    async def wait_loaded(self) -> None:
+        """Until the executor has loaded every model once (readiness then follows the catalog)."""
+        await self._loaded.wait()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._fail_pending()
+        self.context.destroy(linger=0)  # every socket, the connection monitor's included
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    async def infer(self, target: RemoteBatcher, inputs: dict[str, Any], rows: int, deadline: float | None,
+                    *, many: bool) -> BatchResult:
+        if not self.connected:
+            raise _executor_gone()
+        metas, frames = wire.tensors(inputs)
+        timeout = -1.0 if deadline is None else max(0.0, deadline - perf_counter())
+        message = wire.Infer(0, target.model, target.version, target.pinned, many, rows, timeout,
+                             request_id.get(), metas)
+        reply, out = await self._call(message, frames)
+        return BatchResult(wire.arrays(reply.outputs, out), reply.queue_s, reply.compute_s, reply.batch_rows,
+                           reply.calls, reply.version)
+
+    async def load(self, name: str) -> Model:
+        await self._apply(await self._control("load", name))
+        return self.catalog.model(name)
+
+    async def unload(self, name: str) -> None:
+        await self._apply(await self._control("unload", name))
+
+    async def statistics(self, name: str | None, version: str | None) -> list[dict[str, Any]]:
+        return await self._control("statistics", name, version)
+
+    async def _control(self, op: str, model: str | None = None, version: str | None = None) -> Any:
+        if not self.connected:
+            raise _executor_gone()
+        reply, _ = await self._call(wire.Control(0, op, model, version), [])
+        return reply.body
+
+    async def _call(self, message: wire.Infer | wire.Control,
+                    frames: list[Any]) -> tuple[wire.Reply, list[Any]]:
+        message.id = next(self._ids)
+        future: asyncio.Future[tuple[wire.Reply, list[Any]]] = asyncio.get_running_loop().create_future()
+        self._pending[message.id] = future
+        try:
+            try:
+                await self.dealer.send_multipart([wire.encode(message), *frames], flags=zmq.NOBLOCK,
+                                                 copy=False)
+            except zmq.Again:
+                raise _executor_gone() from None
+            reply, out = await future
+        finally:
+            self._pending.pop(message.id, None)
+        if reply.failure is not None:
+            raise_failure(reply.failure)
+        return reply, out
+
+    async def _replies(self) -> None:
+        while True:
+            frames = await self.dealer.recv_multipart(copy=False)
+            try:
+                reply = wire.decode_reply(frames[0].buffer)
+            except Exception as e:
+                log.error("undecodable reply from the executor: %s", e)
+                continue
+            future = self._pending.get(reply.id)
+            if future is not None and not future.done():
+                future.set_result((reply, frames[1:]))
+
+    def _fail_pending(self) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(_executor_gone())
+
+    # -- catalog --------------------------------------------------------------------------------------
+
+    async def _snapshots(self) -> None:
+        while True:
+            data = await self.events.recv()
+            await self._apply(wire.decode_snapshot(data))
+
+    async def _apply(self, snapshot: dict[str, Any]) -> None:
+        self.catalog = Catalog.from_snapshot(
+            Path(self.settings.model_repository), snapshot, lambda m, v: RemoteBatcher(self, m, v),
+            self.settings.max_text_chars, previous=self.catalog)
+        if not self.catalog.loading and self.connected:
+            self._loaded.set()
+
+    async def _connection(self, monitor: zmq.asyncio.Socket) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            event = await recv_monitor_message(monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+                log.info("connected to the model executor")
+                try:
+                    await self._apply(await self._control("snapshot"))
+                except errors.ServiceError as e:
+                    log.warning("no catalog from the executor yet: %s", e.message)
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                if self.connected:
+                    log.error("the model executor went away; answering 503 until it is back")
+                self.connected = False
+                self.catalog.loading = True  # not ready until the executor has loaded again
+                self._fail_pending()
