@@ -28,7 +28,7 @@ from service import errors
 from service.core import wire
 from service.core.catalog import Catalog, Model
 from service.core.repository import Repository
-from service.observability import metrics
+from service.observability import metrics, tracing
 from service.observability.logging import request_id
 from service.settings import Settings
 
@@ -168,11 +168,16 @@ class ExecutorServer:
         inputs = wire.arrays(m.inputs, frames)
         deadline = perf_counter() + m.timeout_s if m.timeout_s >= 0 else None
         request_id.set(m.request_id)
+        trace = tracing.RequestTrace(None, perf_counter()) if m.traced else None
+        tracing.current.set(trace)
         submit = batcher.submit_many if m.many else batcher.submit
         result = await submit(inputs, m.rows, deadline)
         metas, out = wire.tensors(result.outputs)
+        batches = [(enqueued, b.start, b.end, b.failed, b.attributes)
+                   for enqueued, b in trace.batches] if trace is not None else []
         return wire.Reply(m.id, version=result.version, queue_s=result.queue_s, compute_s=result.compute_s,
-                          batch_rows=result.batch_rows, calls=result.calls, outputs=metas), out
+                          batch_rows=result.batch_rows, calls=result.calls, outputs=metas,
+                          batches=batches), out
 
     async def _control(self, m: wire.Control) -> Any:
         if m.op == "snapshot":
@@ -213,6 +218,9 @@ def serve(address: wire.Address) -> None:
     settings = Settings()
     service_logging.configure(settings.log_level)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    # The batchers record batch times for the requests a front-end traces (only those: they come
+    # with a trace); the front-end builds and exports the spans. Nothing is exported from here.
+    tracing.enabled = True
     metrics.worker_started()
     log.info("executor starting", extra={"pid": os.getpid(), "address": address.requests})
     try:

@@ -27,6 +27,7 @@ from service.core.batching import BatchResult
 from service.core.catalog import Catalog, Model
 from service.core.wire import Address
 from service.errors import ModelNotReady
+from service.observability import tracing
 from service.observability.logging import request_id
 from service.settings import Settings
 
@@ -112,10 +113,16 @@ class RemoteExecutor:
         if not self.connected:
             raise _executor_gone()
         metas, frames = wire.tensors(inputs)
-        timeout = -1.0 if deadline is None else max(0.0, deadline - perf_counter())
+        now = perf_counter()
+        timeout = -1.0 if deadline is None else max(0.0, deadline - now)
+        trace = tracing.current.get() if tracing.enabled else None
         message = wire.Infer(0, target.model, target.version, target.pinned, many, rows, timeout,
-                             request_id.get(), metas)
+                             request_id.get(), metas, traced=trace is not None)
         reply, out = await self._call(message, frames)
+        if trace is not None:
+            tracing.enqueued(trace, now)
+            for enqueued, start, end, failed, attributes in reply.batches:
+                tracing.batch_computed([(trace, enqueued)], start, end, failed, attributes)
         return BatchResult(wire.arrays(reply.outputs, out), reply.queue_s, reply.compute_s, reply.batch_rows,
                            reply.calls, reply.version)
 

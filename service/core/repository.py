@@ -9,7 +9,9 @@ none comes up, the old ones keep serving and the index shows why (see `Repositor
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -238,7 +240,7 @@ class Repository(Catalog):
         if not mv.path.is_file():
             raise LoadError(f"{mv.path.parent.name}/{MODEL_FILE} does not exist")
         config = mv.config
-        runtime = Runtime(mv.path, self.settings, config.batching.instances)
+        runtime = runtime_class()(mv.path, self.settings, config.batching.instances)
         check_signature(config, runtime, len(mv.model.labels))
         served = config.on_provider(runtime.provider == CUDA)
         runs = 0
@@ -248,6 +250,19 @@ class Repository(Catalog):
             except Exception as e:
                 raise LoadError(f"warm-up failed: {e}") from e
         return runtime, served, runs
+
+
+RUNTIME_FACTORY_ENV = "NEUROSERVE_RUNTIME_FACTORY"
+
+
+def runtime_class() -> type[Runtime]:
+    """ONNX Runtime, unless a benchmark swaps in a simulated device (bench/simulated_device.py) with
+    NEUROSERVE_RUNTIME_FACTORY=module:class; nothing in production sets it."""
+    spec = os.environ.get(RUNTIME_FACTORY_ENV)
+    if not spec:
+        return Runtime
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _batcher(mv: ModelVersion, cuda_static_batch: bool) -> Batcher:

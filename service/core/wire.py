@@ -55,6 +55,7 @@ class Infer(msgspec.Struct, tag="infer", array_like=True):
     timeout_s: float  # time left until the deadline; negative: none
     request_id: str | None
     inputs: list[Tensor]
+    traced: bool = False  # the front-end traces this request: send back its batches' times
 
 
 class Control(msgspec.Struct, tag="control", array_like=True):
@@ -80,6 +81,8 @@ class Reply(msgspec.Struct, array_like=True):
     calls: int = 0
     outputs: list[Tensor] = []
     body: Any = None  # a control operation's answer (JSON-like)
+    # For a traced request: (enqueued, start, end, failed, attributes) of each batch that computed it.
+    batches: list[tuple[float, float, float, bool, dict[str, Any]]] = []
 
 
 Request = Infer | Control
