@@ -20,9 +20,10 @@ from typing import Any, get_args, get_origin
 from pydantic import ValidationError
 
 from service import __version__
+from service.auth import cli as keys_cli
 from service.core.wire import EXECUTOR_SOCKETS_ENV, Address
 from service.observability import logging as service_logging
-from service.server import workers
+from service.server import tls, workers
 from service.settings import Settings
 
 log = logging.getLogger("neuroserve.cli")
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         env = f"NEUROSERVE_{name.upper()}"
         serve.add_argument(flag, dest=name, default=None, help=f"{field.description} [{env}; default "
                            f"{field.default}]", **_flag_kwargs(field.annotation))
+    keys_cli.add_parser(commands)
     return parser
 
 
@@ -62,6 +64,9 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "keys":
+        return keys_cli.run(args)
     try:
         settings = parse_settings(argv)
     except ValidationError as e:
@@ -74,6 +79,10 @@ def serve(settings: Settings) -> int:
     service_logging.configure(settings.log_level)
     if not settings.model_repository.is_dir():
         log.error("model repository %s is not a directory", settings.model_repository)
+        return 2
+    problem = _security_problem(settings)
+    if problem:
+        log.error("%s", problem)
         return 2
     if settings.providers == "cuda":
         problem = _cuda_problem(settings)
@@ -114,13 +123,27 @@ def serve(settings: Settings) -> int:
         "server_header": False,
         "backlog": 2048,
         "timeout_graceful_shutdown": int(settings.drain_timeout_s) + 5,
+        **tls.uvicorn_options(settings),
     }
     if settings.workers > 1 or executor is not None:
         # A listening socket per worker (see service.server.workers), not uvicorn's shared one.
         return workers.serve(server, workers=settings.workers, host=settings.host, port=settings.port,
-                             stop_timeout_s=settings.drain_timeout_s + 10, executor=executor)
+                             stop_timeout_s=settings.drain_timeout_s + settings.drain_grace_s + 10,
+                             executor=executor)
     uvicorn.run(**server)
     return 0
+
+
+def _security_problem(settings: Settings) -> str | None:
+    """A keys file or TLS file that cannot be used stops the start, rather than serving open."""
+    from service.auth.keys import KeyFileError, read_keys
+
+    if settings.api_keys_file is not None:
+        try:
+            read_keys(settings.api_keys_file)
+        except KeyFileError as e:
+            return str(e)
+    return tls.problem(settings)
 
 
 def _cuda_problem(settings: Settings) -> str | None:

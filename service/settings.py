@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Providers = Literal["auto", "cuda", "cpu"]
@@ -80,6 +80,38 @@ class Settings(BaseSettings):
         True, description="Server ready only when every model to load is READY (else: when any is)"
     )
     drain_timeout_s: float = Field(30.0, gt=0, description="Longest wait for in-flight work on SIGTERM")
+    drain_grace_s: float = Field(
+        5.0, ge=0,
+        description="On SIGTERM, keep serving this long while not ready (load balancers move traffic "
+                    "away; responses close their connection), then stop accepting",
+    )
+
+    # Who may call what, and how much (service.auth).
+    api_keys_file: Path | None = Field(
+        None, description="TOML file of API keys (`neuroserve keys create`); when set, every "
+                          "endpoint but probes, docs and /metrics needs 'Authorization: Bearer <key>'"
+    )
+    protect_metrics: bool = Field(False, description="With API keys, /metrics needs a key too")
+    allow_unauthenticated_admin: bool = Field(
+        False, description="Without API keys, allow repository load/unload although the server "
+                           "listens beyond loopback"
+    )
+    anonymous_rate: float = Field(
+        0.0, ge=0, description="Requests per second per worker for callers without a key (0: no limit)"
+    )
+    cors_origins: str = Field(
+        "", description="Comma-separated origins allowed to call from a browser (empty: no CORS)"
+    )
+    audit_log: Path | None = Field(
+        None, description="Also append the audit log (state-changing calls, auth failures) to this file"
+    )
+
+    # TLS for REST and gRPC.
+    ssl_certfile: Path | None = Field(None, description="TLS certificate chain (PEM); TLS is on when set")
+    ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM)")
+    ssl_ca_certs: Path | None = Field(
+        None, description="CA bundle (PEM) for client certificates; when set, clients must present one"
+    )
 
     # Limits on what a request may carry.
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Largest request body")
@@ -128,6 +160,12 @@ class Settings(BaseSettings):
             raise ValueError("--executor in-process serves one worker; with several use process (or auto)")
         return self
 
+    @field_validator("api_keys_file", "audit_log", "ssl_certfile", "ssl_keyfile", "ssl_ca_certs",
+                     mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        return None if value in ("", "None") else value
+
     @cached_property
     def cores(self) -> int:
         return available_cores()
@@ -153,5 +191,7 @@ class Settings(BaseSettings):
         """The `NEUROSERVE_*` variables that rebuild these exact settings in a worker process."""
         env = {}
         for key, value in self.model_dump(mode="json").items():
+            if value is None:
+                continue
             env[f"NEUROSERVE_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
         return env

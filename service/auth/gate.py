@@ -98,6 +98,7 @@ class Gate:
         self.quotas = Quotas()
         self.protect_metrics = settings.protect_metrics
         self.admin_without_key = settings.allow_unauthenticated_admin or is_loopback(settings.host)
+        self.open_infer = self.keys is None and not settings.anonymous_rate
         self.cors_origins = frozenset(o.strip().rstrip("/") for o in settings.cors_origins.split(",")
                                       if o.strip())
         audit.configure(settings.audit_log)
@@ -161,8 +162,8 @@ class Gate:
     def check_http(self, scope: dict) -> tuple[Scope, Caller]:  # type: ignore[type-arg]
         """The REST check from an ASGI scope's method, path and headers."""
         endpoint = http_scope(scope["method"], scope["path"], self.protect_metrics)
-        if endpoint == "open":
-            return endpoint, OPEN
+        if endpoint == "open" or (endpoint == "infer" and self.open_infer):
+            return endpoint, OPEN  # nothing to check: no keys, no anonymous rate
         authorization = content_type = origin = host = None
         for name, value in scope["headers"]:
             if name == b"authorization":

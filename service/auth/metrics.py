@@ -16,8 +16,15 @@ KEY_REJECTIONS = Counter(
     "by API key name", ["key", "reason"])
 
 
+_admitted: dict[str, Counter] = {}
+
+
 def admitted(key: str | None) -> None:
-    KEY_REQUESTS.labels(key or ANONYMOUS).inc()
+    name = key or ANONYMOUS
+    child = _admitted.get(name)
+    if child is None:
+        child = _admitted[name] = KEY_REQUESTS.labels(name)
+    child.inc()
 
 
 def refused(key: str | None, reason: str) -> None:

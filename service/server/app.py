@@ -25,6 +25,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import __version__, errors
+from service.auth.gate import with_cors
 from service.core.executor_client import RemoteExecutor
 from service.core.wire import EXECUTOR_SOCKETS_ENV, Address
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 from service.observability import logging as service_logging
 from service.observability import metrics, tracing
 from service.server.grpc import server as grpc_server_module
-from service.server.rest import demo, docs, explain, health, models, tasks, v2
+from service.server.rest import demo, docs, explain, health, models, openapi, tasks, v2
 from service.server.rest.middleware import ServiceMiddleware
 from service.server.rest.schemas import DOC_MODELS
 from service.server.state import ServiceState
@@ -184,7 +185,8 @@ class FastPath:
 
 class _App(FastAPI):
     def build_middleware_stack(self) -> ASGIApp:
-        return FastPath(self, super().build_middleware_stack(), self.state.service)
+        return with_cors(FastPath(self, super().build_middleware_stack(), self.state.service),
+                         self.state.service.settings)
 
 
 def _executor(settings: Settings) -> LocalExecutor | RemoteExecutor:
@@ -296,5 +298,5 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             responses = op.get("responses", {})
             if responses.pop("422", None) is not None:
                 responses.setdefault("400", {"description": "Invalid request", **error_ref})
-    app.openapi_schema = schema
+    app.openapi_schema = openapi.complete(schema, app.state.service.settings)
     return schema

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from service.core.catalog import Catalog, ModelVersion
 from service.errors import ModelNotReady
+from service.server import listeners
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from service.core.executor_client import RemoteExecutor
 
 log = logging.getLogger("neuroserve.state")
+LISTEN_QUEUE_DRAIN_S = 0.2  # time for the event loop to accept the connections the kernel queued
 
 
 class ServiceState:
@@ -23,6 +25,7 @@ class ServiceState:
         self.settings = settings
         self.executor = executor
         self.draining = False
+        self.in_grace = False  # SIGTERM's grace period: not ready, but still serving
         self.active = 0  # admitted inference requests not yet answered
         self.load_task: asyncio.Task[None] | None = None
 
@@ -32,7 +35,7 @@ class ServiceState:
         return self.executor.catalog
 
     def model(self, name: str, version: str | None = None) -> ModelVersion:
-        if self.draining:
+        if self.draining and not self.in_grace:
             # Closing the connection sends the client's next attempt to another replica.
             raise ModelNotReady("server is shutting down",
                                 headers={"Connection": "close", "Retry-After": "1"})
@@ -46,8 +49,20 @@ class ServiceState:
                 and self.repository.ready(strict=self.settings.strict_readiness))
 
     async def drain(self) -> None:
-        """Refuse new work (ready turns false, infer answers 503) and wait for admitted requests."""
+        """Turn not-ready, keep serving for `drain_grace_s` (load balancers move traffic away; each
+        response closes its connection), then refuse new work (503) and wait for admitted requests."""
         self.draining = True
+        if self.settings.drain_grace_s > 0:
+            self.in_grace = True
+            log.info("draining: not ready, serving for the grace period",
+                     extra={"grace_s": self.settings.drain_grace_s})
+            try:
+                await asyncio.sleep(self.settings.drain_grace_s)
+            finally:
+                self.in_grace = False
+        # New connections are dropped from here on; those already queued are still answered.
+        if listeners.refuse_new_connections(self.settings.port):
+            await asyncio.sleep(LISTEN_QUEUE_DRAIN_S)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_timeout_s
         log.info("draining: refusing new requests", extra={"active": self.active})

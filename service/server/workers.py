@@ -29,6 +29,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from service.core.wire import Address
 from service.observability import metrics
+from service.process import supervised
 
 log = logging.getLogger("neuroserve.workers")
 
@@ -48,6 +49,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 def _worker(config: dict[str, Any], host: str, port: int) -> None:
+    supervised()
     try:
         sock = listening_socket(host, port)
     except OSError as e:
@@ -89,6 +91,9 @@ def serve(config: dict[str, Any], *, workers: int, host: str, port: int, stop_ti
         signal.signal(sig, lambda signum, frame: stop.set())
     model_executor = start_executor() if executor is not None else None
     processes = [start() for _ in range(workers)]
+    # SIGHUP (re-read the API keys file) is each worker's to handle.
+    signal.signal(signal.SIGHUP, lambda signum, frame: [
+        os.kill(p.pid, signal.SIGHUP) for p in processes if p.is_alive() and p.pid])  # type: ignore[func-returns-value]
     log.info("workers started", extra={"pids": [p.pid for p in processes], "port": port})
     code = 0
     while not stop.is_set():

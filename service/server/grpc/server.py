@@ -25,10 +25,12 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from service import __version__
+from service.auth.gate import Gate
+from service.auth.grpc_interceptor import AuthInterceptor
 from service.errors import REJECTION_REASONS, DeadlineExceeded, ModelNotReady, ServiceError
 from service.observability import metrics, tracing
 from service.observability.logging import request_id
-from service.server import inference
+from service.server import inference, tls
 from service.server.grpc import codec
 from service.server.rest import v2
 from service.server.rest.middleware import RequestContext, new_request_id, server_timing, valid_request_id
@@ -318,7 +320,7 @@ async def start(state: ServiceState) -> grpc.aio.Server:
     """Listen on `settings.grpc_port`. With several workers each binds the port with SO_REUSEPORT
     (like their HTTP sockets, see `service.server.workers`); with one, a port in use is an error."""
     settings = state.settings
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=[AuthInterceptor(Gate.of(state))], options=[
         ("grpc.max_receive_message_length", settings.max_body_bytes),
         ("grpc.max_send_message_length", -1),
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
@@ -330,7 +332,9 @@ async def start(state: ServiceState) -> grpc.aio.Server:
         server)
     address = _address(settings.host, settings.grpc_port)
     try:
-        port = server.add_insecure_port(address)
+        credentials = tls.grpc_credentials(settings)
+        port = (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
     except RuntimeError as e:  # grpcio raises this when the port cannot be bound
         raise OSError(f"cannot listen for gRPC on {address}: {e}") from None
     if not port:

@@ -13,7 +13,7 @@ from service import __version__
 from service.codecs import v2 as codec
 from service.core.catalog import Catalog, Model, ModelVersion, State
 from service.core.model_config import CUDA
-from service.errors import ModelLoadFailed, ModelNotFound, ModelNotReady, Unsupported
+from service.errors import InvalidInput, ModelLoadFailed, ModelNotFound, ModelNotReady, Unsupported
 from service.server import inference
 from service.server.rest import admission
 from service.server.rest.common import admit, deadline, state_of
@@ -301,8 +301,10 @@ async def _optional_json(request: Request) -> dict[str, Any]:
         "schema": {"$ref": "#/components/schemas/RepositoryIndexRequest"}, "example": {"ready": False}}}}},
 )
 async def repository_index(request: Request) -> Response:
-    doc = await _optional_json(request)
-    return _json(state_of(request).repository.index(ready_only=doc.get("ready") is True))
+    ready = (await _optional_json(request)).get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidInput("'ready' must be true or false")
+    return _json(state_of(request).repository.index(ready_only=ready))
 
 
 @repository_router.post("/v2/repository/models/{model}/load", summary="Load or reload a model",
