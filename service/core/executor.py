@@ -14,8 +14,6 @@ Either way the batching and session code is the same: `Repository` and `Batcher`
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import gc
 import logging
 import os
@@ -30,6 +28,7 @@ from service.core.catalog import Catalog, Model
 from service.core.repository import Repository
 from service.observability import metrics, tracing
 from service.observability.logging import request_id
+from service.process import supervised
 from service.settings import Settings
 
 log = logging.getLogger("neuroserve.executor")
@@ -201,20 +200,11 @@ def _signature(catalog: Catalog) -> Any:
         for name, m in catalog.models.items())
 
 
-def _name_process(name: bytes) -> None:
-    """The name `ps`, `top` and /proc/<pid>/comm show, to tell the executor from the workers."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
-
-
-PR_SET_NAME = 15
-
-
 def serve(address: wire.Address) -> None:
     """The executor process: settings from the environment (see `Settings.to_environ`)."""
     from service.observability import logging as service_logging
 
-    _name_process(b"neuroserve-exec")
+    supervised(b"neuroserve-exec")
     settings = Settings()
     service_logging.configure(settings.log_level)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)

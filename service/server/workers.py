@@ -29,6 +29,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from service.core.wire import Address
 from service.observability import metrics
+from service.process import supervised
 
 log = logging.getLogger("neuroserve.workers")
 
@@ -48,6 +49,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 def _worker(config: dict[str, Any], host: str, port: int) -> None:
+    supervised()
     try:
         sock = listening_socket(host, port)
     except OSError as e:

@@ -246,3 +246,25 @@ def test_poll_mode_serves_a_new_version_by_itself(repo: Path, tmp_path: Path):
             pytest.fail("a removed model stayed ready")
     finally:
         assert server.stop() == 0, server.logs()
+
+
+def test_no_process_outlives_a_killed_supervisor(repo: Path, tmp_path: Path):
+    server = start_server(repo, tmp_path / "server.log", "--workers", "2")
+    children = worker_pids(server.process.pid) | {executor_pid(server.process.pid)}
+    assert len(children) == 3
+    server.process.kill()  # SIGKILL: the supervisor cannot stop anything itself
+    server.process.wait(10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        alive = {pid for pid in children if _alive(pid)}
+        if not alive:
+            break
+        time.sleep(0.1)
+    assert not alive, f"left behind: {alive}\n{server.logs()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
