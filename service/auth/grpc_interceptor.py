@@ -1,6 +1,7 @@
 """The gate for gRPC: the `authorization` metadata (`Bearer <key>`) checked before the servicer
 runs, with the scopes and quotas REST uses (one `Gate` per worker). A refused call ends with
-UNAUTHENTICATED, PERMISSION_DENIED or RESOURCE_EXHAUSTED; a stream is checked once, when it opens."""
+UNAUTHENTICATED, PERMISSION_DENIED or RESOURCE_EXHAUSTED; a stream is checked once, when it opens.
+State-changing calls write their audit line when they have answered."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 import grpc
 
+from service.auth import audit
+from service.auth import metrics as key_metrics
 from service.auth.gate import Gate, grpc_scope
 from service.errors import ServiceError
 
@@ -29,11 +32,37 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             if key == "authorization":
                 authorization = value if isinstance(value, str) else value.decode("latin-1")
         try:
-            self.gate.authenticate(scope, authorization)
+            caller = self.gate.authenticate(scope, authorization)
         except ServiceError as exc:
             self.gate.refused(exc, action=details.method, client=None)
             return _refusing(await continuation(details), exc)
-        return await continuation(details)
+        key_metrics.admitted(caller.name)
+        handler = await continuation(details)
+        if scope == "admin":
+            return _audited(handler, caller.name, details.method)
+        return handler
+
+
+def _audited(handler: grpc.RpcMethodHandler | None, key: str | None,
+             method: str) -> grpc.RpcMethodHandler | None:
+    """`handler` (a unary call that changes state), writing its audit line once it has answered."""
+    if handler is None or handler.unary_unary is None:
+        return handler
+    behaviour = handler.unary_unary
+
+    async def audited(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        status = "OK"
+        try:
+            return await behaviour(request, context)
+        except BaseException:
+            code = context.code()
+            status = code.name if isinstance(code, grpc.StatusCode) else "ERROR"
+            raise
+        finally:
+            audit.record("admin", key=key, action=method, status=status, client=context.peer())
+
+    return grpc.unary_unary_rpc_method_handler(audited, request_deserializer=handler.request_deserializer,
+                                              response_serializer=handler.response_serializer)
 
 
 def _refusing(handler: grpc.RpcMethodHandler | None, exc: ServiceError) -> grpc.RpcMethodHandler | None:

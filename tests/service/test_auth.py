@@ -180,6 +180,11 @@ def test_grpc_needs_the_authorization_metadata(keyed: Keyed, test_models: TestMo
     assert "PERMISSION_DENIED" in str(e.value.status())
     client.load_model(test_models.image, headers=metadata(keyed.ops))
     client.close()
+    lines = [orjson.loads(line) for line in keyed.audit_log.read_text().splitlines()]
+    assert any(e["event"] == "admin" and e["key"] == "ops" and e["status"] == "OK"
+               and e["action"].endswith("/RepositoryModelLoad") for e in lines)
+    assert any(e["event"] == "denied" and e["key"] == "reader"
+               and e["action"].endswith("/RepositoryModelUnload") for e in lines)
 
 
 def test_the_audit_log_names_who_did_what(keyed: Keyed, test_models: TestModels):
