@@ -67,6 +67,11 @@ def test_no_key_gets_401_json_and_probes_stay_open(keyed: Keyed, test_models: Te
         assert r.status_code == 401
         for path in ("/v2/health/live", "/v2/health/ready", "/metrics", "/openapi.json"):
             assert c.get(path).status_code == 200, path
+        schema = c.get("/openapi.json").json()
+        assert schema["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
+        infer = schema["paths"]["/v2/models/{model}/infer"]["post"]
+        assert infer["security"] == [{"apiKey": []}] and {"401", "403", "429"} <= set(infer["responses"])
+        assert "security" not in schema["paths"]["/v2/health/live"]["get"]
 
 
 def test_infer_key_predicts_but_cannot_unload_and_admin_key_loads(keyed: Keyed, test_models: TestModels):
