@@ -27,7 +27,7 @@ def test_the_api_conforms_to_its_openapi_schema(test_models: TestModels, tmp_pat
             [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "--no-color", "run",
              f"{server.url}/openapi.json", "--max-examples", str(EXAMPLES), "--seed", "1",
              "--request-timeout", "10"],
-            capture_output=True, text=True, timeout=240)
+            capture_output=True, text=True, timeout=240, cwd=tmp_path)  # its example database there
     finally:
         server.stop()
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
