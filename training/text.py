@@ -4,8 +4,9 @@ Reads top to bottom: data (Rotten Tomatoes sentences rated by humans, shipped in
 distribution of vaderSentiment) → tokens through the service's own TextEncoder → fine-tune the
 pretrained encoder with a mean-pooling classification head → export to ONNX → parity → int8
 weights (the served graph) → accuracy of the served graph on the untouched test split → model card.
-Then the comparison architectures of the model zoo: TF-IDF + logistic regression, a word-piece CNN
-trained from scratch, and logistic regression on frozen MiniLM sentence embeddings.
+Then the comparison architectures of the model zoo (`training/text_zoo.py`): TF-IDF + logistic
+regression, a word-piece CNN trained from scratch, and logistic regression on frozen MiniLM sentence
+embeddings.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from training.bert import (
     BertConfig,
     SentenceClassifier,
     load_minilm,
-    mean_pool,
     minilm_config,
     minilm_file,
 )
@@ -261,106 +261,6 @@ def latencies(onnx_path: Path, test_seqs: list[np.ndarray]) -> tuple[float, floa
     return median_latency_ms(onnx_path, pad([median])), median_latency_ms(onnx_path, pad(test_seqs[:32]))
 
 
-# --- zoo: the comparison architectures ---
-class WordPieceCNN(nn.Module):
-    """Kim-style CNN trained from scratch: word-piece embeddings → 1-D convolutions of widths 3/5/7
-    → max over the real tokens → dropout → linear. Padded embeddings are zeroed and padded positions
-    excluded from the max, so padding never changes a result."""
-
-    def __init__(self, vocab_size: int, dim: int = 128, filters: int = 128,
-                 widths: tuple[int, ...] = (3, 5, 7), dropout: float = 0.5) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, dim)
-        self.convs = nn.ModuleList(nn.Conv1d(dim, filters, w, padding=w // 2) for w in widths)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(filters * len(widths), len(LABELS))
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask.to(torch.float32)
-        x = (self.embed(input_ids) * mask.unsqueeze(-1)).transpose(1, 2)  # (batch, dim, tokens)
-        bias = ((1.0 - mask) * -1e4).unsqueeze(1)
-        pooled = [(F.relu(conv(x)) + bias).max(dim=-1).values for conv in self.convs]
-        return self.head(self.dropout(torch.cat(pooled, dim=-1)))
-
-
-def tfidf_row(texts: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> ZooRow:
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-
-    started = time.perf_counter()
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
-    x_train = vectorizer.fit_transform(texts["train"])
-    best = None
-    for c in (1.0, 3.0, 10.0, 30.0):  # regularisation chosen on the validation split
-        clf = LogisticRegression(C=c, max_iter=2000).fit(x_train, labels["train"])
-        acc = clf.score(vectorizer.transform(texts["validation"]), labels["validation"])
-        print(f"tf-idf + LR, C={c}: validation accuracy {acc:.4f}")
-        if best is None or acc > best[0]:
-            best = (acc, clf)
-    clf = best[1]
-    seconds = time.perf_counter() - started
-    acc = clf.score(vectorizer.transform(texts["test"]), labels["test"])
-    print(f"tf-idf + LR: test accuracy {acc:.4f} ({len(vectorizer.vocabulary_):,} n-grams, {seconds:.0f} s)")
-    return ZooRow(f"TF-IDF word 1–2-grams + logistic regression (scikit-learn, C={clf.C:g})",
-                  int(clf.coef_.size + clf.intercept_.size), float(acc), seconds, None, None, None)
-
-
-def cnn_row(seqs: dict[str, list[np.ndarray]], labels: dict[str, np.ndarray], vocab_size: int, seed: int,
-            workdir: Path) -> ZooRow:
-    torch.manual_seed(seed)
-    started = time.perf_counter()
-    model = WordPieceCNN(vocab_size)
-    model, _ = train_classifier(model, (seqs["train"], labels["train"]),
-                                (seqs["validation"], labels["validation"]),
-                                param_groups=[{"params": list(model.parameters()), "lr": 1e-3}],
-                                epochs=8, seed=seed)
-    seconds = time.perf_counter() - started
-    path = workdir / "cnn.onnx"
-    export_text_model(model, path)
-    acc = float((onnx_outputs(cpu_session(path), seqs["test"], "logits").argmax(-1) == labels["test"]).mean())
-    print(f"word-piece CNN: test accuracy {acc:.4f} ({parameter_count(model):,} parameters, {seconds:.0f} s)")
-    return ZooRow("Word-piece CNN from scratch (embedding 128, convolutions 3/5/7 × 128, max pool)",
-                  parameter_count(model), acc, seconds, path.stat().st_size, *latencies(path, seqs["test"]))
-
-
-def frozen_minilm_row(seqs: dict[str, list[np.ndarray]], labels: dict[str, np.ndarray], wheel: Path,
-                      workdir: Path) -> ZooRow:
-    from sklearn.linear_model import LogisticRegression
-
-    started = time.perf_counter()
-    model = SentenceClassifier(minilm_config(wheel), len(LABELS))
-    load_minilm(model.encoder, wheel)
-    model.eval()
-    features = {}
-    with torch.no_grad():
-        for part in ("train", "validation"):
-            features[part] = np.zeros((len(seqs[part]), model.encoder.cfg.hidden), dtype=np.float32)
-            batches = length_batches(seqs[part], 128, None)
-            for idx in tqdm(batches, desc=f"MiniLM embeddings ({part})", leave=False):
-                feeds = {k: torch.from_numpy(v) for k, v in pad([seqs[part][i] for i in idx]).items()}
-                features[part][idx] = mean_pool(model.encoder(**feeds), feeds["attention_mask"]).numpy()
-    best = None
-    for c in (0.3, 1.0, 3.0, 10.0):
-        clf = LogisticRegression(C=c, max_iter=5000).fit(features["train"], labels["train"])
-        acc = clf.score(features["validation"], labels["validation"])
-        print(f"frozen MiniLM + LR, C={c}: validation accuracy {acc:.4f}")
-        if best is None or acc > best[0]:
-            best = (acc, clf)
-    clf = best[1]
-    # Binary logistic regression as the linear head: logits (0, w·x + b) give the same softmax.
-    with torch.no_grad():
-        model.head.weight.copy_(torch.from_numpy(np.stack([np.zeros_like(clf.coef_[0]), clf.coef_[0]])))
-        model.head.bias.copy_(torch.tensor([0.0, float(clf.intercept_[0])]))
-    seconds = time.perf_counter() - started
-    path = workdir / "frozen.onnx"
-    export_text_model(model, path)
-    acc = float((onnx_outputs(cpu_session(path), seqs["test"], "logits").argmax(-1) == labels["test"]).mean())
-    print(f"frozen MiniLM + LR: test accuracy {acc:.4f} ({seconds:.0f} s)")
-    return ZooRow(f"all-MiniLM-L6-v2 frozen, mean pooled + logistic regression (C={clf.C:g}), FP32",
-                  parameter_count(model.encoder) + clf.coef_.size + 1, acc, seconds, path.stat().st_size,
-                  *latencies(path, seqs["test"]))
-
-
 def main(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -553,9 +453,11 @@ def main(args: argparse.Namespace) -> None:
         if args.fast or args.no_zoo:
             return
         # --- zoo ---
-        rows = [tfidf_row(texts, labels),
-                cnn_row(seqs, labels, cfg.vocab_size, args.seed, workdir),
-                frozen_minilm_row(seqs, labels, wheel, workdir),
+        from training import text_zoo  # imports this module
+
+        rows = [text_zoo.tfidf_row(texts, labels),
+                text_zoo.cnn_row(seqs, labels, cfg.vocab_size, args.seed, workdir),
+                text_zoo.frozen_minilm_row(seqs, labels, wheel, workdir),
                 ZooRow("all-MiniLM-L6-v2 fine-tuned, FP32 graph (not served: 90 MB)", parameter_count(model),
                        fp32_acc, training_seconds, fp32_bytes, *fp32_latency),
                 ZooRow("all-MiniLM-L6-v2 fine-tuned, int8 weights", parameter_count(model), ev.accuracy,
