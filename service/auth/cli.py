@@ -21,6 +21,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         help=f"comma-separated, of {', '.join(SCOPES)} (admin implies infer)")
     create.add_argument("--rate", type=float, default=0.0,
                         help="requests per second per worker (0: no limit)")
+    create.add_argument("--rows", type=float, default=0.0,
+                        help="rows (inputs) per second per worker (0: no limit)")
     create.add_argument("--priority", type=int, default=0,
                         help="the key's priority class (recorded for the batcher)")
     listing = actions.add_parser("list", help="the keys' names, scopes and limits (never secrets)")
@@ -33,14 +35,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run(args: argparse.Namespace) -> int:
     try:
         if args.keys_command == "create":
-            secret = create_key(args.file, args.name, parse_scopes(args.scopes), args.rate, args.priority)
+            secret = create_key(args.file, args.name, parse_scopes(args.scopes), args.rate, args.priority,
+                                args.rows)
             print(secret)
             print(f"key {args.name!r} added to {args.file}; the secret above is shown only now",
                   file=sys.stderr)
         elif args.keys_command == "list":
             for key in sorted(read_keys(args.file).values(), key=lambda k: k.name):
                 print(f"{key.name}\tscopes={','.join(sorted(key.scopes))}\trate={key.rate:g}\t"
-                      f"priority={key.priority}\tcreated={key.created}")
+                      f"rows={key.rows:g}\tpriority={key.priority}\tcreated={key.created}")
         else:
             revoke_key(args.file, args.name)
             print(f"key {args.name!r} revoked", file=sys.stderr)

@@ -149,6 +149,11 @@ class Gate:
         elif scope == "admin" and not self.admin_without_key:
             raise Forbidden("state-changing endpoints need an API key with the 'admin' scope: start "
                             "the server with --api-keys-file (or --allow-unauthenticated-admin)")
+        if key is not None and key.rows > 0:
+            retry_after = self.quotas.rows_admit(key.name, key.rows)
+            if retry_after is not None:
+                raise _by(RateLimited(f"row rate of {key.rows:g} rows/s exceeded for API key {key.name!r}",
+                                      headers={"Retry-After": retry_after}), key)
         rate = key.rate if key is not None else self.settings.anonymous_rate
         caller = Caller(key)
         if rate > 0:
@@ -199,6 +204,14 @@ class Gate:
             raise Forbidden(f"cross-origin request from {origin} refused (see --cors-origins)")
         if origin == "null":
             raise Forbidden("request from an opaque origin refused")
+
+    def charge_rows(self, key_name: str | None, rows: int) -> None:
+        """Charge an answered request's rows to its key's row bucket (if the key has one)."""
+        if key_name is None or self.keys is None or rows <= 0:
+            return
+        key = self.keys.keys.get(key_name)
+        if key is not None and key.rows > 0:
+            self.quotas.charge_rows(key.name, key.rows, rows)
 
     @staticmethod
     def refused(exc: ServiceError, *, action: str, client: str | None) -> None:

@@ -40,6 +40,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if scope == "admin":
             return _audited(handler, caller.name, details.method)
+        if caller.key is not None and caller.key.rows > 0 and details.method.endswith("/ModelInfer"):
+            return _charging_rows(handler, self.gate, caller.key.name)
         return handler
 
 
@@ -62,6 +64,24 @@ def _audited(handler: grpc.RpcMethodHandler | None, key: str | None,
             audit.record("admin", key=key, action=method, status=status, client=context.peer())
 
     return grpc.unary_unary_rpc_method_handler(audited, request_deserializer=handler.request_deserializer,
+                                              response_serializer=handler.response_serializer)
+
+
+def _charging_rows(handler: grpc.RpcMethodHandler | None, gate: Gate,
+                   key: str) -> grpc.RpcMethodHandler | None:
+    """`handler` (ModelInfer), charging the request's rows to the key's row quota once answered."""
+    if handler is None or handler.unary_unary is None:
+        return handler
+    behaviour = handler.unary_unary
+
+    async def charging(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behaviour(request, context)
+        finally:
+            shapes = [list(i.shape) for i in request.inputs if i.shape]
+            gate.charge_rows(key, max((s[0] for s in shapes), default=1))
+
+    return grpc.unary_unary_rpc_method_handler(charging, request_deserializer=handler.request_deserializer,
                                               response_serializer=handler.response_serializer)
 
 

@@ -5,6 +5,7 @@ limits, and the store a server reads it through (re-read when the file changes, 
     sha256 = "9f86d081..."          # of the secret; the secret itself is shown once, never stored
     scopes = ["infer"]
     rate = 20.0                     # requests per second (0: no limit)
+    rows = 0.0                      # rows (inputs) per second (0: no limit)
     priority = 0
     created = "2026-12-06T19:40:00Z"
 
@@ -45,6 +46,7 @@ class ApiKey:
     sha256: str
     scopes: frozenset[str]
     rate: float = 0.0  # requests per second; 0: unlimited
+    rows: float = 0.0  # rows per second; 0: unlimited
     priority: int = 0
     created: str = ""
 
@@ -88,14 +90,15 @@ def read_keys(path: Path) -> dict[str, ApiKey]:
             digest = entry["sha256"]
             scopes = frozenset(entry["scopes"])
             rate = float(entry.get("rate", 0.0))
+            rows = float(entry.get("rows", 0.0))
             priority = int(entry.get("priority", 0))
         except (KeyError, TypeError, ValueError) as e:
             raise KeyFileError(f"keys file {path}: key {name!r}: {e!r}") from None
         if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)) \
-                or not scopes or scopes - set(SCOPES) or rate < 0:
+                or not scopes or scopes - set(SCOPES) or rate < 0 or rows < 0:
             raise KeyFileError(f"keys file {path}: key {name!r} needs a sha256 hex digest, scopes "
-                               f"within {list(SCOPES)} and a rate ≥ 0")
-        keys[name] = ApiKey(name, digest, scopes, rate, priority, str(entry.get("created", "")))
+                               f"within {list(SCOPES)}, and a rate and rows ≥ 0")
+        keys[name] = ApiKey(name, digest, scopes, rate, rows, priority, str(entry.get("created", "")))
     return keys
 
 
@@ -110,7 +113,7 @@ def write_keys(path: Path, keys: dict[str, ApiKey]) -> None:
     for key in sorted(keys.values(), key=lambda k: k.name):
         lines += [f"[keys.{key.name}]", f"sha256 = {_toml_string(key.sha256)}",
                   "scopes = [" + ", ".join(_toml_string(s) for s in sorted(key.scopes)) + "]",
-                  f"rate = {key.rate!r}", f"priority = {key.priority}",
+                  f"rate = {key.rate!r}", f"rows = {key.rows!r}", f"priority = {key.priority}",
                   f"created = {_toml_string(key.created)}", ""]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -120,18 +123,18 @@ def write_keys(path: Path, keys: dict[str, ApiKey]) -> None:
 
 
 def create_key(path: Path, name: str, scopes: frozenset[str], rate: float = 0.0,
-               priority: int = 0) -> str:
+               priority: int = 0, rows: float = 0.0) -> str:
     """Add a key to the file (created if absent) and return its secret, which is stored nowhere."""
     if not NAME_PATTERN.match(name):
         raise KeyFileError(f"key name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
-    if rate < 0:
-        raise KeyFileError("rate must be ≥ 0")
+    if rate < 0 or rows < 0:
+        raise KeyFileError("rate and rows must be ≥ 0")
     keys = read_keys(path) if path.exists() else {}
     if name in keys:
         raise KeyFileError(f"a key named {name!r} exists; revoke it first")
     secret = new_secret()
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    keys[name] = ApiKey(name, hash_secret(secret), scopes, rate, priority, created)
+    keys[name] = ApiKey(name, hash_secret(secret), scopes, rate, rows, priority, created)
     write_keys(path, keys)
     return secret
 

@@ -29,6 +29,7 @@ class Keyed:
     reader: str  # scope infer
     ops: str  # scope admin
     limited: str  # scope infer, 20 requests/s
+    rowed: str  # scope infer, 16 rows/s
 
 
 def _infer_body(rows: int = 1) -> bytes:
@@ -47,10 +48,11 @@ def keyed(test_models: TestModels, tmp_path_factory: pytest.TempPathFactory) -> 
     reader = create_key(keys_file, "reader", parse_scopes("infer"))
     ops = create_key(keys_file, "ops", parse_scopes("admin"))
     limited = create_key(keys_file, "limited", parse_scopes("infer"), rate=20)
+    rowed = create_key(keys_file, "rowed", parse_scopes("infer"), rows=16)
     grpc_port = free_port()
     server = start_server(test_models.repository, d / "server.log", "--api-keys-file", str(keys_file),
                           "--audit-log", str(d / "audit.log"), "--grpc-port", str(grpc_port))
-    yield Keyed(server, keys_file, d / "audit.log", grpc_port, reader, ops, limited)
+    yield Keyed(server, keys_file, d / "audit.log", grpc_port, reader, ops, limited, rowed)
     server.stop()
 
 
@@ -161,6 +163,36 @@ def test_a_rate_limited_key_gets_429s_and_another_key_is_not_slowed(keyed: Keyed
     assert 'neuroserve_api_key_rejections_total{key="limited",reason="rate_limited"}' in metrics
     assert 'neuroserve_api_key_requests_total{key="reader"}' in metrics
     assert keyed.reader not in metrics and keyed.limited not in metrics  # names, never secrets
+
+
+def test_a_row_quota_counts_the_rows_of_answered_requests(keyed: Keyed, test_models: TestModels):
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    path = f"/v2/models/{test_models.image}/infer"
+    with httpx.Client(base_url=keyed.server.url, headers=_bearer(keyed.rowed)) as c:
+        codes = [c.post(path, content=_infer_body(rows=8)).status_code for _ in range(5)]
+        # 16 rows/s: two requests of 8 rows, maybe a third on what refilled meanwhile, then none
+        assert codes[:2] == [200, 200] and codes.count(200) <= 3 and codes[-1] == 429, codes
+        refused = c.post(path, content=_infer_body(rows=1))
+        assert refused.status_code == 429 and "row rate" in refused.json()["error"]
+        time.sleep(float(refused.headers["retry-after"]) + 0.1)
+        assert c.post(path, content=_infer_body(rows=8)).status_code == 200
+    time.sleep(1.1)
+    client = triton.InferenceServerClient(f"127.0.0.1:{keyed.grpc_port}")
+    pixels = np.zeros((8, 1, 28, 28), dtype=np.uint8)
+    inp = triton.InferInput("pixels", list(pixels.shape), "UINT8")
+    inp.set_data_from_numpy(pixels)
+    metadata = {"authorization": f"Bearer {keyed.rowed}"}
+    statuses = []
+    for _ in range(5):
+        try:
+            client.infer(test_models.image, [inp], headers=metadata)
+            statuses.append("OK")
+        except InferenceServerException as e:
+            statuses.append(str(e.status()))
+    assert statuses[:2] == ["OK", "OK"] and "RESOURCE_EXHAUSTED" in statuses[-1], statuses
+    client.close()
 
 
 def test_grpc_needs_the_authorization_metadata(keyed: Keyed, test_models: TestModels):

@@ -23,7 +23,7 @@ def _keys(*args: str) -> subprocess.CompletedProcess[str]:
 def test_create_prints_the_secret_once_and_stores_only_its_hash(tmp_path: Path):
     keys_file = tmp_path / "keys.toml"
     made = _keys("create", "--file", str(keys_file), "--name", "ci", "--scopes", "infer,admin",
-                 "--rate", "20", "--priority", "2")
+                 "--rate", "20", "--rows", "500", "--priority", "2")
     assert made.returncode == 0, made.stderr
     secret = made.stdout.strip()
     assert secret.startswith("ns_") and len(secret) > 40
@@ -31,9 +31,9 @@ def test_create_prints_the_secret_once_and_stores_only_its_hash(tmp_path: Path):
     assert secret not in text and hash_secret(secret) in text
     assert stat.S_IMODE(os.stat(keys_file).st_mode) == 0o600
     key = read_keys(keys_file)["ci"]
-    assert (key.scopes, key.rate, key.priority) == (frozenset({"infer", "admin"}), 20.0, 2)
+    assert (key.scopes, key.rate, key.rows, key.priority) == (frozenset({"infer", "admin"}), 20.0, 500.0, 2)
     listed = _keys("list", "--file", str(keys_file))
-    assert listed.returncode == 0 and listed.stdout.startswith("ci\tscopes=admin,infer\trate=20")
+    assert listed.returncode == 0 and listed.stdout.startswith("ci\tscopes=admin,infer\trate=20\trows=500")
     assert secret not in listed.stdout
     assert _keys("create", "--file", str(keys_file), "--name", "ci").returncode == 2  # names are unique
     assert _keys("create", "--file", str(keys_file), "--name", "x", "--scopes", "root").returncode == 2

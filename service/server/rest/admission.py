@@ -43,6 +43,11 @@ def judge(head: bytes | bytearray | memoryview, max_rows: int) -> None:
             raise InvalidInput(f"batch of {rows} rows exceeds max_batch_size {max_rows}; split the request")
 
 
+def rows_of(req: codec.InferRequest) -> int:
+    """The rows a decoded V2 request asks to compute (its inputs' first dimension)."""
+    return max((int(a.shape[0]) for a in req.inputs.values() if a.ndim), default=1)
+
+
 async def read_infer_body(request: Request, max_rows: int) -> bytes:
     """The body of a V2 infer request; a large one is judged by its first bytes before the rest is
     read (a refusal leaves the rest unread: the connection closes after the answer)."""

@@ -45,6 +45,7 @@ class RequestContext:
     batch_rows: int = 0
     trace: tracing.RequestTrace | None = None  # only while tracing is on
     caller: str | None = None  # the API key's name, when the request came with one
+    rows: int = 0  # rows (inputs) the request asked to compute, for the key's row quota
 
     def timed(self, queue_s: float, compute_s: float, batch_rows: int) -> None:
         """Fold in one batch result (task requests may span several batches)."""
@@ -189,6 +190,8 @@ class ServiceMiddleware:
                     access_log.log(level, "%s %s %d", scope["method"], path, status, extra={
                         "status": status, "ms": round(elapsed * 1000, 3), "model": ctx.model
                         if ctx.endpoint else None, "client": _client(scope)})
+            if ctx.rows and ctx.caller is not None:
+                self.gate.charge_rows(ctx.caller, ctx.rows)
             if endpoint_scope == "admin":
                 audit.record("admin", key=ctx.caller, action=f"{scope['method']} {scope['path']}",
                              status=status, client=_client(scope))

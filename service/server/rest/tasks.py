@@ -157,6 +157,7 @@ async def classify_text(request: Request, model: str, top_k: TopK = TOP_K_DEFAUL
         return await batcher.submit_many(feeds, len(windows), until)
 
     readable = [e for e in encoded if not isinstance(e, ServiceError)]
+    ctx.rows = sum(len(w) for w in readable)
     results = await asyncio.gather(*(compute(w) for w in readable), return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException):
@@ -283,6 +284,7 @@ async def _classify(request: Request, mv: ModelVersion, ctx: RequestContext,
     state = state_of(request)
     until = deadline(request, state)
     batcher = mv.serving_batcher()
+    ctx.rows = len(rows)
     results = await asyncio.gather(*(batcher.submit(feeds, 1, until) for feeds in rows),
                                    return_exceptions=True)
     for r in results:

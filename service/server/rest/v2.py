@@ -272,6 +272,7 @@ async def infer_request(request: Request, model: str, version: str | None) -> Re
     body = await admission.read_infer_body(request, mv.config.batching.max_batch_size)
     body = codec.decompress(body, headers.get("content-encoding"), state.settings.max_body_bytes)
     req = codec.decode_request(body, headers.get(codec.HEADER_LENGTH))
+    ctx.rows = admission.rows_of(req)
     result = await inference.infer(mv, req, deadline(request, state, req.timeout_s),
                                    pinned=version is not None)
     ctx.timed(result.queue_s, result.compute_s, result.batch_rows)
