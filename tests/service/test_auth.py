@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import queue
 import socket
 import time
 from collections.abc import Iterator
@@ -217,6 +218,19 @@ def test_grpc_needs_the_authorization_metadata(keyed: Keyed, test_models: TestMo
     assert "PERMISSION_DENIED" in str(e.value.status())
     client.load_model(test_models.image, headers=metadata(keyed.ops))
     client.close()
+    for headers, expected in ((None, "UNAUTHENTICATED"), (metadata(keyed.reader), None)):
+        streaming = triton.InferenceServerClient(f"127.0.0.1:{keyed.grpc_port}")
+        answers: queue.Queue = queue.Queue()
+        streaming.start_stream(callback=lambda result, error, q=answers: q.put((result, error)),
+                               headers=headers)
+        streaming.async_stream_infer(test_models.image, [inp])
+        result, error = answers.get(timeout=30)
+        streaming.stop_stream()
+        streaming.close()
+        if expected:
+            assert expected in str(error)
+        else:
+            assert error is None and result.as_numpy("probabilities").shape == (1, 10)
     lines = [orjson.loads(line) for line in keyed.audit_log.read_text().splitlines()]
     assert any(e["event"] == "admin" and e["key"] == "ops" and e["status"] == "OK"
                and e["action"].endswith("/RepositoryModelLoad") for e in lines)
