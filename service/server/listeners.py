@@ -39,7 +39,7 @@ def refuse_new_connections(port: int) -> int:
             continue  # not a socket (or gone)
         with sock:
             try:
-                if sock.type != socket.SOCK_STREAM \
+                if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM \
                         or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) \
                         or sock.getsockname()[1] != port:
                     continue
