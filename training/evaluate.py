@@ -105,6 +105,10 @@ def card_accuracy(model_dir: Path) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.quality and args.alternatives:
+        from training import quality_zoo
+
+        return quality_zoo.main(args)
     if args.quality:
         from training import quality_report
 
@@ -133,6 +137,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quality", action="store_true",
                         help="calibration (ECE, temperature fitted on validation data) and the "
                              "out-of-domain sets instead of the test accuracy (training/quality.py)")
+    parser.add_argument("--alternatives", action="store_true",
+                        help="with --quality: the out-of-domain sets scored by the FP32 graph and the zoo's "
+                             "alternatives too, as a table for docs/model-zoo.md (training/quality_zoo.py)")
     parser.add_argument("--write", action="store_true",
                         help="with --quality: fold the temperature into the served graph when it lowers "
                              "the test ECE, write reliability_diagram.png and the card's sections")
