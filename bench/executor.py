@@ -4,6 +4,7 @@
     python -m bench.executor compare --base REF     # V2 JSON c=64 and c=1 against REF's service
     python -m bench.executor memory --base REF      # USS per process as front-ends are added
     python -m bench.executor simulated              # a simulated device behind 1 and 2 front-ends
+    python -m bench.executor gpu --workers 4        # on a GPU: V2 binary c=256 vs ORT's CUDA ceiling
 
 Every command prints JSON (and `--out FILE` writes it). `compare` and `memory` run the service of
 git ref REF (extracted with `git archive` into a temporary folder, run with this venv) beside this
@@ -253,6 +254,41 @@ def simulated(repository: Path, model: str, a_ms: float, b_ms: float, batch: int
                 batch, a_ms / 1000, b_ms / 1000)), "duration_s": duration, "reps": reps, "rows": rows}
 
 
+def gpu(repository: Path, models: list[str], workers: int, concurrency: int, duration: float,
+        reps: int) -> dict:
+    """On a GPU: each model's ceiling (ORT in process, CUDA, batch 128) and the service (executor
+    process, `workers` front-ends, V2 binary at `concurrency`) measured in the same run, and the
+    processes holding a CUDA context while the service runs (one is the goal: the executor)."""
+    from bench import raw_ort
+
+    rows = []
+    for model in models:
+        w = load_workload(repository / model, n=256)
+        ceiling_run = raw_ort.run(w, model_file(repository / model), threads=1, batch_sizes=(128,),
+                                  duration_s=duration, provider="cuda")
+        requests = requests_for(w, "v2-binary")
+        runs, contexts = [], []
+        for _ in range(reps):
+            server = start(ROOT, repository, workers, ["--providers", "cuda", "--executor", "process"])
+            try:
+                closed_loop(server.port, requests, concurrency=concurrency, duration_s=3)
+                query = ["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory",
+                         "--format=csv,noheader"]
+                contexts = subprocess.run(query, capture_output=True, text=True,
+                                          check=False).stdout.strip().splitlines()
+                runs.append(closed_loop(server.port, requests, concurrency=concurrency, duration_s=duration))
+            finally:
+                server.stop()
+        rps = statistics.median(r["rps"] for r in runs)
+        top = ceiling_run["best_samples_per_s"]
+        rows.append({"model": model, "ceiling_samples_per_s": round(top),
+                     "service_rps": round(rps), "share_of_ceiling": round(rps / top, 3),
+                     "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+                     "errors": sum(r["errors"] for r in runs), "cuda_contexts": contexts})
+    return {"command": "gpu", "workers": workers, "concurrency": concurrency, "protocol": "v2-binary",
+            "duration_s": duration, "reps": reps, "rows": rows}
+
+
 def _copy_with_batching(src: Path, dst: Path, batch: int, queue: int) -> None:
     import re
     import shutil
@@ -290,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--front-ends", default="1,2")
     m.add_argument("--duration", type=float, default=10)
     m.add_argument("--reps", type=int, default=3)
+    g = sub.add_parser("gpu")
+    g.add_argument("--repository", type=Path, default=ROOT / "models")
+    g.add_argument("--models", default="sentiment,spoken-digits")
+    g.add_argument("--workers", type=int, default=4)
+    g.add_argument("--concurrency", type=int, default=256)
+    g.add_argument("--duration", type=float, default=10)
+    g.add_argument("--reps", type=int, default=1)
     for s in sub.choices.values():
         s.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args(argv)
@@ -299,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         result = compare(args.base, args.repository, args.model, args.duration, args.reps)
     elif args.cmd == "memory":
         result = memory(args.base, args.repository, [int(x) for x in args.workers.split(",")])
+    elif args.cmd == "gpu":
+        result = gpu(args.repository, args.models.split(","), args.workers, args.concurrency, args.duration,
+                     args.reps)
     else:
         result = simulated(args.repository, args.model, args.a_ms, args.b_ms, args.batch, args.concurrency,
                            [int(x) for x in args.front_ends.split(",")], args.duration, args.reps)

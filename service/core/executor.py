@@ -160,7 +160,7 @@ class ExecutorServer:
             reply = wire.Reply(message.id, failure=failure(e))
             if not isinstance(e, Exception):
                 raise
-        await self.router.send_multipart([peer, wire.encode(reply), *out], copy=False)
+        await self.router.send_multipart([peer, wire.encode(reply), *out], copy=not wire.zero_copy(out))
 
     async def _infer(self, m: wire.Infer, frames: list[Any]) -> tuple[wire.Reply, list[Any]]:
         batcher = self.executor.repository.batcher_for(m.model, m.version, m.pinned)

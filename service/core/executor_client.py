@@ -150,7 +150,7 @@ class RemoteExecutor:
         try:
             try:
                 await self.dealer.send_multipart([wire.encode(message), *frames], flags=zmq.NOBLOCK,
-                                                 copy=False)
+                                                 copy=not wire.zero_copy(frames))
             except zmq.Again:
                 raise _executor_gone() from None
             reply, out = await future

@@ -119,6 +119,12 @@ def tensors(arrays: dict[str, np.ndarray]) -> tuple[list[Tensor], list[memoryvie
     return metas, frames
 
 
+def zero_copy(frames: list[Any]) -> bool:
+    """Whether to send `frames` without copying: only worth it for large buffers (ZeroMQ then tracks
+    each one until sent, which costs more than copying a few KiB)."""
+    return any(isinstance(f, memoryview) for f in frames)
+
+
 def arrays(metas: list[Tensor], frames: list[Any]) -> dict[str, np.ndarray]:
     """The arrays of `metas` over the received frames' buffers (read-only views, no copy)."""
     if len(metas) != len(frames):
