@@ -65,7 +65,8 @@ def _echo(address: str, stop: threading.Event) -> None:
             header = wire.decode_reply(frames[2].buffer)
             arrays = wire.arrays(header.outputs, frames[3:])
             metas, out = wire.tensors(arrays)
-            sock.send_multipart([peer, kind, wire.encode(wire.Reply(0, outputs=metas)), *out], copy=False)
+            sock.send_multipart([peer, kind, wire.encode(wire.Reply(0, outputs=metas)), *out],
+                                copy=not wire.zero_copy(out))
         else:
             arrays = pickle.loads(frames[2].buffer)
             sock.send_multipart([peer, kind, pickle.dumps(arrays, protocol=5)])
@@ -95,7 +96,7 @@ def transport(iterations: int) -> dict:
                     if kind == "frames":
                         metas, frames = wire.tensors(arrays)
                         client.send_multipart([b"frames", wire.encode(wire.Reply(0, outputs=metas)), *frames],
-                                              copy=False)
+                                              copy=not wire.zero_copy(frames))
                         reply = client.recv_multipart(copy=False)
                         wire.arrays(wire.decode_reply(reply[1].buffer).outputs, reply[2:])
                     else:
