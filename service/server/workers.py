@@ -58,6 +58,10 @@ def _worker(config: dict[str, Any], host: str, port: int) -> None:
     uvicorn.Server(uvicorn.Config(**config)).run(sockets=[sock])
 
 
+# An executor that dies sooner than this after its start is restarted only after this long.
+EXECUTOR_MIN_LIFE_S = 2.0
+
+
 def serve(config: dict[str, Any], *, workers: int, host: str, port: int, stop_timeout_s: float,
           executor: Address | None = None) -> int:
     """Run `workers` uvicorn servers of `config` (keyword arguments of `uvicorn.Config`), and the
@@ -90,6 +94,7 @@ def serve(config: dict[str, Any], *, workers: int, host: str, port: int, stop_ti
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
     model_executor = start_executor() if executor is not None else None
+    executor_started = time.monotonic()
     processes = [start() for _ in range(workers)]
     # SIGHUP (re-read the API keys file) is each worker's to handle.
     signal.signal(signal.SIGHUP, lambda signum, frame: [
@@ -105,7 +110,10 @@ def serve(config: dict[str, Any], *, workers: int, host: str, port: int, stop_ti
             log.error("executor %s exited with %s; starting another", model_executor.pid,
                       model_executor.exitcode)
             metrics.process_exited(model_executor.pid)
+            if time.monotonic() - executor_started < EXECUTOR_MIN_LIFE_S:
+                stop.wait(EXECUTOR_MIN_LIFE_S)  # one that dies at once would otherwise spin
             model_executor = start_executor()
+            executor_started = time.monotonic()
         for i, process in enumerate(processes):
             if process.is_alive():
                 continue
