@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from service import __version__, errors
 from service.auth.gate import with_cors
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 from service.observability import logging as service_logging
 from service.observability import metrics, tracing
 from service.server.grpc import server as grpc_server_module
-from service.server.rest import demo, docs, explain, health, models, openapi, tasks, v2
+from service.server.rest import demo, docs, explain, health, models, openapi, routing, tasks, v2
 from service.server.rest.middleware import ServiceMiddleware
 from service.server.rest.schemas import DOC_MODELS
 from service.server.state import ServiceState
@@ -44,6 +44,9 @@ log = logging.getLogger("neuroserve.app")
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 _REJECTION_REASONS = errors.REJECTION_REASONS
+# The route table, in the order FastAPI tries it; `routing.DirectRoutes` serves the prediction routes
+# among them without FastAPI's per-request machinery.
+ROUTERS = (v2.router, tasks.router, health.router, explain.router, models.router, docs.router, demo.router)
 
 DESCRIPTION = """\
 ONNX inference for image, text and speech classifiers.
@@ -140,53 +143,14 @@ def _install_drain_on_sigterm(state: ServiceState) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-class FastPath:
-    """The prediction POSTs (V2 infer and the task endpoints) go straight to their handler, wrapped
-    only in ServiceMiddleware; every other request takes the full stack.
-
-    FastAPI puts four middlewares (server errors, exception telemetry, body limit, handled
-    exceptions), an exit stack, the router and per-route parameter solving around every route: on a
-    small model's request they cost about as much CPU as the route itself. Behaviour is the same:
-    the route, request id, Server-Timing, metrics, access log, body limit, and errors answered by
-    the same handlers.
-    """
-
-    def __init__(self, app: FastAPI, stack: ASGIApp, state: ServiceState) -> None:
-        self.app = app
-        self.stack = stack
-        self.predict = ServiceMiddleware(self._predict, state=state)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
-            path = scope["path"]
-            params = v2.infer_path_params(path) if path.startswith("/v2/") else tasks.task_path_params(path)
-            if params is not None:
-                scope["app"] = self.app
-                scope["path_params"] = params
-                await self.predict(scope, receive, send)
-                return
-        await self.stack(scope, receive, send)
-
-    @staticmethod
-    async def _predict(scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        params = scope["path_params"]
-        try:
-            if "task" in params:
-                response = await tasks.task_request(request, params["task"], params["model"])
-            else:
-                response = await v2.infer_request(request, params["model"], params.get("version"))
-        except errors.ServiceError as exc:
-            response = await _service_error(request, exc)
-        except StarletteHTTPException as exc:  # e.g. a malformed multipart body
-            response = await _http_error(request, exc)
-        await response(scope, receive, send)
-
-
 class _App(FastAPI):
     def build_middleware_stack(self) -> ASGIApp:
-        return with_cors(FastPath(self, super().build_middleware_stack(), self.state.service),
-                         self.state.service.settings)
+        state = self.state.service
+        direct = routing.DirectRoutes(
+            ROUTERS, super().build_middleware_stack(), lambda app: ServiceMiddleware(app, state=state),
+            {errors.ServiceError: _service_error,
+             StarletteHTTPException: _http_error})  # e.g. a malformed multipart body
+        return with_cors(direct, state.settings)
 
 
 def _executor(settings: Settings) -> LocalExecutor | RemoteExecutor:
@@ -265,13 +229,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(ServiceMiddleware, state=state)
-    app.include_router(v2.router)
-    app.include_router(tasks.router)
-    app.include_router(health.router)
-    app.include_router(explain.router)
-    app.include_router(models.router)
-    app.include_router(docs.router)
-    app.include_router(demo.router)
+    for router in ROUTERS:
+        app.include_router(router)
     app.mount(docs.ASSETS_URL, docs.assets(), name="docs-assets")
     app.mount(demo.ASSETS_URL, demo.assets(), name="ui")
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -12,6 +12,7 @@ for text, with rows of similar length).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -29,6 +30,7 @@ from service.errors import InvalidInput, PayloadTooLarge, ServiceError, Unsuppor
 from service.observability import metrics
 from service.server.rest.common import admit, deadline, state_of
 from service.server.rest.middleware import RequestContext
+from service.server.rest.routing import direct
 from service.server.rest.schemas import ClassifyResponse, ErrorBody, TextRequest
 
 router = APIRouter(prefix="/v1", tags=["tasks"])
@@ -59,9 +61,31 @@ def _upload_doc(kind: str, media: list[str]) -> dict[str, Any]:
     }}}
 
 
+async def task_request(request: Request, task: str, model: str) -> Response:
+    """A task route without FastAPI's parameter solving (see `service.server.rest.routing`): the query
+    parameters are read and checked here, as the route signatures below declare them."""
+    query = request.query_params
+    raw_top_k = query.get("top_k")
+    top_k = TOP_K_DEFAULT
+    if raw_top_k is not None:
+        try:
+            top_k = int(raw_top_k)
+        except ValueError:
+            top_k = 0
+        if not 1 <= top_k <= TOP_K_MAX:
+            raise InvalidInput(f"query.top_k: must be an integer from 1 to {TOP_K_MAX}, not {raw_top_k!r}")
+    if task == "text":
+        raw_partial = query.get("partial", "false").lower()
+        if raw_partial not in ("true", "false", "1", "0"):
+            raise InvalidInput(f"query.partial: must be true or false, not {raw_partial!r}")
+        return await classify_text(request, model, top_k, query.get("version"), raw_partial in ("true", "1"))
+    return await _HANDLERS[task](request, model, top_k, query.get("version"))
+
+
 @router.post("/image/{model}", summary="Classify an image", responses=_RESPONSES, response_class=Response,
              openapi_extra=_upload_doc("image", ["image/png", "image/jpeg", "image/bmp", "image/webp",
                                                  "image/gif", "application/octet-stream"]))
+@direct(functools.partial(task_request, task="image"))
 async def classify_image(request: Request, model: str, top_k: TopK = TOP_K_DEFAULT,
                          version: Version = None) -> Response:
     """PNG, JPEG, BMP, WebP or GIF of any size and colour mode; resized to the model's input."""
@@ -89,6 +113,7 @@ async def image_inputs(request: Request, mv: ModelVersion) -> list[np.ndarray]:
              response_class=Response,
              openapi_extra=_upload_doc("audio", ["audio/wav", "audio/flac", "audio/ogg",
                                                  "application/octet-stream"]))
+@direct(functools.partial(task_request, task="audio"))
 async def classify_audio(request: Request, model: str, top_k: TopK = TOP_K_DEFAULT,
                          version: Version = None) -> Response:
     """WAV, FLAC or OGG at any sample rate and channel count; downmixed, resampled, fitted in length."""
@@ -130,6 +155,7 @@ def waveform_dtype(mv: ModelVersion) -> type[np.floating]:
         "text/plain": {"schema": {"type": "string"}, "example": "Loved it."},
     }}},
 )
+@direct(functools.partial(task_request, task="text"))
 async def classify_text(request: Request, model: str, top_k: TopK = TOP_K_DEFAULT,
                         version: Version = None, partial: Partial = False) -> Response:
     """One text or a list of texts, tokenized with the model's own tokenizer and read whole: a text
@@ -210,35 +236,6 @@ async def text_inputs(request: Request) -> list[str]:
 
 
 _HANDLERS = {"image": classify_image, "audio": classify_audio, "text": classify_text}
-
-
-def task_path_params(path: str) -> dict[str, str] | None:
-    """`{"task": ..., "model": ...}` when `path` is one of the task routes above, else None."""
-    parts = path.split("/")
-    if len(parts) == 4 and not parts[0] and parts[1] == "v1" and parts[2] in _HANDLERS and parts[3]:
-        return {"task": parts[2], "model": parts[3]}
-    return None
-
-
-async def task_request(request: Request, task: str, model: str) -> Response:
-    """A task route without FastAPI's parameter solving (see `service.server.app.FastPath`): the query
-    parameters are read and checked here, as the route signatures above declare them."""
-    query = request.query_params
-    raw_top_k = query.get("top_k")
-    top_k = TOP_K_DEFAULT
-    if raw_top_k is not None:
-        try:
-            top_k = int(raw_top_k)
-        except ValueError:
-            top_k = 0
-        if not 1 <= top_k <= TOP_K_MAX:
-            raise InvalidInput(f"query.top_k: must be an integer from 1 to {TOP_K_MAX}, not {raw_top_k!r}")
-    if task == "text":
-        raw_partial = query.get("partial", "false").lower()
-        if raw_partial not in ("true", "false", "1", "0"):
-            raise InvalidInput(f"query.partial: must be true or false, not {raw_partial!r}")
-        return await classify_text(request, model, top_k, query.get("version"), raw_partial in ("true", "1"))
-    return await _HANDLERS[task](request, model, top_k, query.get("version"))
 
 
 def check_task(mv: ModelVersion, task: str) -> None:

@@ -17,6 +17,7 @@ from service.errors import InvalidInput, ModelLoadFailed, ModelNotFound, ModelNo
 from service.server import inference
 from service.server.rest import admission
 from service.server.rest.common import admit, deadline, state_of
+from service.server.rest.routing import direct
 from service.server.rest.schemas import (
     BYTES_EXAMPLE,
     IMAGE_EXAMPLE,
@@ -240,29 +241,16 @@ _INFER_ERRORS = _errors(400, 404, 413, 429, 503, 504)
 
 @router.post("/v2/models/{model}/infer", summary="Infer (latest ready version)", openapi_extra=_INFER_DOC,
              responses=_INFER_ERRORS, response_class=Response)
+@direct()
 async def infer(request: Request, model: str) -> Response:
     return await infer_request(request, model, None)
 
 
 @router.post("/v2/models/{model}/versions/{version}/infer", summary="Infer (given version)",
              openapi_extra=_INFER_DOC, responses=_INFER_ERRORS, response_class=Response)
+@direct()
 async def infer_version(request: Request, model: str, version: str) -> Response:
     return await infer_request(request, model, version)
-
-
-def infer_path_params(path: str) -> dict[str, str] | None:
-    """`{"model": ..., ["version": ...]}` when `path` is one of the two infer paths, else None.
-
-    Matches exactly what the two routes above match (non-empty segments without a slash)."""
-    parts = path.split("/")
-    n = len(parts)
-    if n == 5 and parts[4] == "infer" and parts[1] == "v2" and parts[2] == "models" and parts[3] \
-            and not parts[0]:
-        return {"model": parts[3]}
-    if n == 7 and parts[6] == "infer" and parts[4] == "versions" and parts[1] == "v2" \
-            and parts[2] == "models" and parts[3] and parts[5] and not parts[0]:
-        return {"model": parts[3], "version": parts[5]}
-    return None
 
 
 async def infer_request(request: Request, model: str, version: str | None) -> Response:

@@ -1,0 +1,89 @@
+"""REST prediction speed of this checkout against a git ref's, both running at once, interleaved.
+
+    python -m bench.routes --base REF [--this REF] [--model fashion-mnist] [--duration 5] [--reps 3]
+
+Both services start side by side (`bench.executor.start`, HTTP only); then for each rep, protocol
+(V2 JSON, V2 binary) and concurrency (64, 1) each service gets one `wrk` run in turn, the order
+alternating between reps, so both see the same machine. Prints JSON: medians of requests/s and of
+p50/p99 per point, and this checkout's requests/s as a ratio of REF's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from bench.executor import ROOT, base_checkout, start
+from bench.load import closed_loop
+from bench.workloads import load_workload, requests_for
+
+PROTOCOLS = ("v2-json", "v2-binary")
+CONCURRENCY = (64, 1)
+
+
+def compare(base: str, this: str | None, repository: Path, model: str, duration: float, reps: int,
+            workers: int) -> dict:
+    w = load_workload(repository / model)
+    requests = {p: requests_for(w, p) for p in PROTOCOLS}
+    runs: dict[str, dict[str, list[dict]]] = {}
+    with base_checkout(base) as base_code, \
+            (base_checkout(this) if this else contextlib.nullcontext(ROOT)) as this_code:
+        servers = {"base": start(base_code, repository, workers),
+                   "this": start(this_code, repository, workers)}
+        try:
+            for server in servers.values():
+                for p in PROTOCOLS:
+                    closed_loop(server.port, requests[p], concurrency=64, duration_s=2)  # warm-up
+            for rep in range(reps):
+                order = list(servers) if rep % 2 == 0 else list(reversed(servers))
+                for p in PROTOCOLS:
+                    for c in CONCURRENCY:
+                        for name in order:
+                            point = closed_loop(servers[name].port, requests[p], concurrency=c,
+                                                duration_s=duration)
+                            runs.setdefault(f"{p} c={c}", {}).setdefault(name, []).append(point)
+        finally:
+            for server in servers.values():
+                server.stop()
+    medians = {point: {name: {"rps": round(statistics.median(r["rps"] for r in rs), 1),
+                              "p50_ms": round(statistics.median(r["p50_ms"] for r in rs), 3),
+                              "p99_ms": round(statistics.median(r["p99_ms"] for r in rs), 3),
+                              "errors": sum(r["errors"] for r in rs),
+                              "rps_each": [round(r["rps"], 1) for r in rs]}
+                       for name, rs in by_name.items()}
+               for point, by_name in runs.items()}
+    for by_name in medians.values():
+        by_name["ratio"] = round(by_name["this"]["rps"] / by_name["base"]["rps"], 3)
+    return {"base": base, "this": this or "working tree", "model": model, "workers": workers,
+            "duration_s": duration, "reps": reps, "medians": medians}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.routes", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="git ref whose service to compare with")
+    p.add_argument("--this", help="git ref to measure instead of the working tree")
+    p.add_argument("--repository", type=Path, default=ROOT / "models")
+    p.add_argument("--model", default="fashion-mnist")
+    p.add_argument("--duration", type=float, default=5)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    args = p.parse_args(argv)
+    result = compare(args.base, args.this, args.repository, args.model, args.duration, args.reps,
+                     args.workers)
+    result["argv"] = ["python", "-m", "bench.routes", *(argv if argv is not None else sys.argv[1:])]
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
