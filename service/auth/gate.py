@@ -15,6 +15,7 @@ import ipaddress
 import signal
 import threading
 import weakref
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -82,8 +83,23 @@ class Caller:
     def name(self) -> str | None:
         return self.key.name if self.key else None
 
+    @property
+    def priority(self) -> int:
+        return self.key.priority if self.key else 0
+
 
 OPEN = Caller(None)
+
+# The highest priority class the request being served may ask for: its key's `priority` (set by the
+# REST middleware and the gRPC interceptor); 0 for callers without a key.
+priority_ceiling: ContextVar[int] = ContextVar("priority_ceiling", default=0)
+
+
+def priority_of(requested: int | None) -> int:
+    """A request's class: what it asked for (V2 `parameters.priority`), at most its key's; the key's
+    when it asked for none."""
+    ceiling = priority_ceiling.get()
+    return ceiling if requested is None else min(requested, ceiling)
 
 
 class Gate:

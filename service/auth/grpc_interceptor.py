@@ -12,7 +12,7 @@ import grpc
 
 from service.auth import audit
 from service.auth import metrics as key_metrics
-from service.auth.gate import Gate, grpc_scope
+from service.auth.gate import Gate, grpc_scope, priority_ceiling
 from service.errors import ServiceError
 
 
@@ -40,9 +40,41 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if scope == "admin":
             return _audited(handler, caller.name, details.method)
+        if caller.priority and details.method.endswith(("/ModelInfer", "/ModelStreamInfer")):
+            handler = _with_priority(handler, caller.priority)
         if caller.key is not None and caller.key.rows > 0 and details.method.endswith("/ModelInfer"):
             return _charging_rows(handler, self.gate, caller.key.name)
         return handler
+
+
+def _with_priority(handler: grpc.RpcMethodHandler | None, priority: int) -> grpc.RpcMethodHandler | None:
+    """`handler` (ModelInfer or ModelStreamInfer) serving with its key's priority as the ceiling of
+    its requests' classes (`service.auth.gate.priority_of`)."""
+    if handler is None:
+        return handler
+    if handler.unary_unary is not None:
+        unary = handler.unary_unary
+
+        async def prioritized(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            priority_ceiling.set(priority)  # this call's own context
+            return await unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            prioritized, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+    if handler.stream_stream is not None:
+        stream = handler.stream_stream
+
+        async def prioritized_stream(requests: AsyncIterator[Any],
+                                     context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            priority_ceiling.set(priority)  # the stream's requests are served in tasks copying it
+            async for answer in stream(requests, context):
+                yield answer
+
+        return grpc.stream_stream_rpc_method_handler(
+            prioritized_stream, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+    return handler
 
 
 def _audited(handler: grpc.RpcMethodHandler | None, key: str | None,

@@ -48,6 +48,7 @@ class InferRequest:
     outputs: list[RequestedOutput] | None  # None: every output
     binary_output: bool
     timeout_s: float | None
+    priority: int | None = None  # V2 `parameters.priority` (its class, bounded by the caller's key)
 
 
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
@@ -126,11 +127,22 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
             raise InvalidInput("parameters.timeout must be a non-negative number of microseconds")
         timeout_s = timeout / 1e6 if timeout else None
+    priority = check_priority(params.get("priority"))
     rid = doc.get("id")
     if rid is not None and (isinstance(rid, bool) or not isinstance(rid, str | int | float)):
         raise InvalidInput("'id' must be a string")
     rid = None if rid is None else str(rid)
-    return InferRequest(rid, inputs, datatypes, outputs, binary_output, timeout_s)
+    return InferRequest(rid, inputs, datatypes, outputs, binary_output, timeout_s, priority)
+
+
+def check_priority(value: object) -> int | None:
+    """V2 `parameters.priority` (Triton reads the same parameter): a non-negative integer class;
+    here a higher class is served first (Triton's levels count the other way)."""
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise InvalidInput("parameters.priority must be a non-negative integer")
+    return value
 
 
 _FLOAT_DATATYPES = frozenset({"FP16", "FP32", "FP64"})

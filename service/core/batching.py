@@ -14,6 +14,16 @@ is chosen around the oldest request from requests of similar length, and never p
 model's `max_padding_ratio` of it.
 An ORT error in a merged batch is retried request by request, so only the offending request fails.
 
+Who waits, and who is refused (docs/benchmarks.md, "Overload: shedding by expected wait"): a
+request is refused (429 with `Retry-After`) when the rows queued ahead of it pass `max_queue_size`,
+or when its expected wait (the rows ahead of it, those being computed included, times the measured
+compute time per row) passes `max_queue_wait`: a latency bound, so the queue never holds more work
+than it can start within that time. Requests carry a priority class (higher first): the rows ahead
+of a request are those of its class and above, so lower classes are refused first, and a request
+admitted into a queue over its bounds evicts the newest requests of the lowest classes below its
+own (429) until the queue is within them. Batches take the highest classes first, except that a
+request that has waited `max_queue_wait` goes first whatever its class, so none starves.
+
 A request may hold more rows than a batch (`submit_many`, used by explanations for their perturbed
 inputs): it is computed alone, in consecutive ORT calls of `max_batch_size` rows, and counts as one
 request of that many rows in the statistics. Its rows stay out of the monitoring histograms, which
@@ -80,6 +90,9 @@ class BatchPolicy:
     # to this many rows, so the session always sees one input shape: the CUDA provider re-plans its
     # convolutions for every new shape (10-180 ms per call for the speech CNN on an NVIDIA H100).
     fixed_rows: int = 0
+    # When > 0, a request whose expected wait in the queue is over this is refused (429); it is also
+    # how long a request of a low class may be passed over by higher ones. 0: rows bound only.
+    max_queue_wait_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -105,6 +118,7 @@ class _Pending:
     queued: bool = True
     monitored: bool = True  # its rows count in the input and prediction histograms
     trace: tracing.RequestTrace | None = None  # only while tracing is on
+    priority: int = 0  # its class: higher classes are batched first and shed last
 
 
 # (per request: outputs or error), start time, (input, output) seconds, padding ratio, and the
@@ -150,7 +164,9 @@ class Batcher:
         self._peak_cur = 0
         self._peak_prev = 0
         self._peak_epoch = 0.0
-        self._row_seconds = 0.0  # moving average of compute time per row
+        self._row_seconds = 0.0  # moving average of compute-thread time per row (merge, ORT, split)
+        self._class_rows: dict[int, int] = {}  # queued rows by priority class
+        self._assigned_rows = 0  # rows handed to the compute threads and not finished
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._scheduler: asyncio.Task[None] | None = None
@@ -200,19 +216,22 @@ class Batcher:
     # -- admission ---------------------------------------------------------------------------------
 
     async def submit(
-        self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None = None
+        self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None = None, *,
+        priority: int = 0,
     ) -> BatchResult:
         """Queue `rows` rows (arrays with the batch axis first) and wait for their outputs.
 
         `deadline` is a `time.perf_counter()` value; a request still queued then is shed (504).
+        `priority`: the request's class (higher: batched first, shed last).
         """
         if not 0 < rows <= self.policy.max_batch_size:
             # Such a request could never be scheduled; callers split larger inputs.
             raise InvalidInput(f"{rows} rows; a batch holds 1 to {self.policy.max_batch_size}")
-        return await self._enqueue(inputs, rows, deadline, monitored=True)
+        return await self._enqueue(inputs, rows, deadline, monitored=True, priority=priority)
 
     async def submit_many(
-        self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None = None
+        self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None = None, *,
+        priority: int = 0,
     ) -> BatchResult:
         """Queue any number of rows as one request and wait for their outputs, in order.
 
@@ -227,18 +246,65 @@ class Batcher:
         if rows > self.policy.max_queue_size:
             raise PayloadTooLarge(f"{rows} rows in one request; this model's queue holds "
                                   f"{self.policy.max_queue_size}")
-        return await self._enqueue(inputs, rows, deadline, monitored=False)
+        return await self._enqueue(inputs, rows, deadline, monitored=False, priority=priority)
+
+    def refusal(self, rows: int = 1, priority: int = 0) -> QueueFull | None:
+        """The refusal a request of `rows` rows in class `priority` would meet now, or None.
+
+        Cheap enough to ask from a request's head, before its body is read or decoded: a request
+        whose class is at most `priority` (its key's bound) would be refused as well."""
+        ahead = self._rows_ahead(priority)
+        policy = self.policy
+        if ahead + rows > policy.max_queue_size:
+            return QueueFull(f"queue full ({self._queued_rows} of {policy.max_queue_size} rows waiting)",
+                             headers={"Retry-After": str(self._retry_after())})
+        if policy.max_queue_wait_s > 0:
+            wait = self._expected_wait(ahead)
+            if wait > policy.max_queue_wait_s:
+                return QueueFull(f"expected queue wait {wait * 1000:.0f} ms exceeds "
+                                 f"max_queue_wait_ms {policy.max_queue_wait_s * 1000:g}",
+                                 headers={"Retry-After": str(self._retry_after())})
+        return None
+
+    def _rows_ahead(self, priority: int) -> int:
+        """Queued rows that go before a new request of class `priority` (its class and above)."""
+        if len(self._class_rows) <= 1:
+            return self._queued_rows if priority <= min(self._class_rows, default=priority) else 0
+        return sum(n for cls, n in self._class_rows.items() if cls >= priority)
+
+    def _expected_wait(self, queued_rows: int) -> float:
+        """Seconds until `queued_rows` more rows, and those being computed, have been computed."""
+        return (queued_rows + self._assigned_rows) * self._row_seconds / self.policy.instances
+
+    def _over_bounds(self) -> bool:
+        policy = self.policy
+        return self._queued_rows > policy.max_queue_size or (
+            policy.max_queue_wait_s > 0 and self._expected_wait(self._queued_rows) > policy.max_queue_wait_s)
+
+    def _evict_below(self, priority: int) -> None:
+        """While the queue is over its bounds, refuse the newest requests of the lowest classes below
+        `priority` (a request just admitted above them)."""
+        while self._over_bounds():
+            lower = [cls for cls, n in self._class_rows.items() if cls < priority and n > 0]
+            if not lower:
+                return
+            lowest = min(lower)
+            victim = next(p for p in reversed(self._pending) if p.queued and p.priority == lowest)
+            self._dequeue(victim)
+            if not victim.future.done():
+                victim.future.set_exception(QueueFull(
+                    f"shed from the queue for requests of a higher priority class (its class: {lowest})",
+                    headers={"Retry-After": str(self._retry_after())}))
 
     async def _enqueue(
-        self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None, *, monitored: bool
+        self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None, *, monitored: bool,
+        priority: int = 0,
     ) -> BatchResult:
         if self._closing or self._scheduler is None:
             raise ModelNotReady("model version is unloading")
-        if self._queued_rows + rows > self.policy.max_queue_size:
-            raise QueueFull(
-                f"queue full ({self._queued_rows} of {self.policy.max_queue_size} rows waiting)",
-                headers={"Retry-After": str(self._retry_after())},
-            )
+        refused = self.refusal(rows, priority)
+        if refused is not None:
+            raise refused
         loop = asyncio.get_running_loop()
         now = perf_counter()
         length = 0
@@ -246,7 +312,7 @@ class Batcher:
             arr = inputs[self._variable.name]
             length = math.prod(arr.shape[1:])
         p = _Pending(inputs, rows, length, loop.create_future(), now, deadline, request_id.get(),
-                     monitored=monitored)
+                     monitored=monitored, priority=priority)
         if tracing.enabled and (trace := tracing.current.get()) is not None:
             p.trace = trace
             tracing.enqueued(trace, now)
@@ -254,7 +320,10 @@ class Batcher:
             p.timer = loop.call_later(max(0.0, deadline - now), self._expire, p)
         self._pending.append(p)
         self._queued_rows += rows
+        self._class_rows[priority] = self._class_rows.get(priority, 0) + rows
         self.metrics.queue_depth.inc(rows)
+        if len(self._class_rows) > 1:
+            self._evict_below(priority)
         self._track_inflight(loop.time())
         self.metrics.inflight.inc()
         self._wake.set()
@@ -294,6 +363,11 @@ class Batcher:
     def _dequeue(self, p: _Pending) -> None:
         p.queued = False
         self._queued_rows -= p.rows
+        left = self._class_rows[p.priority] - p.rows
+        if left:
+            self._class_rows[p.priority] = left
+        else:
+            del self._class_rows[p.priority]
         self.metrics.queue_depth.dec(p.rows)
         if p.timer is not None:
             p.timer.cancel()
@@ -339,6 +413,7 @@ class Batcher:
         if not batch:
             return
         self._jobs[instance] += 1
+        self._assigned_rows += sum(p.rows for p in batch)
         task = asyncio.get_running_loop().create_task(self._execute(batch, instance))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -396,12 +471,24 @@ class Batcher:
             live.append(p)
         return live
 
+    def _by_priority(self, live: list[_Pending]) -> list[_Pending]:
+        """`live` (in arrival order) in the order a batch takes them: requests that have waited
+        `max_queue_wait` first (oldest first), then higher classes before lower, each in arrival order."""
+        first = live[0].priority
+        if all(p.priority == first for p in live):
+            return live
+        wait = self.policy.max_queue_wait_s
+        due = perf_counter() - wait if wait > 0 else -math.inf
+        # Stable: arrival order within each group.
+        return sorted(live, key=lambda p: (False, 0) if p.enqueued <= due else (True, -p.priority))
+
     def _take(self) -> list[_Pending]:
         max_rows = self.policy.max_batch_size
         live = self._live()
         if not live:
             self._pending.clear()
             return []
+        arrivals, live = live, self._by_priority(live)
         if live[0].rows > max_rows:  # a request larger than a batch (`submit_many`) goes alone
             batch = [live[0]]
         elif self._variable is None:
@@ -416,7 +503,7 @@ class Batcher:
             batch = self._take_similar_lengths(live, max_rows, self.policy.max_padding_ratio)
         for p in batch:
             self._dequeue(p)
-        self._pending = deque(p for p in live if p.queued)
+        self._pending = deque(p for p in arrivals if p.queued)
         return batch
 
     @staticmethod
@@ -424,7 +511,7 @@ class Batcher:
         anchor = live[0]  # the oldest always goes, so no request starves
         batch = [anchor]
         rows, longest, useful = anchor.rows, anchor.length, anchor.rows * anchor.length
-        for p in sorted(live[1:], key=lambda q: abs(q.length - anchor.length)):
+        for p in sorted(live[1:], key=lambda q: (-q.priority, abs(q.length - anchor.length))):
             if rows + p.rows > max_rows:
                 continue
             new_longest = max(longest, p.length)
@@ -456,6 +543,7 @@ class Batcher:
             results, start, (input_s, output_s), padding, calls = await done
         finally:
             self._jobs[instance] -= 1
+            self._assigned_rows -= sum(p.rows for p in batch)
             self._wake.set()
         # Queue time runs until the compute thread starts the batch (it may wait there, see
         # `_pick_instance`).
@@ -483,7 +571,8 @@ class Batcher:
                 self.stats.success.add(end - p.enqueued)
                 p.future.set_result(BatchResult(result, start - p.enqueued, infer_s, largest, len(calls),
                                                  self.metrics.version))
-        per_row = infer_s / rows
+        # What a row costs the instance, merge and split included: what the queue waits for.
+        per_row = (input_s + infer_s + output_s) / rows
         self._row_seconds = 0.9 * self._row_seconds + 0.1 * per_row if self._row_seconds else per_row
         for call_rows, seconds in calls:
             self.metrics.compute.observe(seconds)

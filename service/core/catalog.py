@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from service.codecs.text import TextEncoder, TextModel
 from service.core.model_config import V2_TO_NUMPY, ModelConfig
-from service.errors import ModelNotFound, ModelNotReady
+from service.errors import ModelNotFound, ModelNotReady, ServiceError
 from service.observability import metrics
 from service.observability.stats import Stats
 
@@ -46,11 +46,16 @@ class Submitter(Protocol):
         """This submitter for requests that named their version: never served by another."""
         ...
 
-    async def submit(self, inputs: dict[str, Any], rows: int,
-                     deadline: float | None = None) -> BatchResult: ...
+    async def submit(self, inputs: dict[str, Any], rows: int, deadline: float | None = None, *,
+                     priority: int = 0) -> BatchResult: ...
 
-    async def submit_many(self, inputs: dict[str, Any], rows: int,
-                          deadline: float | None = None) -> BatchResult: ...
+    async def submit_many(self, inputs: dict[str, Any], rows: int, deadline: float | None = None, *,
+                          priority: int = 0) -> BatchResult: ...
+
+    def refusal(self, rows: int = 1, priority: int = 0) -> ServiceError | None:
+        """What the queue would answer a request of `rows` rows in class `priority` now, if it
+        would refuse it (None where that is known only once it arrives)."""
+        ...
 
 
 @dataclass(eq=False)

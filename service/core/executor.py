@@ -170,7 +170,7 @@ class ExecutorServer:
         trace = tracing.RequestTrace(None, perf_counter()) if m.traced else None
         tracing.current.set(trace)
         submit = batcher.submit_many if m.many else batcher.submit
-        result = await submit(inputs, m.rows, deadline)
+        result = await submit(inputs, m.rows, deadline, priority=m.priority)
         metas, out = wire.tensors(result.outputs)
         batches = [(enqueued, b.start, b.end, b.failed, b.attributes)
                    for enqueued, b in trace.batches] if trace is not None else []

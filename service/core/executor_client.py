@@ -56,12 +56,17 @@ class RemoteBatcher:
     def pin(self) -> RemoteBatcher:
         return RemoteBatcher(self.client, self.model, self.version, pinned=True)
 
-    async def submit(self, inputs: dict[str, Any], rows: int, deadline: float | None = None) -> BatchResult:
-        return await self.client.infer(self, inputs, rows, deadline, many=False)
+    async def submit(self, inputs: dict[str, Any], rows: int, deadline: float | None = None, *,
+                     priority: int = 0) -> BatchResult:
+        return await self.client.infer(self, inputs, rows, deadline, many=False, priority=priority)
 
-    async def submit_many(self, inputs: dict[str, Any], rows: int,
-                          deadline: float | None = None) -> BatchResult:
-        return await self.client.infer(self, inputs, rows, deadline, many=True)
+    async def submit_many(self, inputs: dict[str, Any], rows: int, deadline: float | None = None, *,
+                          priority: int = 0) -> BatchResult:
+        return await self.client.infer(self, inputs, rows, deadline, many=True, priority=priority)
+
+    def refusal(self, rows: int = 1, priority: int = 0) -> None:
+        """The queue is in the executor process, which decides when the request arrives there."""
+        return None
 
 
 class RemoteExecutor:
@@ -109,7 +114,7 @@ class RemoteExecutor:
     # -- requests -----------------------------------------------------------------------------------
 
     async def infer(self, target: RemoteBatcher, inputs: dict[str, Any], rows: int, deadline: float | None,
-                    *, many: bool) -> BatchResult:
+                    *, many: bool, priority: int = 0) -> BatchResult:
         if not self.connected:
             raise _executor_gone()
         metas, frames = wire.tensors(inputs)
@@ -117,7 +122,7 @@ class RemoteExecutor:
         timeout = -1.0 if deadline is None else max(0.0, deadline - now)
         trace = tracing.current.get() if tracing.enabled else None
         message = wire.Infer(0, target.model, target.version, target.pinned, many, rows, timeout,
-                             request_id.get(), metas, traced=trace is not None)
+                             request_id.get(), metas, traced=trace is not None, priority=priority)
         reply, out = await self._call(message, frames)
         if trace is not None:
             tracing.enqueued(trace, now)

@@ -89,12 +89,20 @@ class CudaBatching(Strict):
     max_queue_delay_ms: float | None = Field(default=None, ge=0)
     max_queue_size: int | None = Field(default=None, ge=1)
     max_padding_ratio: float | None = Field(default=None, ge=0, lt=1)
+    max_queue_wait_ms: float | None = Field(default=None, ge=0)
+
+
+# A request expected to wait longer than this in the queue is refused (429 with Retry-After).
+DEFAULT_MAX_QUEUE_WAIT_MS = 100.0
 
 
 class Batching(Strict):
     max_batch_size: int = Field(default=32, ge=1)
     max_queue_delay_ms: float = Field(default=2.0, ge=0)
     max_queue_size: int = Field(default=512, ge=1)
+    # Refuse a request whose expected wait (the rows ahead of it times the measured compute time
+    # per row) is over this: the queue's latency bound, beside `max_queue_size`'s rows. 0: off.
+    max_queue_wait_ms: float = Field(default=DEFAULT_MAX_QUEUE_WAIT_MS, ge=0)
     instances: int = Field(default=1, ge=1)
     # Largest share of a padded batch tensor that may be padding (variable-length inputs only). What
     # a batch saves against what its padding costs depends on the model and the hardware: on a

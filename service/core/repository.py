@@ -277,7 +277,8 @@ def _batcher(mv: ModelVersion, cuda_static_batch: bool) -> Batcher:
     assert runtime is not None and mv.metrics is not None
     static = cuda_static_batch and runtime.provider == CUDA
     policy = BatchPolicy(b.max_batch_size, b.max_queue_delay_ms / 1000, b.max_queue_size, b.instances,
-                         b.max_padding_ratio, fixed_rows=b.max_batch_size if static else 0)
+                         b.max_padding_ratio, fixed_rows=b.max_batch_size if static else 0,
+                         max_queue_wait_s=b.max_queue_wait_ms / 1000)
     output_names = [o.name for o in config.outputs]
 
     def run(instance: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -56,6 +56,7 @@ class Infer(msgspec.Struct, tag="infer", array_like=True):
     request_id: str | None
     inputs: list[Tensor]
     traced: bool = False  # the front-end traces this request: send back its batches' times
+    priority: int = 0  # its class in the batcher (`Batcher.submit`)
 
 
 class Control(msgspec.Struct, tag="control", array_like=True):

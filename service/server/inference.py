@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.auth.gate import priority_of
 from service.codecs import v2 as codec
 from service.codecs.v2 import InferRequest, RequestedOutput
 from service.core.catalog import ModelVersion
@@ -33,11 +34,13 @@ async def infer(mv: ModelVersion, req: InferRequest, deadline: float | None, *,
     """Check `req` against the model, queue it on the version's batcher and select its outputs.
 
     `deadline` is a `time.perf_counter()` value (None: none); `pinned`: the caller named the
-    version, so no other may answer. Raises `ServiceError`s only."""
+    version, so no other may answer. The request's priority class is its `parameters.priority`
+    bounded by its key's (`service.auth.gate.priority_of`). Raises `ServiceError`s only."""
     config = mv.config
     codec.check_outputs(req, config)
     feeds, rows = codec.to_feeds(req, config, mv.model.text)
-    result = await mv.serving_batcher(pinned).submit(feeds, rows, deadline)
+    result = await mv.serving_batcher(pinned).submit(feeds, rows, deadline,
+                                                     priority=priority_of(req.priority))
     selected = codec.select_outputs(req, result.outputs, mv.model.labels)
     # The version that computed it: a reload may have switched versions since `mv` was looked up.
     return InferResult(mv.name, result.version or str(mv.version), selected, result.queue_s,

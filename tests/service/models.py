@@ -93,12 +93,14 @@ def _outputs(n: int) -> list:
 
 
 def _batching(max_batch: int = 8, delay_ms: float = 2.0, queue: int = 256, instances: int = 1,
-              cuda: dict[str, object] | None = None) -> str:
-    """[batching], and a [batching.cuda] table of the given knobs."""
+              cuda: dict[str, object] | None = None, wait_ms: float | None = None) -> str:
+    """[batching], and a [batching.cuda] table of the given knobs (`wait_ms`: max_queue_wait_ms)."""
     text = (
         f"[batching]\nmax_batch_size = {max_batch}\nmax_queue_delay_ms = {delay_ms}\n"
         f"max_queue_size = {queue}\ninstances = {instances}\n"
     )
+    if wait_ms is not None:
+        text += f"max_queue_wait_ms = {wait_ms}\n"
     if cuda:
         text += "\n[batching.cuda]\n" + "".join(f"{k} = {v}\n" for k, v in cuda.items())
     return text

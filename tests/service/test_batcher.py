@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from service.core.batching import Batcher, BatchPolicy, InputLayout
-from service.errors import PayloadTooLarge
+from service.errors import PayloadTooLarge, QueueFull
 from service.observability.metrics import ModelMetrics
 from service.observability.stats import Stats
 
@@ -171,3 +172,106 @@ def test_submit_many_pads_each_call_to_fixed_rows_and_hands_back_only_real_rows(
     result = asyncio.run(scenario())
     assert shapes == [(4, 3)] * 3  # the last call's 2 rows padded: the session sees one shape
     assert result.outputs["y"][:, 0].tolist() == [float(3 * i * 3 + 3) for i in range(10)]
+
+
+def _blocking_batcher(*, max_batch: int, queue: int = 64, wait_s: float = 0.0):
+    """A batcher whose first batch blocks until `release` is set; `calls` records each batch's x[:, 0]."""
+    release = threading.Event()
+    calls: list[list[float]] = []
+
+    def run(instance, feeds):
+        calls.append(feeds["x"][:, 0].tolist())
+        if len(calls) == 1:
+            release.wait(10)
+        return [feeds["x"][:, :1]]
+
+    policy = BatchPolicy(max_batch, 0.0, queue, 1, max_queue_wait_s=wait_s)
+    b = Batcher(run, ["y"], [InputLayout("x")], policy, ModelMetrics("batcher-test", "1", "CPU"), Stats())
+    return b, release, calls
+
+
+def _row(value: float) -> dict[str, np.ndarray]:
+    return {"x": np.full((1, 2), value, np.float32)}
+
+
+async def _until_computing(calls: list) -> None:
+    while not calls:
+        await asyncio.sleep(0.001)
+
+
+def test_a_request_expected_to_wait_past_max_queue_wait_is_refused_with_retry_after():
+    def run(instance, feeds):
+        time.sleep(0.02 * len(feeds["x"]))  # 20 ms a row
+        return [feeds["x"][:, :1]]
+
+    async def scenario():
+        policy = BatchPolicy(1, 0.0, 64, 1, max_queue_wait_s=0.05)
+        b = Batcher(run, ["y"], [InputLayout("x")], policy, ModelMetrics("batcher-test", "1", "CPU"), Stats())
+        b.start()
+        await b.submit(_row(0), 1)  # measures the compute time per row
+        results = await asyncio.gather(*(b.submit(_row(i), 1) for i in range(6)), return_exceptions=True)
+        await b.close()
+        return results
+
+    results = asyncio.run(scenario())
+    # Rows ahead × 20 ms: 0, 20 and 40 ms are within 50 ms; 60 ms and more are not.
+    assert [isinstance(r, QueueFull) for r in results] == [False] * 3 + [True] * 3
+    refused = results[3]
+    assert "expected queue wait" in refused.message and int(refused.headers["Retry-After"]) >= 1
+
+
+def test_higher_priority_classes_are_batched_first():
+    async def scenario():
+        b, release, calls = _blocking_batcher(max_batch=1)
+        b.start()
+        first = asyncio.create_task(b.submit(_row(0), 1))
+        await _until_computing(calls)
+        queued = [asyncio.create_task(b.submit(_row(v), 1, priority=p))
+                  for v, p in [(1, 0), (2, 0), (3, 2), (4, 1), (5, 2)]]
+        await asyncio.sleep(0.02)
+        release.set()
+        await asyncio.gather(first, *queued)
+        await b.close()
+        return calls
+
+    assert asyncio.run(scenario()) == [[0], [3], [5], [4], [1], [2]]
+
+
+def test_a_higher_class_evicts_the_newest_requests_of_lower_classes_from_a_full_queue():
+    async def scenario():
+        b, release, calls = _blocking_batcher(max_batch=1, queue=3)
+        b.start()
+        first = asyncio.create_task(b.submit(_row(0), 1))
+        await _until_computing(calls)
+        low = [asyncio.create_task(b.submit(_row(v), 1)) for v in (1, 2, 3, 4)]
+        high = asyncio.create_task(b.submit(_row(9), 1, priority=1))
+        await asyncio.sleep(0.02)
+        release.set()
+        results = await asyncio.gather(first, *low, high, return_exceptions=True)
+        await b.close()
+        return results, calls
+
+    results, calls = asyncio.run(scenario())
+    refused = [isinstance(r, QueueFull) for r in results]
+    # 4 is refused on arrival (3 rows ahead of it), 3 is evicted by the higher class.
+    assert refused == [False, False, False, True, True, False]
+    assert "higher priority" in results[3].message and "Retry-After" in results[3].headers
+    assert calls == [[0], [9], [1], [2]]
+
+
+def test_a_request_that_waited_max_queue_wait_goes_before_higher_classes():
+    async def scenario():
+        b, release, calls = _blocking_batcher(max_batch=2, wait_s=0.05)
+        b.start()
+        first = asyncio.create_task(b.submit(_row(0), 1))
+        await _until_computing(calls)
+        low = asyncio.create_task(b.submit(_row(1), 1))
+        await asyncio.sleep(0.08)  # the low-class request is now past its wait budget
+        high = [asyncio.create_task(b.submit(_row(v), 1, priority=3)) for v in (7, 8)]
+        await asyncio.sleep(0.02)
+        release.set()
+        await asyncio.gather(first, low, *high)
+        await b.close()
+        return calls
+
+    assert asyncio.run(scenario()) == [[0], [1, 7], [8]]

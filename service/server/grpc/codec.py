@@ -71,7 +71,10 @@ def decode_infer(request: pb.ModelInferRequest) -> InferRequest:
         if type(timeout) is not int or timeout < 0:
             raise InvalidInput("parameters.timeout must be a non-negative integer of microseconds")
         timeout_s = timeout / 1e6 if timeout else None
-    return InferRequest(request.id or None, inputs, datatypes, outputs, True, timeout_s)
+    priority = None
+    if "priority" in request.parameters:
+        priority = codec.check_priority(parameter(request.parameters["priority"]))
+    return InferRequest(request.id or None, inputs, datatypes, outputs, True, timeout_s, priority)
 
 
 def _from_contents(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from service.auth.gate import priority_ceiling
 from service.core.catalog import ModelVersion
 from service.errors import InvalidInput
 from service.server.rest.middleware import RequestContext, context
@@ -34,6 +35,24 @@ def admit(
     state.active += 1
     ctx.admitted = True
     return mv, ctx
+
+
+# A refused request's body up to this size is read (not parsed) so that its connection stays open;
+# a larger one is left unread and the connection closes after the answer.
+READ_REFUSED_BODY_BYTES = 64 * 1024
+
+
+async def refuse_early(request: Request, mv: ModelVersion, pinned: bool = False) -> None:
+    """Refuse, before the body is decoded, a request the model's queue would refuse anyway: full, or
+    expected to wait longer than `max_queue_wait_ms` even at the highest class its key allows.
+    (With several workers the queue is in the executor process, which decides on arrival.)"""
+    refused = mv.serving_batcher(pinned).refusal(1, priority_ceiling.get())
+    if refused is None:
+        return
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) <= READ_REFUSED_BODY_BYTES:
+        await request.body()
+    raise refused
 
 
 def deadline(request: Request, state: ServiceState, timeout_s: float | None = None) -> float | None:

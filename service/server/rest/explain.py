@@ -19,6 +19,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
+from service.auth.gate import priority_ceiling
 from service.core.batching import BatchResult
 from service.core.catalog import ModelVersion
 from service.errors import InvalidInput, PayloadTooLarge
@@ -151,7 +152,7 @@ async def _compute(request: Request, mv: ModelVersion, ctx: RequestContext,
     results = []
     for feeds in rows:
         n = len(next(iter(feeds.values())))
-        r = await batcher.submit_many(feeds, n, until)
+        r = await batcher.submit_many(feeds, n, until, priority=priority_ceiling.get())
         ctx.timed(r.queue_s, r.compute_s, r.batch_rows)
         if mv.metrics is not None:
             mv.metrics.explanation_rows.observe(n)

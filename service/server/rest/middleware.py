@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import audit
-from service.auth.gate import Gate, key_of
+from service.auth.gate import Gate, key_of, priority_ceiling
 from service.errors import PayloadTooLarge, ServiceError
 from service.observability import metrics, tracing
 from service.observability.logging import request_id
@@ -136,6 +136,7 @@ class ServiceMiddleware:
             return message
 
         endpoint_scope = "open"
+        priority_token = None
         try:
             try:
                 # From the head alone, before a byte of the body is read.
@@ -147,6 +148,8 @@ class ServiceMiddleware:
                                  exc.headers, close=close)
                 return
             ctx.caller = caller.name
+            if caller.priority:
+                priority_token = priority_ceiling.set(caller.priority)
             extra_headers.extend((k.lower().encode(), v.encode()) for k, v in caller.headers.items())
             if length > max_body:
                 # Refuse before reading a byte of the body.
@@ -169,6 +172,8 @@ class ServiceMiddleware:
                 await _send_json(send_with_headers, 500,
                                  {"error": "internal server error", "code": "internal"})
         finally:
+            if priority_token is not None:
+                priority_ceiling.reset(priority_token)
             end = perf_counter()
             elapsed = end - ctx.start
             if ctx.admitted:

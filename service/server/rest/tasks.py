@@ -23,12 +23,13 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
+from service.auth.gate import priority_ceiling
 from service.codecs import audio, image
 from service.codecs import text as text_codec
 from service.core.catalog import ModelVersion
 from service.errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMedia
 from service.observability import metrics
-from service.server.rest.common import admit, deadline, state_of
+from service.server.rest.common import admit, deadline, refuse_early, state_of
 from service.server.rest.middleware import RequestContext
 from service.server.rest.routing import direct
 from service.server.rest.schemas import ClassifyResponse, ErrorBody, TextRequest
@@ -91,6 +92,7 @@ async def classify_image(request: Request, model: str, top_k: TopK = TOP_K_DEFAU
     """PNG, JPEG, BMP, WebP or GIF of any size and colour mode; resized to the model's input."""
     mv, ctx = admit(request, "image", model, version)
     check_task(mv, "image")
+    await refuse_early(request, mv)
     pixels = await image_inputs(request, mv)
     name = mv.config.inputs[0].name
     return await _classify(request, mv, ctx, [{name: p[None]} for p in pixels], top_k)
@@ -119,6 +121,7 @@ async def classify_audio(request: Request, model: str, top_k: TopK = TOP_K_DEFAU
     """WAV, FLAC or OGG at any sample rate and channel count; downmixed, resampled, fitted in length."""
     mv, ctx = admit(request, "audio", model, version)
     check_task(mv, "speech")
+    await refuse_early(request, mv)
     clips = await audio_inputs(request, mv)
     if mv.metrics is not None:
         for clip in clips:
@@ -165,6 +168,7 @@ async def classify_text(request: Request, model: str, top_k: TopK = TOP_K_DEFAUL
     in `errors` while the others are answered."""
     mv, ctx = admit(request, "text", model, version)
     check_task(mv, "text")
+    await refuse_early(request, mv)
     text = mv.model.text
     assert text is not None
     settings = state_of(request).settings
@@ -175,12 +179,13 @@ async def classify_text(request: Request, model: str, top_k: TopK = TOP_K_DEFAUL
     until = deadline(request, state_of(request))
     batcher = mv.serving_batcher()
     max_rows = mv.config.batching.max_batch_size
+    priority = priority_ceiling.get()  # a task request has no parameters: its key's class
 
     async def compute(windows: np.ndarray) -> Any:
         feeds = text.window_feeds(windows)
         if len(windows) <= max_rows:  # batches with other requests' rows
-            return await batcher.submit(feeds, len(windows), until)
-        return await batcher.submit_many(feeds, len(windows), until)
+            return await batcher.submit(feeds, len(windows), until, priority=priority)
+        return await batcher.submit_many(feeds, len(windows), until, priority=priority)
 
     readable = [e for e in encoded if not isinstance(e, ServiceError)]
     ctx.rows = sum(len(w) for w in readable)
@@ -282,7 +287,8 @@ async def _classify(request: Request, mv: ModelVersion, ctx: RequestContext,
     until = deadline(request, state)
     batcher = mv.serving_batcher()
     ctx.rows = len(rows)
-    results = await asyncio.gather(*(batcher.submit(feeds, 1, until) for feeds in rows),
+    priority = priority_ceiling.get()  # a task request has no parameters: its key's class
+    results = await asyncio.gather(*(batcher.submit(feeds, 1, until, priority=priority) for feeds in rows),
                                    return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException):

@@ -16,7 +16,7 @@ from service.core.model_config import CUDA
 from service.errors import InvalidInput, ModelLoadFailed, ModelNotFound, ModelNotReady, Unsupported
 from service.server import inference
 from service.server.rest import admission
-from service.server.rest.common import admit, deadline, state_of
+from service.server.rest.common import admit, deadline, refuse_early, state_of
 from service.server.rest.routing import direct
 from service.server.rest.schemas import (
     BYTES_EXAMPLE,
@@ -255,6 +255,7 @@ async def infer_version(request: Request, model: str, version: str) -> Response:
 
 async def infer_request(request: Request, model: str, version: str | None) -> Response:
     mv, ctx = admit(request, "v2_infer", model, version)
+    await refuse_early(request, mv, pinned=version is not None)
     state = state_of(request)
     headers = request.headers
     body = await admission.read_infer_body(request, mv.config.batching.max_batch_size)

@@ -1,0 +1,79 @@
+"""Over real HTTP: the expected-wait bound refuses what the queue could not start in time, and a key's
+priority class is served before lower ones (service.core.batching)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+
+from service.auth.keys import create_key, parse_scopes
+from tests.service import models as m
+from tests.service.servers import start_server
+
+WIDTH = 1024
+
+
+def _body(priority: int | None = None) -> bytes:
+    doc: dict = {"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, WIDTH],
+                             "data": np.zeros(WIDTH, np.float32)}]}
+    if priority is not None:
+        doc["parameters"] = {"priority": priority}
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def test_expected_wait_bound_refuses_with_retry_after_and_higher_priority_is_served_first(tmp_path: Path):
+    repo = tmp_path / "models"
+    # One row a batch (50-100 ms here), a queue of 64 rows but 1 s of expected wait at most.
+    m.slow_model(repo, width=WIDTH, max_batch=1, delay_ms=0.0, queue=64, wait_ms=1000)
+    keys = tmp_path / "keys.toml"
+    low = create_key(keys, "batch-jobs", parse_scopes("infer"))
+    high = create_key(keys, "interactive", parse_scopes("infer"), priority=2)
+    server = start_server(repo, tmp_path / "server.log", "--api-keys-file", str(keys), "--providers", "cpu")
+    url = f"{server.url}/v2/models/slow/infer"
+    try:
+        async def scenario():
+            limits = httpx.Limits(max_connections=64)
+            async with httpx.AsyncClient(timeout=30, limits=limits) as c:
+                as_low = {"authorization": f"Bearer {low}"}
+                as_high = {"authorization": f"Bearer {high}"}
+                start = time.perf_counter()
+                one = await c.post(url, content=_body(), headers=as_low)  # measures a row's compute time
+                row_s = time.perf_counter() - start
+
+                burst = await asyncio.gather(*(c.post(url, content=_body(), headers=as_low)
+                                               for _ in range(60)))
+
+                finished: list[str] = []
+
+                async def send(who: str, headers: dict, body: bytes) -> httpx.Response:
+                    r = await c.post(url, content=body, headers=headers)
+                    finished.append(who)
+                    return r
+
+                lows = [asyncio.create_task(send("low", as_low, _body())) for _ in range(4)]
+                await asyncio.sleep(0.01)
+                # Asks for more than its key allows (5 > 2): served as class 2, still above the lows.
+                highs = [asyncio.create_task(send("high", as_high, _body(priority=5))) for _ in range(2)]
+                answers = await asyncio.gather(*lows, *highs)
+                return one, row_s, burst, answers, finished
+
+        one, row_s, burst, answers, finished = asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert one.status_code == 200
+    codes = [r.status_code for r in burst]
+    assert set(codes) == {200, 429}, codes
+    refused = [r for r in burst if r.status_code == 429]
+    assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+    assert all(r.json()["code"] == "queue_full" for r in refused)
+    # 60 rows never reach the 64-row bound: every refusal is the expected wait's.
+    assert all("expected queue wait" in r.json()["error"] for r in refused)
+    assert codes.count(200) < 40, (codes.count(200), row_s)
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    # The two high-class requests, sent after the four lows, overtake the lows still queued.
+    assert finished.index("high") < 4 and finished[-1] == "low", finished
