@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HOST = "127.0.0.1"
+# The module a traced service runs its span exporter processes as (not a worker, but its CPU counts).
+SPAN_EXPORTER = "service.observability.otlp"
 
 
 def free_port() -> int:
@@ -40,15 +42,21 @@ class Server:
 
     def worker_pids(self) -> list[int]:
         """The processes that serve requests: uvicorn's workers, or the main process without any."""
-        kids = [p for p in _children(self.proc.pid) if "resource_tracker" not in _cmdline(p)]
+        kids = [p for p in _children(self.proc.pid)
+                if "resource_tracker" not in (cmd := _cmdline(p)) and SPAN_EXPORTER not in cmd]
         return kids or [self.proc.pid]
+
+    def span_exporter_pids(self) -> list[int]:
+        """The span exporter processes of a traced service (one per worker)."""
+        parents = {self.proc.pid, *self.worker_pids()}
+        return [c for p in parents for c in _children(p) if SPAN_EXPORTER in _cmdline(c)]
 
     def rss_mib(self) -> dict[int, float]:
         return {pid: rss for pid in self.worker_pids() if (rss := rss_mib(pid)) is not None}
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time used so far by the main process and its workers."""
-        pids = {self.proc.pid, *self.worker_pids()}
+        """User + system CPU time used so far by the main process, its workers and their span exporters."""
+        pids = {self.proc.pid, *self.worker_pids(), *self.span_exporter_pids()}
         return sum(cpu_seconds(pid) for pid in pids)
 
     def loop_cpu_seconds(self) -> float:

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", type=Path, default=None,
                     help="a checkout of the service without tracing (git worktree add DIR <commit>), "
                          "measured too, to show what tracing off costs")
+    ap.add_argument("--configs", nargs="+", default=None,
+                    help="measure only these configurations (names as printed, e.g. 'off' 'on, ratio 1.0')")
     args = ap.parse_args(argv)
 
     workload = load_workload(args.model)
@@ -75,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         "on, collector down": ["--otlp-endpoint", f"http://127.0.0.1:{free_port()}",
                                "--trace-sample-ratio", "1.0"],
     }
+    if args.configs:
+        unknown = set(args.configs) - set(configs)
+        if unknown:
+            ap.error(f"unknown configurations {sorted(unknown)}; known: {sorted(configs)}")
+        configs = {name: extra for name, extra in configs.items() if name in args.configs}
     # A repository of this model alone: the other shipped models would only slow start-up.
     repo = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
     (repo / args.model.name).symlink_to(args.model.resolve(), target_is_directory=True)

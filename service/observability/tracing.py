@@ -12,9 +12,13 @@ sampler said, and a request that is neither sampled nor slow costs no span objec
 computed in another thread before its requests have ended, so its span is built by the last of its
 traced requests to finish, linked to the spans of those that were exported.
 
-Export is the SDK's BatchSpanProcessor with the OTLP/HTTP protobuf exporter: spans are queued in
-memory and sent by a background thread, so a slow or absent collector costs requests nothing (the
-queue drops spans when full).
+Export runs in a process of its own (`service.observability.otlp`), one per front-end: a finished
+request appends one compact record (its span and its children's times) to a queue, and a thread
+packs the queue with msgpack and pushes it over a ZeroMQ socket; the exporter process builds the
+OTLP protobuf and sends it. Encoding spans is the expensive part of tracing, and in the serving
+process it would hold the GIL against the event loop (docs/benchmarks.md, "Tracing: what
+OpenTelemetry costs"). A slow or absent collector costs requests nothing: the socket and the
+exporter's queue are bounded, and records past them are dropped.
 """
 
 from __future__ import annotations
@@ -22,23 +26,29 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from time import perf_counter
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgspec
 from opentelemetry import trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import SpanContext
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from service.observability.otlp import SPAN_KIND_INTERNAL, SPAN_KIND_SERVER, Config
 
 log = logging.getLogger("neuroserve.tracing")
 
@@ -47,16 +57,11 @@ enabled = False
 # The trace of the request being served, for the batcher (set by the transports while enabled).
 current: ContextVar[RequestTrace | None] = ContextVar("neuroserve_trace", default=None)
 
-_processor: BatchSpanProcessor | None = None
-_resource = Resource({})
-_scope = InstrumentationScope("neuroserve")
+_exporter: SpanExporter | None = None
 _sampler: _Sampler | None = None
 _slow_s = 0.0
-# perf_counter() seconds → Unix nanoseconds, as spans want them.
-_epoch_offset_ns = 0
 _propagator = TraceContextTextMapPropagator()
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_OK = Status(StatusCode.UNSET)
+_getrandbits = random.getrandbits
 
 # gRPC status codes that mark a server span as an error (OpenTelemetry semantic conventions).
 _GRPC_SERVER_ERRORS = frozenset({2, 4, 12, 13, 14, 15})  # UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED,
@@ -72,7 +77,8 @@ class BatchTrace:
     attributes: dict[str, Any]
     failed: bool
     waiting: int  # traced requests of the batch that have not ended yet
-    links: list[Link] = field(default_factory=list)
+    compute: dict[str, Any] = field(default_factory=dict)  # the attributes of its requests' `compute`
+    links: list[tuple[bytes, bytes]] = field(default_factory=list)  # (trace id, span id)
 
 
 @dataclass(slots=True)
@@ -150,67 +156,119 @@ def wanted(otlp_endpoint: str) -> bool:
                 or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
 
 
+class SpanExporter:
+    """This process's side of its exporter process: a queue of records that a thread packs and
+    pushes to the process every `interval_s`. The request path only appends to the queue (a deque:
+    safe from any thread, and bounded, the oldest record giving way when the thread falls behind)."""
+
+    def __init__(self, endpoint: str, resource: dict[str, Any], version: str,
+                 interval_s: float = 0.05, max_records: int = 65536) -> None:
+        import zmq
+
+        self.records: deque[tuple[Any, ...]] = deque(maxlen=max_records)
+        self.interval_s = interval_s
+        self.dropped = 0
+        self._directory = Path(tempfile.mkdtemp(prefix="neuroserve-spans-"))
+        address = f"ipc://{self._directory}/spans.sock"
+        config = Config(endpoint, address, resource, ("neuroserve", version),
+                        time.time_ns() - time.perf_counter_ns())
+        # Its stdin is how it learns that this process is done or gone (the pipe closes).
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service.observability.otlp", msgspec.msgpack.encode(config).hex()],
+            stdin=subprocess.PIPE, close_fds=True)
+        self._context = zmq.Context(1)
+        self._push = self._context.socket(zmq.PUSH)
+        # Records wait for the process to bind (connect queues at once), up to this many messages;
+        # past it, a collector too slow to keep up loses records here, never a request its time.
+        self._push.setsockopt(zmq.SNDHWM, 256)
+        self._push.connect(address)
+        self._again = zmq.Again
+        self._noblock = zmq.NOBLOCK
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._flush()
+        self._flush()
+
+    def _flush(self) -> None:
+        records = self.records
+        while records:
+            batch = [records.popleft() for _ in range(min(len(records), 1024))]
+            try:
+                self._push.send(self._encode(batch), self._noblock, copy=True)
+            except self._again:
+                self.dropped += len(batch)
+
+    def close(self, timeout_s: float) -> None:
+        """Send what is queued and let the process export it, waiting at most `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        self._stop.set()
+        self._thread.join(timeout_s)
+        self._push.close(linger=max(0, int((deadline - time.monotonic()) * 1000)))
+        self._context.term()
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self._directory, ignore_errors=True)
+        if self.dropped:
+            log.warning("%d span records dropped: the exporter process did not keep up", self.dropped)
+
+
 def setup(otlp_endpoint: str, sample_ratio: float, slow_ms: float, version: str) -> bool:
     """Start exporting from this process (each worker calls it after the fork). Returns whether
     tracing is on; a failure to set up is logged and leaves it off, never stops the service."""
-    global enabled, _processor, _resource, _scope, _sampler, _slow_s, _epoch_offset_ns
+    global enabled, _exporter, _sampler, _slow_s
     if not wanted(otlp_endpoint):
         return False
+    endpoint = traces_endpoint(otlp_endpoint) or _endpoint_from_environment()
     try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
         # Per worker: its pid, and a service.instance.id of its own (the SDK makes one per call).
         resource = Resource.create({SERVICE_VERSION: version, "process.pid": os.getpid()})
         if not os.environ.get("OTEL_SERVICE_NAME") and "service.name=" not in os.environ.get(
                 "OTEL_RESOURCE_ATTRIBUTES", ""):
             resource = resource.merge(Resource({SERVICE_NAME: "neuroserve"}))
-        processor = BatchSpanProcessor(OTLPSpanExporter(endpoint=traces_endpoint(otlp_endpoint)))
+        exporter = SpanExporter(endpoint, dict(resource.attributes), version)
     except Exception:
         log.exception("tracing could not be set up; serving without it")
         return False
-    _processor, _resource = processor, resource
-    _scope = InstrumentationScope("neuroserve", version)
+    _exporter = exporter
     _sampler = sampler_from(os.environ.get("OTEL_TRACES_SAMPLER", ""),
                             os.environ.get("OTEL_TRACES_SAMPLER_ARG", ""), sample_ratio)
     _slow_s = slow_ms / 1000
-    _epoch_offset_ns = time.time_ns() - time.perf_counter_ns()
     enabled = True
-    log.info("tracing on", extra={"endpoint": traces_endpoint(otlp_endpoint) or "from OTEL_* variables",
-                                  "sampler": repr(_sampler), "slow_ms": slow_ms})
+    log.info("tracing on", extra={"endpoint": endpoint, "sampler": repr(_sampler), "slow_ms": slow_ms})
     return True
+
+
+def _endpoint_from_environment() -> str:
+    """OTEL_EXPORTER_OTLP_TRACES_ENDPOINT as it is, else OTEL_EXPORTER_OTLP_ENDPOINT + /v1/traces
+    (the SDK's reading)."""
+    traces = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if traces:
+        return traces
+    base = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or "http://localhost:4318"
+    return base.rstrip("/") + "/v1/traces"
 
 
 def shutdown(timeout_s: float = 3.0) -> None:
     """Stop tracing and send what is queued (bounded: a down collector does not hold the exit)."""
-    global enabled, _processor
+    global enabled, _exporter
     enabled = False
-    processor, _processor = _processor, None
-    if processor is None:
+    exporter, _exporter = _exporter, None
+    if exporter is None:
         return
-
-    def flush() -> None:
-        try:
-            processor.shutdown()
-        except Exception:
-            log.exception("tracing shutdown failed")
-
-    # The SDK waits up to 30 s for a collector that does not answer; a daemon thread bounded by
-    # `timeout_s` keeps that wait off the exit.
-    thread = threading.Thread(target=flush, name="otel-shutdown", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-
-
-def _span_id() -> int:
-    return random.getrandbits(64) or 1  # 0 is the invalid id
-
-
-def _trace_id() -> int:
-    return random.getrandbits(128) or 1
-
-
-def _ns(perf: float) -> int:
-    return int(perf * 1e9) + _epoch_offset_ns
+    try:
+        exporter.close(timeout_s)
+    except Exception:
+        log.exception("tracing shutdown failed")
 
 
 # -- what the transports call -----------------------------------------------------------------------
@@ -272,7 +330,8 @@ def enqueued(rt: RequestTrace, now: float) -> None:
 def batch_computed(traces: list[tuple[RequestTrace, float]], start: float, end: float, failed: bool,
                    attributes: dict[str, Any]) -> None:
     """Called by a batcher for a computed batch with the (trace, enqueued) of its traced requests."""
-    batch = BatchTrace(start, end, attributes, failed, len(traces))
+    batch = BatchTrace(start, end, attributes, failed, len(traces), {
+        "batch.size": attributes["batch.size"], "batch.requests": attributes["batch.requests"]})
     for rt, enqueued_at in traces:
         rt.batches.append((enqueued_at, batch))
 
@@ -292,62 +351,52 @@ def finish(rt: RequestTrace, describe: Describe, status_error: bool, end: float 
 
 
 def _finish(rt: RequestTrace, describe: Describe, status_error: bool, end: float) -> str | None:
-    processor = _processor
-    exported = processor is not None and (_sampler.sampled(rt.parent) or (0 < _slow_s <= end - rt.start))
-    request_span = None
+    exporter = _exporter
+    exported = exporter is not None and (_sampler.sampled(rt.parent) or (0 < _slow_s <= end - rt.start))
+    span = None
     if exported:
         name, attributes = describe()
-        # Finished spans are built directly: the SDK's tracer would run a sampler, the span
-        # processors' start hooks and locks for each, work that buys nothing for spans whose times
-        # are all known already.
+        # One record for the request span and its children, times as recorded: the exporter
+        # process makes the spans (and the children's ids) from it.
         parent = rt.parent
-        trace_id = parent.trace_id if parent is not None else _trace_id()
-        request_span = SpanContext(trace_id, _span_id(), False, _SAMPLED,
-                                   parent.trace_state if parent is not None else None)
-        spans = []
+        if parent is None:
+            ids = _getrandbits(192).to_bytes(24, "big")
+            span = (ids[:16], ids[16:])
+            parent_id, trace_state = None, ""
+        else:
+            span = (parent.trace_id.to_bytes(16, "big"), _getrandbits(64).to_bytes(8, "big"))
+            parent_id = parent.span_id.to_bytes(8, "big")
+            trace_state = parent.trace_state.to_header() if parent.trace_state else ""
+        children: list[tuple[str, float, float, dict[str, Any] | None]] = []
         if rt.enqueued:
-            spans.append(_span("decode", request_span, rt.start, rt.enqueued))
+            children.append(("decode", rt.start, rt.enqueued, None))
         last_end = 0.0
         for enqueued_at, batch in rt.batches:
-            spans.append(_span("queue", request_span, enqueued_at, batch.start))
-            spans.append(_span("compute", request_span, batch.start, batch.end, {
-                "batch.size": batch.attributes["batch.size"],
-                "batch.requests": batch.attributes["batch.requests"]}))
+            children.append(("queue", enqueued_at, batch.start, None))
+            children.append(("compute", batch.start, batch.end, batch.compute))
             last_end = max(last_end, batch.end)
         if rt.answered and last_end:
-            spans.append(_span("encode", request_span, rt.answered, end))
+            children.append(("encode", rt.answered, end, None))
         if rt.error_type is not None:
             attributes["error.type"] = rt.error_type
-        status = Status(StatusCode.ERROR, rt.error_message) if status_error else _OK
-        processor.on_end(ReadableSpan(
-            name, request_span, parent, _resource, attributes, kind=SpanKind.SERVER, status=status,
-            start_time=_ns(rt.start), end_time=_ns(end), instrumentation_scope=_scope))
-        for span in spans:
-            processor.on_end(span)
+        error = (rt.error_message or "") if status_error else None
+        exporter.records.append((span[0], span[1], parent_id, trace_state, SPAN_KIND_SERVER, name,
+                                 rt.start, end, attributes, error, None, children))
     for _, batch in rt.batches:
-        if request_span is not None:
-            batch.links.append(Link(request_span))
+        if span is not None:
+            batch.links.append(span)
         batch.waiting -= 1
-        if batch.waiting == 0 and batch.links and processor is not None:
-            processor.on_end(_batch_span(batch))
-    return format(request_span.trace_id, "032x") if request_span is not None else None
+        if batch.waiting == 0 and batch.links and exporter is not None:
+            exporter.records.append(_batch_record(batch))
+    return span[0].hex() if span is not None else None
 
 
-def _span(name: str, parent: SpanContext, start: float, end: float,
-          attributes: dict[str, Any] | None = None) -> ReadableSpan:
-    context = SpanContext(parent.trace_id, _span_id(), False, _SAMPLED, parent.trace_state)
-    return ReadableSpan(name, context, parent, _resource, attributes, kind=SpanKind.INTERNAL,
-                        start_time=_ns(start), end_time=_ns(max(start, end)), instrumentation_scope=_scope)
-
-
-def _batch_span(batch: BatchTrace) -> ReadableSpan:
+def _batch_record(batch: BatchTrace) -> tuple[Any, ...]:
     """A trace of its own (a batch has many parents), linked to the request spans it served."""
-    context = SpanContext(_trace_id(), _span_id(), False, _SAMPLED)
-    status = Status(StatusCode.ERROR, "a request of the batch failed") if batch.failed else _OK
-    return ReadableSpan(f"batch {batch.attributes.get('neuroserve.model', '')}".strip(), context, None,
-                        _resource, batch.attributes, links=batch.links, kind=SpanKind.INTERNAL,
-                        status=status, start_time=_ns(batch.start), end_time=_ns(batch.end),
-                        instrumentation_scope=_scope)
+    ids = _getrandbits(192).to_bytes(24, "big")
+    return (ids[:16], ids[16:], None, "", SPAN_KIND_INTERNAL,
+            f"batch {batch.attributes.get('neuroserve.model', '')}".strip(), batch.start, batch.end,
+            batch.attributes, "a request of the batch failed" if batch.failed else None, batch.links, None)
 
 
 # -- span names and attributes (OpenTelemetry semantic conventions) ----------------------------------
@@ -364,30 +413,44 @@ def http_route(path: str, params: dict[str, str] | None, route: str | None) -> s
     return "/".join(f"{{{names[s]}}}" if s in names else s for s in path.split("/"))
 
 
+# (method, path, route, scheme, HTTP version, server) → the span name and the attributes these fix.
+_http_constants: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
+
+
 def http_attributes(scope: dict[str, Any], status: int) -> tuple[str, dict[str, Any]]:
     method = scope.get("method", "GET")
+    path = scope.get("path", "")
     route_obj = scope.get("route")
-    route = http_route(scope.get("path", ""), scope.get("path_params"), getattr(route_obj, "path", None))
-    attributes: dict[str, Any] = {
-        "http.request.method": method,
-        "url.path": scope.get("path", ""),
-        "url.scheme": scope.get("scheme", "http"),
-        "http.response.status_code": status,
-        "network.protocol.version": scope.get("http_version", "1.1"),
-    }
-    if route:
-        attributes["http.route"] = route
-    server = scope.get("server")
-    if server:
-        attributes["server.address"], attributes["server.port"] = server[0], server[1]
+    key = (method, path, getattr(route_obj, "path", None), scope.get("scheme", "http"),
+           scope.get("http_version", "1.1"), scope.get("server"))
+    constants = _http_constants.get(key)
+    if constants is None:
+        constants = _http_constants_of(scope, *key)
+        if len(_http_constants) > 4096:  # paths name models: a few hundred at most, unless probed
+            _http_constants.clear()
+        _http_constants[key] = constants
+    name, attributes = constants[0], constants[1].copy()
+    attributes["http.response.status_code"] = status
     client = scope.get("client")
     if client:
         attributes["client.address"], attributes["client.port"] = client[0], client[1]
-    for key, value in scope.get("headers", ()):
-        if key == b"user-agent":
+    for key_, value in scope.get("headers", ()):
+        if key_ == b"user-agent":
             attributes["user_agent.original"] = value.decode("latin-1")
     if status >= 500:
         attributes["error.type"] = str(status)
+    return name, attributes
+
+
+def _http_constants_of(scope: dict[str, Any], method: str, path: str, route_path: str | None, scheme: str,
+                       version: str, server: tuple[str, int] | None) -> tuple[str, dict[str, Any]]:
+    route = http_route(path, scope.get("path_params"), route_path)
+    attributes: dict[str, Any] = {"http.request.method": method, "url.path": path, "url.scheme": scheme,
+                                  "network.protocol.version": version}
+    if route:
+        attributes["http.route"] = route
+    if server:
+        attributes["server.address"], attributes["server.port"] = server[0], server[1]
     return (f"{method} {route}" if route else method), attributes
 
 

@@ -1,0 +1,322 @@
+"""The span exporter process: turns the compact span records a front-end hands over into OTLP/HTTP
+protobuf export requests and sends them to the collector.
+
+Why a process of its own: encoding spans with the SDK's OTLP encoder costs about 120 µs of Python
+per traced request (five spans), and in the serving process that work holds the GIL against the
+event loop (docs/benchmarks.md, "Tracing: what OpenTelemetry costs"). Here a front-end only appends
+one tuple per request to a queue; a thread of its own packs them with msgpack and pushes them over
+a ZeroMQ socket to this process, which expands each record into its spans, encodes the protobuf
+directly (the OTLP trace messages are few and stable: a dozen field tags below) and posts it.
+
+One exporter process per front-end, started by it (`tracing.setup`) and ended by it: the process
+exits when its stdin closes, which happens too when the front-end dies. It reads the exporter and
+batching variables as the SDK does: OTEL_EXPORTER_OTLP_[TRACES_]{HEADERS,TIMEOUT,COMPRESSION,
+CERTIFICATE,CLIENT_CERTIFICATE,CLIENT_KEY} and OTEL_BSP_{SCHEDULE_DELAY,MAX_QUEUE_SIZE,
+MAX_EXPORT_BATCH_SIZE}.
+
+A record (one request or one batch, with its child spans), as msgpack arrays:
+    (trace_id: 16 bytes, span_id: 8 bytes, parent_span_id: 8 bytes | None, trace_state: str,
+     kind: int, name: str, start: float, end: float, attributes: dict | None,
+     error: str | None (status ERROR with this message; None: status unset),
+     links: [(trace_id, span_id), ...] | None,
+     children: [(name, start, end, attributes | None), ...] | None)
+Times are `time.perf_counter()` seconds (CLOCK_MONOTONIC, the same in every process of the machine);
+children are INTERNAL spans in the record's trace whose parent is the record's span.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import random
+import struct
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+log = logging.getLogger("neuroserve.tracing")
+
+SPAN_KIND_INTERNAL = 1
+SPAN_KIND_SERVER = 2
+STATUS_ERROR = 2
+
+_pack_q = struct.Struct("<Q").pack
+_pack_d = struct.Struct("<d").pack
+_INT64 = (1 << 64) - 1
+_getrandbits = random.getrandbits
+
+
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _ONE_BYTE[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _len(tag: bytes, body: bytes) -> bytes:
+    """A length-delimited field: tag, length, body."""
+    return tag + _varint(len(body)) + body
+
+
+def _any_value(value: Any) -> bytes:
+    """An AnyValue message (common.proto)."""
+    if isinstance(value, str):
+        return _len(b"\x0a", value.encode())
+    if isinstance(value, bool):
+        return b"\x10\x01" if value else b"\x10\x00"
+    if isinstance(value, int):
+        return b"\x18" + _varint(value & _INT64)
+    if isinstance(value, float):
+        return b"\x21" + _pack_d(value)
+    if isinstance(value, bytes):
+        return _len(b"\x3a", value)
+    if isinstance(value, (list, tuple)):
+        return _len(b"\x2a", b"".join(_len(b"\x0a", _any_value(v)) for v in value))
+    return _len(b"\x0a", str(value).encode())
+
+
+def _key_value(key: str, value: Any) -> bytes:
+    """A KeyValue message."""
+    return _len(b"\x0a", key.encode()) + _len(b"\x12", _any_value(value))
+
+
+def attributes(values: dict[str, Any] | None, tag: bytes) -> bytes:
+    """Repeated KeyValue field `tag` (resource 1, span 9)."""
+    if not values:
+        return b""
+    return b"".join(_len(tag, _key_value(k, v)) for k, v in values.items())
+
+
+_span_attributes: dict[tuple[str, Any, type], bytes] = {}
+
+
+def _span_attribute(key: str, value: Any) -> bytes:
+    """A span's attribute field; most (key, value) pairs repeat from span to span, so they are kept."""
+    cache_key = (key, value, type(value))  # True == 1, but they encode differently
+    try:
+        return _span_attributes[cache_key]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable (a list)
+        return _len(b"\x4a", _key_value(key, value))
+    encoded = _len(b"\x4a", _key_value(key, value))
+    if len(_span_attributes) > 8192:  # request ids and ports never repeat: start over now and then
+        _span_attributes.clear()
+    _span_attributes[cache_key] = encoded
+    return encoded
+
+
+_names: dict[str, bytes] = {}
+
+
+def _name(name: str) -> bytes:
+    try:
+        return _names[name]
+    except KeyError:
+        encoded = _len(b"\x2a", name.encode())
+        if len(_names) < 1024:
+            _names[name] = encoded
+        return encoded
+
+
+# Field 6 (kind) with its value, and the tag of field 7 (start time) that follows it.
+_KIND = [b"\x30" + _varint(kind) + b"\x39" for kind in range(6)]
+
+
+def span(trace_id: bytes, span_id: bytes, parent_id: bytes | None, trace_state: str, kind: int,
+         name: str, start_ns: int, end_ns: int, attrs: dict[str, Any] | None,
+         error: str | None, links: Iterable[tuple[bytes, bytes]] | None) -> bytes:
+    """One Span message (trace.proto), as the field of ScopeSpans that holds it."""
+    parts = [b"\x0a\x10", trace_id, b"\x12\x08", span_id]
+    if trace_state:
+        parts.append(_len(b"\x1a", trace_state.encode()))
+    if parent_id:
+        parts += (b"\x22\x08", parent_id)
+    parts += (_name(name), _KIND[kind], _pack_q(start_ns), b"\x41", _pack_q(end_ns))
+    if attrs:
+        parts += [_span_attribute(k, v) for k, v in attrs.items()]
+    if links:
+        parts += [b"\x6a\x1c\x0a\x10" + tid + b"\x12\x08" + sid for tid, sid in links]  # 28-byte Link
+    if error is not None:
+        parts.append(_len(b"\x7a", (_len(b"\x12", error.encode()) if error else b"") + b"\x18\x02"))
+    return _len(b"\x12", b"".join(parts))
+
+
+def spans_of(record: list[Any] | tuple[Any, ...], epoch_offset_ns: int) -> list[bytes]:
+    """The encoded spans of one record: its own and its children's."""
+    (trace_id, span_id, parent_id, trace_state, kind, name, start, end, attrs, error, links,
+     children) = record
+    out = [span(trace_id, span_id, parent_id, trace_state, kind, name,
+                int(start * 1e9) + epoch_offset_ns, int(end * 1e9) + epoch_offset_ns, attrs, error,
+                links)]
+    if not children:
+        return out
+    ids = _getrandbits(64 * len(children)).to_bytes(8 * len(children), "little")
+    for i, (child_name, child_start, child_end, child_attrs) in enumerate(children):
+        start_ns = int(child_start * 1e9) + epoch_offset_ns
+        out.append(span(trace_id, ids[8 * i:8 * i + 8], span_id, trace_state, SPAN_KIND_INTERNAL,
+                        child_name, start_ns, max(start_ns, int(child_end * 1e9) + epoch_offset_ns),
+                        child_attrs, None, None))
+    return out
+
+
+def export_request(resource: dict[str, Any], scope: tuple[str, str], spans: list[bytes]) -> bytes:
+    """An ExportTraceServiceRequest of one resource and one scope."""
+    name, version = scope
+    scope_msg = _len(b"\x0a", name.encode()) + (_len(b"\x12", version.encode()) if version else b"")
+    scope_spans = _len(b"\x0a", scope_msg) + b"".join(spans)
+    resource_spans = _len(b"\x0a", attributes(resource, b"\x0a")) + _len(b"\x12", scope_spans)
+    return _len(b"\x0a", resource_spans)
+
+
+# -- the exporter process ---------------------------------------------------------------------------
+
+
+class Config(msgspec.Struct):
+    """What the front-end tells its exporter process (argv[1], msgpack, hex)."""
+
+    endpoint: str
+    address: str  # the ZeroMQ endpoint records arrive on (this process binds it)
+    resource: dict[str, Any]
+    scope: tuple[str, str]
+    epoch_offset_ns: int
+
+
+def _env(name: str, default: str = "") -> str:
+    """OTEL_EXPORTER_OTLP_TRACES_<name>, else OTEL_EXPORTER_OTLP_<name>, as the SDK reads them."""
+    return (os.environ.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}")
+            or os.environ.get(f"OTEL_EXPORTER_OTLP_{name}") or default).strip()
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, "").strip() or default)
+    except ValueError:
+        return default
+
+
+class Sender:
+    """POSTs export requests as the SDK's OTLP/HTTP exporter does (headers, gzip, TLS, timeout,
+    retries with backoff on the status codes OTLP calls retryable, within the timeout)."""
+
+    RETRYABLE = frozenset({429, 502, 503, 504})
+
+    def __init__(self, endpoint: str) -> None:
+        import requests
+        from opentelemetry.util.re import parse_env_headers
+
+        self.endpoint = endpoint
+        self.session = requests.Session()
+        self.session.headers.update(parse_env_headers(_env("HEADERS"), liberal=True))
+        self.session.headers["Content-Type"] = "application/x-protobuf"
+        self.gzip = _env("COMPRESSION").lower() == "gzip"
+        if self.gzip:
+            self.session.headers["Content-Encoding"] = "gzip"
+        self.timeout_s = float(_env("TIMEOUT") or 10)
+        certificate = _env("CERTIFICATE")
+        self.verify: bool | str = certificate or True
+        client_cert, client_key = _env("CLIENT_CERTIFICATE"), _env("CLIENT_KEY")
+        self.cert = (client_cert, client_key) if client_cert and client_key else client_cert or None
+        self.failures = 0
+
+    def send(self, body: bytes) -> bool:
+        import requests
+
+        if self.gzip:
+            body = gzip.compress(body)
+        deadline = time.monotonic() + self.timeout_s
+        delay = 0.5
+        while True:
+            try:
+                response = self.session.post(self.endpoint, data=body, timeout=self.timeout_s,
+                                             verify=self.verify, cert=self.cert)
+                if response.ok:
+                    return True
+                retry = response.status_code in self.RETRYABLE
+                reason = f"HTTP {response.status_code}"
+            except requests.RequestException as exc:
+                retry, reason = isinstance(exc, requests.ConnectionError), type(exc).__name__
+            if not retry or time.monotonic() + delay > deadline:
+                self.failures += 1
+                if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
+                    log.warning("span export to %s failed (%s), %d times so far",
+                                self.endpoint, reason, self.failures)
+                return False
+            time.sleep(delay)
+            delay *= 2
+
+
+def serve(config: Config) -> None:
+    """Receive records until stdin closes, export them in batches, send what is left, exit."""
+    import zmq
+
+    schedule_s = _env_int("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
+    max_queue = max(1, _env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048))
+    max_batch = max(1, min(max_queue, _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)))
+    sender = Sender(config.endpoint)
+    decoder = msgspec.msgpack.Decoder()
+    context = zmq.Context(1)
+    pull = context.socket(zmq.PULL)
+    pull.bind(config.address)
+    stdin = sys.stdin.buffer.fileno()
+    poller = zmq.Poller()
+    poller.register(pull, zmq.POLLIN)
+    poller.register(stdin, zmq.POLLIN)
+    pending: list[bytes] = []
+    dropped = 0
+    last_export = time.monotonic()
+
+    def export(all_of_it: bool) -> None:
+        nonlocal pending, last_export
+        while pending and (all_of_it or len(pending) >= max_batch
+                           or time.monotonic() - last_export >= schedule_s):
+            batch, pending = pending[:max_batch], pending[max_batch:]
+            sender.send(export_request(config.resource, config.scope, batch))
+            last_export = time.monotonic()
+        if not pending:
+            last_export = time.monotonic()
+
+    def receive() -> None:
+        nonlocal dropped
+        for record in decoder.decode(pull.recv(copy=True)):
+            if len(pending) >= max_queue:  # the collector cannot keep up: drop, as the SDK does
+                dropped += 1
+                continue
+            pending.extend(spans_of(record, config.epoch_offset_ns))
+
+    open_ = True
+    while open_:
+        timeout_ms = max(0, int((last_export + schedule_s - time.monotonic()) * 1000)) if pending else None
+        events = dict(poller.poll(timeout_ms))
+        if pull in events:
+            receive()
+        if stdin in events and not os.read(stdin, 4096):
+            open_ = False  # the front-end is done (or gone): take what is still on its way
+            while pull.poll(100):
+                receive()
+        export(all_of_it=not open_)
+    if dropped:
+        log.warning("%d span records dropped: the collector did not keep up", dropped)
+    pull.close(linger=0)
+    context.term()
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    serve(msgspec.msgpack.decode(bytes.fromhex(sys.argv[1]), type=Config))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
