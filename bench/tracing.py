@@ -7,7 +7,9 @@ under the same closed-loop load, in interleaved rounds on the same machine; and 
 Each round measures every configuration at concurrency 1 and 64 with wrk (V2 JSON, batch 1, the
 model's sample inputs; each request without `traceparent`, so the service's ratio sampler decides,
 at 1.0 here). It prints requests per second and p50/p99 per configuration: the median over rounds,
-and every round's figure, so noise is visible.
+and every round's figure, so noise is visible; and the CPU time the service used per request
+(its processes and their span exporters, until they have sent the point's spans), which other
+work on the machine disturbs less than requests per second.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from bench.load import closed_loop
-from bench.servers import free_port, start_service, wait_idle
+from bench.servers import Server, cpu_seconds, free_port, start_service, wait_idle
 from bench.workloads import load_workload, v2_json
 
 
@@ -36,6 +38,8 @@ class Sink:
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as a collector does
+
             def do_POST(self) -> None:
                 n = int(self.headers.get("content-length", 0))
                 self.rfile.read(n)
@@ -52,6 +56,10 @@ class Sink:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def _exporter_cpu_seconds(server: Server) -> float:
+    return sum(cpu_seconds(pid) for pid in server.span_exporter_pids())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +109,13 @@ def main(argv: list[str] | None = None) -> int:
             for c in args.concurrency:
                 for name, srv in servers.items():
                     wait_idle(servers.values())
+                    cpu, exporter_cpu = srv.cpu_seconds(), _exporter_cpu_seconds(srv)
                     point = closed_loop(srv.port, requests, concurrency=c, duration_s=args.duration)
+                    # The CPU the point cost, exporters included: until they have sent its spans.
+                    wait_idle([srv])
+                    point["cpu_us"] = (srv.cpu_seconds() - cpu) / max(1, point["requests"]) * 1e6
+                    point["exporter_cpu_us"] = ((_exporter_cpu_seconds(srv) - exporter_cpu)
+                                                / max(1, point["requests"]) * 1e6)
                     results.setdefault((name, c), []).append(point)
     finally:
         for srv in servers.values():
@@ -109,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(repo, ignore_errors=True)
     print(f"model {workload.model}, {args.rounds} rounds × {args.duration:.0f} s per point; "
           f"exported {sink.requests} OTLP requests, {sink.bytes / 1e6:.1f} MB")
-    print("| tracing | concurrency | req/s (median) | req/s per round | p50 ms | p99 ms | errors |")
-    print("|---|---:|---:|---|---:|---:|---:|")
+    print("| tracing | concurrency | req/s (median) | req/s per round | p50 ms | p99 ms | errors "
+          "| server CPU µs/request | of which exporter |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for c in args.concurrency:
         for name in configs:
             points = results[(name, c)]
@@ -118,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | {c} | {statistics.median(rps):.0f} | {', '.join(f'{r:.0f}' for r in rps)} | "
                   f"{statistics.median(p['p50_ms'] for p in points):.2f} | "
                   f"{statistics.median(p['p99_ms'] for p in points):.2f} | "
-                  f"{sum(p['errors'] for p in points)} |")
+                  f"{sum(p['errors'] for p in points)} | "
+                  f"{statistics.median(p['cpu_us'] for p in points):.0f} | "
+                  f"{statistics.median(p['exporter_cpu_us'] for p in points):.0f} |")
     return 0
 
 

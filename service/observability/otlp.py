@@ -27,14 +27,17 @@ children are INTERNAL spans in the record's trace whose parent is the record's s
 from __future__ import annotations
 
 import gzip
+import http.client
 import logging
 import os
 import random
+import ssl
 import struct
 import sys
 import time
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -207,46 +210,70 @@ def _env_int(name: str, default: int) -> int:
 
 
 class Sender:
-    """POSTs export requests as the SDK's OTLP/HTTP exporter does (headers, gzip, TLS, timeout,
-    retries with backoff on the status codes OTLP calls retryable, within the timeout)."""
+    """POSTs export requests as the SDK's OTLP/HTTP exporter does (headers, gzip, TLS with a CA
+    certificate and a client certificate, timeout, retries with backoff on connection errors and
+    the status codes OTLP calls retryable, within the timeout), over one kept-alive connection.
+
+    http.client rather than requests (which the SDK uses): a POST cost 660 µs of CPU through
+    requests and 92 µs through http.client, and this process shares the machine's cores with the
+    service it exports for."""
 
     RETRYABLE = frozenset({429, 502, 503, 504})
 
     def __init__(self, endpoint: str) -> None:
-        import requests
         from opentelemetry.util.re import parse_env_headers
 
+        url = urlsplit(endpoint)
         self.endpoint = endpoint
-        self.session = requests.Session()
-        self.session.headers.update(parse_env_headers(_env("HEADERS"), liberal=True))
-        self.session.headers["Content-Type"] = "application/x-protobuf"
+        self.target = (url.path or "/v1/traces") + (f"?{url.query}" if url.query else "")
+        self.headers = {**parse_env_headers(_env("HEADERS"), liberal=True),
+                        "Content-Type": "application/x-protobuf"}
         self.gzip = _env("COMPRESSION").lower() == "gzip"
         if self.gzip:
-            self.session.headers["Content-Encoding"] = "gzip"
+            self.headers["Content-Encoding"] = "gzip"
         self.timeout_s = float(_env("TIMEOUT") or 10)
-        certificate = _env("CERTIFICATE")
-        self.verify: bool | str = certificate or True
-        client_cert, client_key = _env("CLIENT_CERTIFICATE"), _env("CLIENT_KEY")
-        self.cert = (client_cert, client_key) if client_cert and client_key else client_cert or None
+        host, port = url.hostname or "localhost", url.port
+        if url.scheme == "https":
+            context = ssl.create_default_context(cafile=_env("CERTIFICATE") or None)
+            client_cert = _env("CLIENT_CERTIFICATE")
+            if client_cert:
+                context.load_cert_chain(client_cert, _env("CLIENT_KEY") or None)
+            self._connect = lambda: http.client.HTTPSConnection(host, port, timeout=self.timeout_s,
+                                                                context=context)
+        else:
+            self._connect = lambda: http.client.HTTPConnection(host, port, timeout=self.timeout_s)
+        self.connection: http.client.HTTPConnection | None = None
         self.failures = 0
 
-    def send(self, body: bytes) -> bool:
-        import requests
+    def _post(self, body: bytes) -> int:
+        if self.connection is None:
+            self.connection = self._connect()
+        try:
+            self.connection.request("POST", self.target, body=body, headers=self.headers)
+            response = self.connection.getresponse()
+            response.read()
+        except BaseException:
+            self.connection.close()
+            self.connection = None
+            raise
+        if response.will_close:
+            self.connection.close()
+            self.connection = None
+        return response.status
 
+    def send(self, body: bytes) -> bool:
         if self.gzip:
             body = gzip.compress(body)
         deadline = time.monotonic() + self.timeout_s
         delay = 0.5
         while True:
             try:
-                response = self.session.post(self.endpoint, data=body, timeout=self.timeout_s,
-                                             verify=self.verify, cert=self.cert)
-                if response.ok:
+                status = self._post(body)
+                if 200 <= status < 300:
                     return True
-                retry = response.status_code in self.RETRYABLE
-                reason = f"HTTP {response.status_code}"
-            except requests.RequestException as exc:
-                retry, reason = isinstance(exc, requests.ConnectionError), type(exc).__name__
+                retry, reason = status in self.RETRYABLE, f"HTTP {status}"
+            except (OSError, http.client.HTTPException) as exc:
+                retry, reason = True, type(exc).__name__
             if not retry or time.monotonic() + delay > deadline:
                 self.failures += 1
                 if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
