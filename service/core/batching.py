@@ -16,13 +16,15 @@ An ORT error in a merged batch is retried request by request, so only the offend
 
 Who waits, and who is refused (docs/benchmarks.md, "Overload: shedding by expected wait"): a
 request is refused (429 with `Retry-After`) when the rows queued ahead of it pass `max_queue_size`,
-or when its expected wait (the rows ahead of it, those being computed included, times the measured
-compute time per row) passes `max_queue_wait`: a latency bound, so the queue never holds more work
-than it can start within that time. Requests carry a priority class (higher first): the rows ahead
-of a request are those of its class and above, so lower classes are refused first, and a request
-admitted into a queue over its bounds evicts the newest requests of the lowest classes below its
-own (429) until the queue is within them. Batches take the highest classes first, except that a
-request that has waited `max_queue_wait` goes first whatever its class, so none starves.
+or when its expected wait passes `max_queue_wait`: the rows ahead of it, those being computed
+included, times the measured time per row (of computing it, or of the queue draining while rows
+waited throughout, whichever is longer: an event loop busy with requests can hold batches back).
+A latency bound, so the queue never holds more work than it can start within that time. Requests
+carry a priority class (higher first): the rows ahead of a request are those of its class and
+above, so lower classes are refused first, and a request admitted into a queue over its bounds
+evicts the newest requests of the lowest classes below its own (429) until the queue is within
+them. Batches take the highest classes first, except that a request that has waited
+`max_queue_wait` goes first whatever its class, so none starves.
 
 A request may hold more rows than a batch (`submit_many`, used by explanations for their perturbed
 inputs): it is computed alone, in consecutive ORT calls of `max_batch_size` rows, and counts as one
@@ -165,6 +167,11 @@ class Batcher:
         self._peak_prev = 0
         self._peak_epoch = 0.0
         self._row_seconds = 0.0  # moving average of compute-thread time per row (merge, ORT, split)
+        # Moving average of the time between batches per row while rows were waiting throughout: how
+        # fast the queue drains, whatever limits it (compute, or an event loop busy with requests).
+        self._drain_seconds = 0.0
+        self._last_dispatch = 0.0
+        self._backlogged = False  # rows were left waiting when the last batch was dispatched
         self._class_rows: dict[int, int] = {}  # queued rows by priority class
         self._assigned_rows = 0  # rows handed to the compute threads and not finished
         self._closing = False
@@ -273,8 +280,10 @@ class Batcher:
         return sum(n for cls, n in self._class_rows.items() if cls >= priority)
 
     def _expected_wait(self, queued_rows: int) -> float:
-        """Seconds until `queued_rows` more rows, and those being computed, have been computed."""
-        return (queued_rows + self._assigned_rows) * self._row_seconds / self.policy.instances
+        """Seconds until `queued_rows` more rows, and those being computed, have been computed: at
+        the slower of the compute rate and the rate the queue was last seen to drain."""
+        per_row = max(self._row_seconds / self.policy.instances, self._drain_seconds)
+        return (queued_rows + self._assigned_rows) * per_row
 
     def _over_bounds(self) -> bool:
         policy = self.policy
@@ -357,7 +366,7 @@ class Batcher:
 
     def _retry_after(self) -> int:
         """Seconds until the queue has room again, from the recent compute time per row."""
-        seconds = self._queued_rows * self._row_seconds / self.policy.instances
+        seconds = self._expected_wait(self._queued_rows)
         return max(1, min(60, math.ceil(seconds)))
 
     def _dequeue(self, p: _Pending) -> None:
@@ -413,7 +422,14 @@ class Batcher:
         if not batch:
             return
         self._jobs[instance] += 1
-        self._assigned_rows += sum(p.rows for p in batch)
+        rows = sum(p.rows for p in batch)
+        self._assigned_rows += rows
+        now = perf_counter()
+        if self._backlogged:
+            per_row = (now - self._last_dispatch) / rows
+            drain = self._drain_seconds
+            self._drain_seconds = 0.9 * drain + 0.1 * per_row if drain else per_row
+        self._last_dispatch, self._backlogged = now, self._queued_rows > 0
         task = asyncio.get_running_loop().create_task(self._execute(batch, instance))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
