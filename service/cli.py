@@ -94,7 +94,7 @@ def serve(settings: Settings) -> int:
     os.environ.update(settings.to_environ())
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     os.environ.pop(EXECUTOR_SOCKETS_ENV, None)
-    executor = None
+    executors: list[tuple[Address, int | None]] = []
     if settings.workers > 1 or settings.executor_process:
         # A fresh directory per run: values from an earlier run must not leak into this one.
         directory = tempfile.mkdtemp(prefix="neuroserve-metrics-")
@@ -102,9 +102,14 @@ def serve(settings: Settings) -> int:
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
     if settings.executor_process:
         sockets = tempfile.mkdtemp(prefix="neuroserve-executor-")
-        os.environ[EXECUTOR_SOCKETS_ENV] = sockets
         atexit.register(shutil.rmtree, sockets, ignore_errors=True)
-        executor = Address(Path(sockets))
+        gpus: list[int | None] = list(settings.gpu_list) or [None]
+        executors = []
+        for i, gpu in enumerate(gpus):
+            directory = Path(sockets) / str(i)
+            directory.mkdir()
+            executors.append((Address(directory), gpu))
+        os.environ[EXECUTOR_SOCKETS_ENV] = os.pathsep.join(str(a.directory) for a, _ in executors)
 
     import uvicorn
 
@@ -125,11 +130,11 @@ def serve(settings: Settings) -> int:
         "timeout_graceful_shutdown": int(settings.drain_timeout_s) + 5,
         **tls.uvicorn_options(settings),
     }
-    if settings.workers > 1 or executor is not None:
+    if settings.workers > 1 or executors:
         # A listening socket per worker (see service.server.workers), not uvicorn's shared one.
         return workers.serve(server, workers=settings.workers, host=settings.host, port=settings.port,
                              stop_timeout_s=settings.drain_timeout_s + settings.drain_grace_s + 10,
-                             executor=executor)
+                             executors=executors)
     uvicorn.run(**server)
     return 0
 

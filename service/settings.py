@@ -51,6 +51,11 @@ class Settings(BaseSettings):
         "auto", description="auto: CUDA when it binds, else CPU; cuda: CUDA or fail; cpu: CPU only"
     )
     cuda_device_id: int = Field(0, ge=0, description="GPU ordinal for the CUDA provider")
+    gpus: str = Field(
+        "", description="Comma-separated GPU ordinals, one executor process each (e.g. 0,1): every "
+                        "model is loaded on each, a request goes to the least busy; empty: one "
+                        "executor on --cuda-device-id"
+    )
     gpu_mem_limit_mb: int = Field(0, ge=0, description="CUDA arena limit per session in MiB (0: no limit)")
     cudnn_conv_algo_search: Literal["exhaustive", "heuristic", "default"] = Field(
         "exhaustive", description="How the CUDA provider picks convolution algorithms for a new input shape"
@@ -158,6 +163,14 @@ class Settings(BaseSettings):
     def _one_process_per_placement(self) -> Settings:
         if self.executor == "in-process" and self.workers > 1:
             raise ValueError("--executor in-process serves one worker; with several use process (or auto)")
+        try:
+            gpus = self.gpu_list
+        except ValueError:
+            raise ValueError(f"--gpus takes GPU ordinals like 0,1, not {self.gpus!r}") from None
+        if len(set(gpus)) != len(gpus) or any(g < 0 for g in gpus):
+            raise ValueError(f"--gpus lists each GPU once: {self.gpus!r}")
+        if len(gpus) > 1 and self.executor == "in-process":
+            raise ValueError("--gpus with several GPUs runs an executor process per GPU")
         return self
 
     @field_validator("api_keys_file", "audit_log", "ssl_certfile", "ssl_keyfile", "ssl_ca_certs",
@@ -171,9 +184,14 @@ class Settings(BaseSettings):
         return available_cores()
 
     @property
+    def gpu_list(self) -> list[int]:
+        return [int(g) for g in self.gpus.split(",") if g.strip()]
+
+    @property
     def executor_process(self) -> bool:
-        """Whether the models run in an executor process of their own."""
-        return self.executor == "process" or (self.executor == "auto" and self.workers > 1)
+        """Whether the models run in executor processes of their own."""
+        return (self.executor == "process" or len(self.gpu_list) > 1
+                or (self.executor == "auto" and self.workers > 1))
 
     def intra_op_threads_for(self, instances: int) -> int:
         """Threads for one session so that the sessions fit in the cores beside the front-ends.

@@ -200,12 +200,15 @@ def _signature(catalog: Catalog) -> Any:
         for name, m in catalog.models.items())
 
 
-def serve(address: wire.Address) -> None:
-    """The executor process: settings from the environment (see `Settings.to_environ`)."""
+def serve(address: wire.Address, gpu: int | None = None) -> None:
+    """The executor process: settings from the environment (see `Settings.to_environ`), on `gpu`
+    when the supervisor runs one executor per GPU (`--gpus`)."""
     from service.observability import logging as service_logging
 
     supervised(b"neuroserve-exec")
     settings = Settings()
+    if gpu is not None:
+        settings = settings.model_copy(update={"cuda_device_id": gpu})
     service_logging.configure(settings.log_level)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     # The batchers record batch times for the requests a front-end traces (only those: they come

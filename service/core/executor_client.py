@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -70,9 +71,12 @@ class RemoteBatcher:
 
 
 class RemoteExecutor:
-    def __init__(self, settings: Settings, address: Address) -> None:
+    def __init__(self, settings: Settings, address: Address,
+                 batcher: Callable[[str, int], Any] | None = None) -> None:
         self.settings = settings
         self.address = address
+        # What a ready version of the mirrored catalog submits to: this executor, or a group's pick.
+        self._batcher = batcher or (lambda model, version: RemoteBatcher(self, model, version))
         self.catalog = Catalog(settings.model_repository)
         self.connected = False
         self._ids = itertools.count(1)
@@ -191,7 +195,7 @@ class RemoteExecutor:
 
     async def _apply(self, snapshot: dict[str, Any]) -> None:
         self.catalog = Catalog.from_snapshot(
-            Path(self.settings.model_repository), snapshot, lambda m, v: RemoteBatcher(self, m, v),
+            Path(self.settings.model_repository), snapshot, self._batcher,
             self.settings.max_text_chars, previous=self.catalog)
         if not self.catalog.loading and self.connected:
             self._loaded.set()
@@ -214,3 +218,97 @@ class RemoteExecutor:
                 self.connected = False
                 self.catalog.loading = True  # not ready until the executor has loaded again
                 self._fail_pending()
+
+
+class GroupBatcher(RemoteBatcher):
+    """A model version served by every executor of a group: each request goes to the least busy."""
+
+    def __init__(self, group: ExecutorGroup, model: str, version: int, pinned: bool = False) -> None:
+        self.group, self.model, self.version, self.pinned = group, model, version, pinned
+
+    @property
+    def client(self) -> RemoteExecutor:  # type: ignore[override]
+        return self.group.pick()
+
+    def pin(self) -> GroupBatcher:
+        return GroupBatcher(self.group, self.model, self.version, pinned=True)
+
+
+class ExecutorGroup:
+    """One executor per GPU (`--gpus 0,1`), each with every model: the same methods as one.
+
+    The catalog is the first executor's (all load the same repository); the group is ready when
+    every executor is; model changes go to each in turn; statistics are summed."""
+
+    def __init__(self, settings: Settings, addresses: list[Address]) -> None:
+        self.members = [RemoteExecutor(settings, address, lambda m, v: GroupBatcher(self, m, v))
+                        for address in addresses]
+        self._turn = 0
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.members[0].catalog
+
+    @property
+    def connected(self) -> bool:
+        return all(m.connected and not m.catalog.loading for m in self.members)
+
+    def pick(self) -> RemoteExecutor:
+        """The ready executor with the fewest requests waiting on it (taking turns among equals)."""
+        self._turn = (self._turn + 1) % len(self.members)
+        order = self.members[self._turn:] + self.members[:self._turn]
+        live = [m for m in order if m.connected and not m.catalog.loading]
+        if not live:
+            raise _executor_gone()
+        return min(live, key=lambda m: len(m._pending))
+
+    async def start(self) -> None:
+        for m in self.members:
+            await m.start()
+
+    async def wait_loaded(self) -> None:
+        await asyncio.gather(*(m.wait_loaded() for m in self.members))
+
+    async def load(self, name: str) -> Model:
+        for m in self.members:
+            model = await m.load(name)
+        return model
+
+    async def unload(self, name: str) -> None:
+        for m in self.members:
+            await m.unload(name)
+
+    async def statistics(self, name: str | None, version: str | None) -> list[dict[str, Any]]:
+        docs = await asyncio.gather(*(m.statistics(name, version) for m in self.members))
+        return merge_statistics(docs)
+
+    async def close(self) -> None:
+        for m in self.members:
+            await m.close()
+
+
+def merge_statistics(per_executor: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Triton statistics of the same model versions from several executors, summed."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for docs in per_executor:
+        for doc in docs:
+            key = (doc["name"], doc["version"])
+            merged[key] = _add(merged[key], doc) if key in merged else doc
+    return list(merged.values())
+
+
+def _add(a: Any, b: Any, key: str = "") -> Any:
+    if isinstance(a, dict):
+        return {k: _add(v, b[k], k) if k in b else v for k, v in a.items()} | {
+            k: v for k, v in b.items() if k not in a}
+    if isinstance(a, list):  # batch_stats: one entry per batch size
+        by_size = {e["batch_size"]: e for e in a}
+        for e in b:
+            size = e["batch_size"]
+            by_size[size] = _add(by_size[size], e) if size in by_size else e
+        return [by_size[size] for size in sorted(by_size)]
+    if key == "last_inference":
+        return max(a, b)
+    if key in ("batch_size", "name", "version") or isinstance(a, bool) or not isinstance(a, int):
+        return a
+    return a + b

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp
 
 from service import __version__, errors
 from service.auth.gate import with_cors
-from service.core.executor_client import RemoteExecutor
+from service.core.executor_client import ExecutorGroup, RemoteExecutor
 from service.core.wire import EXECUTOR_SOCKETS_ENV, Address
 
 if TYPE_CHECKING:
@@ -153,11 +153,14 @@ class _App(FastAPI):
         return with_cors(direct, state.settings)
 
 
-def _executor(settings: Settings) -> LocalExecutor | RemoteExecutor:
+def _executor(settings: Settings) -> LocalExecutor | RemoteExecutor | ExecutorGroup:
     """The models in this process, or the executor process's (whose sockets the supervisor names)."""
     sockets = os.environ.get(EXECUTOR_SOCKETS_ENV)
     if sockets:
-        return RemoteExecutor(settings, Address(Path(sockets)))
+        addresses = [Address(Path(d)) for d in sockets.split(os.pathsep)]
+        if len(addresses) > 1:  # one executor per GPU
+            return ExecutorGroup(settings, addresses)
+        return RemoteExecutor(settings, addresses[0])
     # Only here: a front-end of an executor process never imports ONNX Runtime.
     from service.core.executor import LocalExecutor
 
@@ -184,7 +187,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # service.server.workers), so traffic never meets a cold worker.
         state.load_task = asyncio.create_task(state.executor.start())
         state.load_task.add_done_callback(_freeze_heap)
-        if isinstance(state.executor, RemoteExecutor):
+        if isinstance(state.executor, RemoteExecutor | ExecutorGroup):
             await state.executor.wait_loaded()
         elif settings.workers > 1:
             await asyncio.shield(state.load_task)

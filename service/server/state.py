@@ -14,14 +14,14 @@ from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.core.executor import LocalExecutor
-    from service.core.executor_client import RemoteExecutor
+    from service.core.executor_client import ExecutorGroup, RemoteExecutor
 
 log = logging.getLogger("neuroserve.state")
 LISTEN_QUEUE_DRAIN_S = 0.2  # time for the event loop to accept the connections the kernel queued
 
 
 class ServiceState:
-    def __init__(self, settings: Settings, executor: LocalExecutor | RemoteExecutor) -> None:
+    def __init__(self, settings: Settings, executor: LocalExecutor | RemoteExecutor | ExecutorGroup) -> None:
         self.settings = settings
         self.executor = executor
         self.draining = False

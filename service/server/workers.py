@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -63,10 +64,10 @@ EXECUTOR_MIN_LIFE_S = 2.0
 
 
 def serve(config: dict[str, Any], *, workers: int, host: str, port: int, stop_timeout_s: float,
-          executor: Address | None = None) -> int:
-    """Run `workers` uvicorn servers of `config` (keyword arguments of `uvicorn.Config`), and the
-    executor process when `executor` names its sockets, until SIGTERM or SIGINT; 0, or 1 when a
-    worker could not start.
+          executors: Sequence[tuple[Address, int | None]] = ()) -> int:
+    """Run `workers` uvicorn servers of `config` (keyword arguments of `uvicorn.Config`), and an
+    executor process for each of `executors` (its sockets, and its GPU or None), until SIGTERM or
+    SIGINT; 0, or 1 when a worker could not start.
 
     A process that dies is replaced at once and its metric files are retired (its gauges must
     not count any more). On stop the front-ends drain first (they still need the executor for the
@@ -83,18 +84,18 @@ def serve(config: dict[str, Any], *, workers: int, host: str, port: int, stop_ti
         process.start()
         return process
 
-    def start_executor() -> BaseProcess:
+    def start_executor(i: int) -> BaseProcess:
         from service.core.executor import serve as executor_main  # ONNX Runtime: not in front-ends
 
-        process = context.Process(target=executor_main, args=(executor,), name="neuroserve-executor")
+        process = context.Process(target=executor_main, args=executors[i], name="neuroserve-executor")
         process.start()
-        log.info("executor started", extra={"pid": process.pid})
+        log.info("executor started", extra={"pid": process.pid, "gpu": executors[i][1]})
         return process
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
-    model_executor = start_executor() if executor is not None else None
-    executor_started = time.monotonic()
+    model_executors = [start_executor(i) for i in range(len(executors))]
+    executors_started = [time.monotonic()] * len(executors)
     processes = [start() for _ in range(workers)]
     # SIGHUP (re-read the API keys file) is each worker's to handle.
     signal.signal(signal.SIGHUP, lambda signum, frame: [
@@ -102,18 +103,19 @@ def serve(config: dict[str, Any], *, workers: int, host: str, port: int, stop_ti
     log.info("workers started", extra={"pids": [p.pid for p in processes], "port": port})
     code = 0
     while not stop.is_set():
-        watched = [p.sentinel for p in processes] + ([model_executor.sentinel] if model_executor else [])
+        watched = [p.sentinel for p in [*processes, *model_executors]]
         multiprocessing.connection.wait(watched, timeout=0.2)
         if stop.is_set():
             break
-        if model_executor is not None and not model_executor.is_alive():
-            log.error("executor %s exited with %s; starting another", model_executor.pid,
-                      model_executor.exitcode)
-            metrics.process_exited(model_executor.pid)
-            if time.monotonic() - executor_started < EXECUTOR_MIN_LIFE_S:
+        for i, dead in enumerate(model_executors):
+            if dead.is_alive():
+                continue
+            log.error("executor %s exited with %s; starting another", dead.pid, dead.exitcode)
+            metrics.process_exited(dead.pid)
+            if time.monotonic() - executors_started[i] < EXECUTOR_MIN_LIFE_S:
                 stop.wait(EXECUTOR_MIN_LIFE_S)  # one that dies at once would otherwise spin
-            model_executor = start_executor()
-            executor_started = time.monotonic()
+            model_executors[i] = start_executor(i)
+            executors_started[i] = time.monotonic()
         for i, process in enumerate(processes):
             if process.is_alive():
                 continue
@@ -126,8 +128,7 @@ def serve(config: dict[str, Any], *, workers: int, host: str, port: int, stop_ti
             log.warning("worker %s exited with %s; starting another", process.pid, process.exitcode)
             processes[i] = start()
     _stop(processes, stop_timeout_s)
-    if model_executor is not None:
-        _stop([model_executor], stop_timeout_s)
+    _stop(model_executors, stop_timeout_s)
     if reserved is not None:
         reserved.close()
     return code

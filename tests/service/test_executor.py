@@ -18,7 +18,7 @@ import pytest
 
 from tests.service import models as m
 from tests.service.servers import Server, start_server
-from tests.service.test_workers import executor_pid, worker_pids
+from tests.service.test_workers import EXECUTOR_NAME, _comm, _spawned, executor_pid, worker_pids
 
 BODY = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28],
                     "data": np.arange(784, dtype=np.uint8).tolist()}]}
@@ -268,3 +268,29 @@ def _alive(pid: int) -> bool:
         return "zombie" not in Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
+
+
+def test_one_executor_per_gpu_serves_as_one(repo: Path, tmp_path: Path):
+    # `--gpus 0,1` on a machine without them: two executors on the CPU, the same mechanics.
+    server = start_server(repo, tmp_path / "server.log", "--workers", "2", "--gpus", "0,1")
+    try:
+        executors = [pid for pid in _spawned(server.process.pid) if _comm(pid) == EXECUTOR_NAME]
+        assert len(executors) == 2
+        k = 30
+        for _ in range(k):
+            assert httpx.post(f"{server.url}/v2/models/img/infer", json=BODY, timeout=30).status_code == 200
+        # Summed over both executors, from every worker.
+        for _ in range(4):
+            stats = httpx.get(f"{server.url}/v2/models/img/stats", timeout=10).json()["model_stats"]
+            assert stats[0]["inference_count"] == k
+        # One executor gone: the other serves every new request meanwhile.
+        os.kill(executors[0], signal.SIGKILL)
+        time.sleep(0.2)
+        assert versions_seen(server.url, "img", 10) == Counter({"1": 10})
+        wait_ready(server)
+        onnx = (repo / "img" / "1" / "model.onnx").read_bytes()
+        publish_version(repo, "img", 2, onnx)
+        assert httpx.post(f"{server.url}/v2/repository/models/img/load", timeout=60).status_code == 200
+        assert versions_seen(server.url, "img", 20) == Counter({"2": 20})
+    finally:
+        assert server.stop() == 0, server.logs()
