@@ -266,12 +266,22 @@ class Batcher:
             return QueueFull(f"queue full ({self._queued_rows} of {policy.max_queue_size} rows waiting)",
                              headers={"Retry-After": str(self._retry_after())})
         if policy.max_queue_wait_s > 0:
-            wait = self._expected_wait(ahead)
+            # At least as long as the oldest request ahead has already waited: when the event loop,
+            # not the queue, holds batches back, rows say little and that age says it (as CoDel
+            # judges a queue by how long its packets stay).
+            wait = max(self._expected_wait(ahead), self._oldest_age(priority))
             if wait > policy.max_queue_wait_s:
                 return QueueFull(f"expected queue wait {wait * 1000:.0f} ms exceeds "
                                  f"max_queue_wait_ms {policy.max_queue_wait_s * 1000:g}",
                                  headers={"Retry-After": str(self._retry_after())})
         return None
+
+    def _oldest_age(self, priority: int) -> float:
+        """How long the oldest queued request of class `priority` or above has waited."""
+        for p in self._pending:
+            if p.queued and p.priority >= priority:
+                return perf_counter() - p.enqueued
+        return 0.0
 
     def _rows_ahead(self, priority: int) -> int:
         """Queued rows that go before a new request of class `priority` (its class and above)."""
