@@ -48,7 +48,7 @@ PROVIDER_LABELS = ("model", "version", "provider")
 
 REQUEST_DURATION = Histogram(
     "neuroserve_request_duration_seconds", "End-to-end request time inside the service",
-    ["model", "version", "provider", "endpoint", "code"], buckets=LATENCY_BUCKETS)
+    ["model", "version", "provider", "endpoint", "code", "protocol"], buckets=LATENCY_BUCKETS)
 QUEUE_DURATION = Histogram(
     "neuroserve_queue_duration_seconds", "Time a request waited in the batch queue",
     PROVIDER_LABELS, buckets=LATENCY_BUCKETS)
@@ -81,7 +81,7 @@ EXPLANATION_ROWS = Histogram(
 
 REQUESTS = Counter(
     "neuroserve_requests", "Requests by outcome (success|client_error|rejected|error)",
-    ["model", "version", "endpoint", "outcome"])
+    ["model", "version", "endpoint", "outcome", "protocol"])
 REJECTIONS = Counter(
     "neuroserve_rejections",
     "Requests refused, by reason (queue_full|deadline|too_large|invalid|not_ready|read_timeout)",
@@ -112,6 +112,13 @@ REJECTION_REASONS = ("queue_full", "deadline", "too_large", "invalid", "not_read
 # The `endpoint` label of each task's own endpoint (besides `v2_infer` and `explain`, which every
 # model has).
 TASK_ENDPOINTS = {"image": "image", "text": "text", "speech": "audio"}
+# The `protocol` label (http|grpc) of the request metrics: gRPC inferences are the `grpc_infer`
+# endpoint, everything else came over HTTP.
+GRPC_ENDPOINTS = frozenset({"grpc_infer"})
+
+
+def protocol_of(endpoint: str) -> str:
+    return "grpc" if endpoint in GRPC_ENDPOINTS else "http"
 
 # Outcome of a response, from its status code.
 _REJECTED_CODES = {413, 429, 503, 504}
@@ -191,8 +198,9 @@ class ModelMetrics:
         children = self._requests.get((endpoint, status))
         if children is None:
             children = (
-                REQUEST_DURATION.labels(self.model, self.version, self.provider, endpoint, str(status)),
-                REQUESTS.labels(self.model, self.version, endpoint, outcome(status)),
+                REQUEST_DURATION.labels(self.model, self.version, self.provider, endpoint, str(status),
+                                        protocol_of(endpoint)),
+                REQUESTS.labels(self.model, self.version, endpoint, outcome(status), protocol_of(endpoint)),
             )
             self._requests[(endpoint, status)] = children
         if trace_id is None:
@@ -222,15 +230,16 @@ def count_from_zero(model: str, version: str, task: str) -> None:
     for endpoint in ("v2_infer", TASK_ENDPOINTS.get(task), "explain"):
         if endpoint is not None:
             for outcome_ in OUTCOMES:
-                REQUESTS.labels(model, version, endpoint, outcome_)
+                REQUESTS.labels(model, version, endpoint, outcome_, protocol_of(endpoint))
     for reason in REJECTION_REASONS:
         REJECTIONS.labels(model, reason)
 
 
 def request_without_model(endpoint: str, status: int, seconds: float, model: str = UNKNOWN_MODEL) -> None:
     """Requests that never reached a model version (unknown model, not ready, malformed)."""
-    REQUEST_DURATION.labels(model, "", "", endpoint, str(status)).observe(seconds)
-    REQUESTS.labels(model, "", endpoint, outcome(status)).inc()
+    protocol = protocol_of(endpoint)
+    REQUEST_DURATION.labels(model, "", "", endpoint, str(status), protocol).observe(seconds)
+    REQUESTS.labels(model, "", endpoint, outcome(status), protocol).inc()
 
 
 def reject(model: str, reason: str) -> None:

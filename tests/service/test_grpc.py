@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import re
 import signal
 import socket
 from collections.abc import Iterator
@@ -249,6 +250,48 @@ def test_statistics_and_metrics_count_grpc_inferences(
                if line.startswith("neuroserve_requests_total{") and 'endpoint="grpc_infer"' in line
                and f'model="{name}"' in line and 'outcome="success"' in line]
     assert counted and counted[0] >= 3
+    protocols = {endpoint: protocol for endpoint, protocol in re.findall(
+        r'^neuroserve_requests_total\{[^}]*endpoint="(\w+)"[^}]*protocol="(\w+)"', text, re.MULTILINE)}
+    assert protocols["grpc_infer"] == "grpc" and protocols["v2_infer"] == "http"
+
+
+def test_a_message_over_the_size_limit_is_resource_exhausted_and_the_server_serves_on(
+    test_models: TestModels, tmp_path: Path
+):
+    port = free_port()
+    srv = start_server(test_models.repository, tmp_path / "server.log", "--grpc-port", str(port),
+                       "--max-body-bytes", "65536")
+    try:
+        with triton.InferenceServerClient(f"127.0.0.1:{port}") as c:
+            with pytest.raises(InferenceServerException) as e:
+                c.infer(test_models.image, [_pixels(_images(8, rows=100))])  # 78,400 bytes of pixels
+            assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+            x = _images(9, rows=2)
+            out = c.infer(test_models.image, [_pixels(x)]).as_numpy("probabilities")
+            np.testing.assert_allclose(out, _reference(test_models, x), **TOL)
+    finally:
+        srv.stop()
+
+
+def test_a_request_past_its_timeout_is_deadline_exceeded_and_counted(
+    client: triton.InferenceServerClient, grpc_server: tuple[Server, str], test_models: TestModels
+):
+    def shed() -> float:
+        text = httpx.get(f"{grpc_server[0].url}/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("neuroserve_rejections_total{") and 'reason="deadline"' in line
+                   and f'model="{test_models.image}"' in line)
+
+    before = shed()
+    # Triton's `timeout` parameter, in microseconds: 1 µs has passed before the request is queued.
+    with pytest.raises(InferenceServerException, match="deadline") as e:
+        client.infer(test_models.image, [_pixels(_images(10))], timeout=1)
+    assert e.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    assert shed() == before + 1
+    # The call's own gRPC deadline, as short: the same status, whichever side notices first.
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(test_models.image, [_pixels(_images(11))], client_timeout=1e-6)
+    assert e.value.status() == "StatusCode.DEADLINE_EXCEEDED"
 
 
 def test_grpc_port_in_use_fails_the_start(test_models: TestModels, tmp_path: Path):
