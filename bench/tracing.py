@@ -58,8 +58,10 @@ class Sink:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def _exporter_cpu_seconds(server: Server) -> float:
-    return sum(cpu_seconds(pid) for pid in server.span_exporter_pids())
+def _cpu(server: Server) -> tuple[float, float, float]:
+    """CPU seconds so far: all the service's processes, its event loops, its span exporters."""
+    return (server.cpu_seconds(), server.loop_cpu_seconds(),
+            sum(cpu_seconds(pid) for pid in server.span_exporter_pids()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", type=Path, default=None,
                     help="a checkout of the service without tracing (git worktree add DIR <commit>), "
                          "measured too, to show what tracing off costs")
+    ap.add_argument("--previous", type=Path, default=None,
+                    help="a checkout of the service with another tracing implementation, measured on at "
+                         "ratio 1.0 too ('previous, ratio 1.0'), to compare the two in the same rounds")
     ap.add_argument("--configs", nargs="+", default=None,
                     help="measure only these configurations (names as printed, e.g. 'off' 'on, ratio 1.0')")
     args = ap.parse_args(argv)
@@ -101,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.chdir(args.baseline):
             servers["before tracing"] = start_service(repo, extra_args=["--intra-op-threads", "1"])
         configs["before tracing"] = []
+    if args.previous is not None:
+        extra = configs["previous, ratio 1.0"] = ["--otlp-endpoint", sink.url, "--trace-sample-ratio", "1.0"]
+        with contextlib.chdir(args.previous):
+            servers["previous, ratio 1.0"] = start_service(
+                repo, extra_args=[*extra, "--intra-op-threads", "1"], env={"OTEL_BSP_SCHEDULE_DELAY": "1000"})
     results: dict[tuple[str, int], list[dict]] = {}
     try:
         for srv in servers.values():  # warm every server up once
@@ -109,13 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             for c in args.concurrency:
                 for name, srv in servers.items():
                     wait_idle(servers.values())
-                    cpu, exporter_cpu = srv.cpu_seconds(), _exporter_cpu_seconds(srv)
+                    before = _cpu(srv)
                     point = closed_loop(srv.port, requests, concurrency=c, duration_s=args.duration)
                     # The CPU the point cost, exporters included: until they have sent its spans.
                     wait_idle([srv])
-                    point["cpu_us"] = (srv.cpu_seconds() - cpu) / max(1, point["requests"]) * 1e6
-                    point["exporter_cpu_us"] = ((_exporter_cpu_seconds(srv) - exporter_cpu)
-                                                / max(1, point["requests"]) * 1e6)
+                    n = max(1, point["requests"])
+                    for key, was, now in zip(("cpu_us", "loop_cpu_us", "exporter_cpu_us"), before, _cpu(srv),
+                                             strict=True):
+                        point[key] = (now - was) / n * 1e6
                     results.setdefault((name, c), []).append(point)
     finally:
         for srv in servers.values():
@@ -124,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {workload.model}, {args.rounds} rounds × {args.duration:.0f} s per point; "
           f"exported {sink.requests} OTLP requests, {sink.bytes / 1e6:.1f} MB")
     print("| tracing | concurrency | req/s (median) | req/s per round | p50 ms | p99 ms | errors "
-          "| server CPU µs/request | of which exporter |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+          "| server CPU µs/request | of which event loop | of which exporter |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for c in args.concurrency:
         for name in configs:
             points = results[(name, c)]
@@ -135,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{statistics.median(p['p99_ms'] for p in points):.2f} | "
                   f"{sum(p['errors'] for p in points)} | "
                   f"{statistics.median(p['cpu_us'] for p in points):.0f} | "
+                  f"{statistics.median(p['loop_cpu_us'] for p in points):.0f} | "
                   f"{statistics.median(p['exporter_cpu_us'] for p in points):.0f} |")
     return 0
 
