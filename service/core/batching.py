@@ -17,8 +17,9 @@ An ORT error in a merged batch is retried request by request, so only the offend
 Who waits, and who is refused (docs/benchmarks.md, "Overload: shedding by expected wait"): a
 request is refused (429 with `Retry-After`) when the rows queued ahead of it pass `max_queue_size`,
 or when its expected wait passes `max_queue_wait`: the rows ahead of it, those being computed
-included, times the measured time per row (of computing it, or of the queue draining while rows
-waited throughout, whichever is longer: an event loop busy with requests can hold batches back).
+included, times the measured compute time per row, or the batches ahead of it times the time
+between batches while rows waited throughout, whichever is longer (an event loop busy with requests
+can hold batches back), and at least the age of the oldest request ahead of it.
 A latency bound, so the queue never holds more work than it can start within that time. Requests
 carry a priority class (higher first): the rows ahead of a request are those of its class and
 above, so lower classes are refused first, and a request admitted into a queue over its bounds
@@ -167,9 +168,9 @@ class Batcher:
         self._peak_prev = 0
         self._peak_epoch = 0.0
         self._row_seconds = 0.0  # moving average of compute-thread time per row (merge, ORT, split)
-        # Moving average of the time between batches per row while rows were waiting throughout: how
-        # fast the queue drains, whatever limits it (compute, or an event loop busy with requests).
-        self._drain_seconds = 0.0
+        # Moving average of the time between batches while rows were waiting throughout: how fast
+        # the queue drains, whatever limits it (compute, or an event loop busy with requests).
+        self._cycle_seconds = 0.0
         self._last_dispatch = 0.0
         self._backlogged = False  # rows were left waiting when the last batch was dispatched
         self._class_rows: dict[int, int] = {}  # queued rows by priority class
@@ -291,9 +292,12 @@ class Batcher:
 
     def _expected_wait(self, queued_rows: int) -> float:
         """Seconds until `queued_rows` more rows, and those being computed, have been computed: at
-        the slower of the compute rate and the rate the queue was last seen to drain."""
-        per_row = max(self._row_seconds / self.policy.instances, self._drain_seconds)
-        return (queued_rows + self._assigned_rows) * per_row
+        the slower of the compute rate and the rate batches were last seen to leave the queue."""
+        computing = (queued_rows + self._assigned_rows) * self._row_seconds / self.policy.instances
+        # Per batch, not per row: when the event loop is what holds batches back, a batch leaves
+        # as late whatever its size, and more rows only make it fuller.
+        batches = sum(self._jobs) + queued_rows // self.policy.max_batch_size
+        return max(computing, batches * self._cycle_seconds)
 
     def _over_bounds(self) -> bool:
         policy = self.policy
@@ -436,9 +440,8 @@ class Batcher:
         self._assigned_rows += rows
         now = perf_counter()
         if self._backlogged:
-            per_row = (now - self._last_dispatch) / rows
-            drain = self._drain_seconds
-            self._drain_seconds = 0.9 * drain + 0.1 * per_row if drain else per_row
+            cycle, interval = self._cycle_seconds, now - self._last_dispatch
+            self._cycle_seconds = 0.9 * cycle + 0.1 * interval if cycle else interval
         self._last_dispatch, self._backlogged = now, self._queued_rows > 0
         task = asyncio.get_running_loop().create_task(self._execute(batch, instance))
         self._tasks.add(task)
