@@ -4,8 +4,9 @@
 
 Both services start side by side (`bench.executor.start`, HTTP only); then for each rep, protocol
 (V2 JSON, V2 binary) and concurrency (64, 1) each service gets one `wrk` run in turn, the order
-alternating between reps, so both see the same machine. Prints JSON: medians of requests/s and of
-p50/p99 per point, and this checkout's requests/s as a ratio of REF's.
+alternating between reps, so both see the same machine. Prints JSON: medians of requests/s, p50/p99
+and the server's CPU time per request per point; this checkout's requests/s as a ratio of REF's
+(median of each rep's ratio) and its CPU per request as a ratio of REF's.
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ def compare(base: str, this: str | None, repository: Path, model: str, duration:
                 for p in PROTOCOLS:
                     for c in CONCURRENCY:
                         for name in order:
+                            cpu = servers[name].cpu_seconds()
                             point = closed_loop(servers[name].port, requests[p], concurrency=c,
                                                 duration_s=duration)
+                            point["server_cpu_ms_per_request"] = (
+                                (servers[name].cpu_seconds() - cpu) * 1e3 / max(1, point["ok"]))
                             runs.setdefault(f"{p} c={c}", {}).setdefault(name, []).append(point)
         finally:
             for server in servers.values():
@@ -52,12 +56,18 @@ def compare(base: str, this: str | None, repository: Path, model: str, duration:
     medians = {point: {name: {"rps": round(statistics.median(r["rps"] for r in rs), 1),
                               "p50_ms": round(statistics.median(r["p50_ms"] for r in rs), 3),
                               "p99_ms": round(statistics.median(r["p99_ms"] for r in rs), 3),
+                              "cpu_ms_per_request": round(statistics.median(
+                                  r["server_cpu_ms_per_request"] for r in rs), 4),
                               "errors": sum(r["errors"] for r in rs),
                               "rps_each": [round(r["rps"], 1) for r in rs]}
                        for name, rs in by_name.items()}
                for point, by_name in runs.items()}
-    for by_name in medians.values():
-        by_name["ratio"] = round(by_name["this"]["rps"] / by_name["base"]["rps"], 3)
+    for point, by_name in medians.items():
+        # Each rep's two runs are neighbours in time: their ratio cancels most of the machine's drift.
+        pairs = [t["rps"] / b["rps"] for t, b in zip(runs[point]["this"], runs[point]["base"], strict=True)]
+        by_name["rps_ratio_paired"] = round(statistics.median(pairs), 3)
+        by_name["cpu_ratio"] = round(by_name["this"]["cpu_ms_per_request"]
+                                     / by_name["base"]["cpu_ms_per_request"], 3)
     return {"base": base, "this": this or "working tree", "model": model, "workers": workers,
             "duration_s": duration, "reps": reps, "medians": medians}
 
