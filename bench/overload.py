@@ -1,0 +1,161 @@
+"""Open-loop overload: what a server does with 1× and 4× the load it can serve.
+
+    python -m bench.overload --repository models --model fashion-mnist --base REF [--ref REF2]
+
+For this working tree (or REF2) and for REF (their `service/` from `git archive`, run with this
+venv, on the same models), each with one worker: capacity is the closed-loop throughput of `wrk`
+(32 connections); then `wrk` with `paced.lua` offers `factor` × capacity for `--duration` seconds
+(V2 JSON, one image a request): `--connections` keep-alive connections, each pausing an exponential
+think time between an answer and its next request, its mean set so that the connections together
+send at the asked rate. With think times long beside the answers this is open loop enough (a slow
+answer delays only its own connection's next request), and `wrk` is C: on this 2-core machine a
+Python client could not send 4× beside the server (tried: three uvloop processes sent 4,700 of
+10,000 requests a second, lagging seconds behind schedule), and Debian's `hey -q` ticks all its
+workers in step, sending bursts. `offered_rps` is what was sent, not what was asked for.
+
+Reported per point: offered rate, goodput (200s a second) as a share of capacity, refusals (non-2xx:
+429 here) and socket errors, the latency of every answer as `wrk` saw it (refusals included), and
+from the server's Prometheus histograms the end-to-end time of the admitted (200) requests and the
+queue time (bucket bounds 25, 50, 100, 250 ms: percentiles interpolated within them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench import metrics as server_metrics
+from bench.executor import base_checkout, start
+from bench.load import closed_loop
+from bench.servers import HOST
+from bench.workloads import Request, load_workload, requests_for
+
+ROOT = Path(__file__).resolve().parents[1]
+PACED_LUA = Path(__file__).with_name("paced.lua")
+
+
+def paced(port: int, request: Request, *, rate: float, duration_s: float, connections: int) -> dict:
+    """`wrk` with `connections` connections thinking `connections / rate` seconds on average."""
+    with tempfile.TemporaryDirectory(prefix="bench-paced-") as tmp:
+        body = Path(tmp) / "body"
+        body.write_bytes(request.body)
+        fields = [request.path, str(body)]
+        for k, v in request.headers.items():
+            fields += [k, v]
+        manifest = Path(tmp) / "manifest.tsv"
+        manifest.write_text("\t".join(fields) + "\n")
+        think_ms = connections / rate * 1000
+        cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s", "--timeout=10s",
+               "-s", str(PACED_LUA), f"http://{HOST}:{port}/", "--", str(manifest), f"{think_ms:.3f}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk gave no result (rc {proc.returncode}): "
+                           f"{proc.stdout[-500:]} {proc.stderr[-500:]}")
+    raw = json.loads(line[len("WRKJSON "):])
+    duration = raw["duration_us"] / 1e6
+    ok = raw["requests"] - raw["status"]
+    return {
+        "asked_rps": rate, "connections": connections, "think_ms": think_ms, "duration_s": duration,
+        "sent": raw["requests"], "offered_rps": raw["requests"] / duration, "ok": ok,
+        "goodput_rps": ok / duration, "refused": raw["status"],
+        "socket_errors": raw["connect"] + raw["read"] + raw["write"] + raw["timeout"],
+        "all_p50_ms": raw["p50_us"] / 1e3, "all_p99_ms": raw["p99_us"] / 1e3,
+    }
+
+
+def admitted_durations(text: str | None, model: str) -> dict[float, float]:
+    """Cumulative buckets of the end-to-end time of `model`'s requests answered 200."""
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text or ""):
+        if family.name != "neuroserve_request_duration_seconds":
+            continue
+        for s in family.samples:
+            labels = s.labels
+            if s.name.endswith("_bucket") and labels.get("model") == model and labels.get("code") == "200":
+                le = float(s.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + s.value
+    return buckets
+
+
+def run_variant(code: Path, repository: Path, model: str, factors: list[float], duration_s: float,
+                capacity_s: float, connections: int) -> dict:
+    w = load_workload(repository / model)
+    request = requests_for(w, "v2-json")[0]
+    server = start(code, repository, 1)
+    try:
+        closed_loop(server.port, [request], concurrency=32, duration_s=2)  # warm-up
+        capacity = closed_loop(server.port, [request], concurrency=32, duration_s=capacity_s)
+        points = []
+        for factor in factors:
+            time.sleep(1)  # let the queue empty
+            text = server_metrics.scrape(server.base_url)
+            before, admitted_before = server_metrics.parse(text), admitted_durations(text, model)
+            point = paced(server.port, request, rate=factor * capacity["rps"], duration_s=duration_s,
+                          connections=connections)
+            text = server_metrics.scrape(server.base_url)
+            after, admitted_after = server_metrics.parse(text), admitted_durations(text, model)
+            queue = server_metrics.delta(before, after, model).get("queue_s", {})
+            admitted = {le: c - admitted_before.get(le, 0.0) for le, c in admitted_after.items()}
+            point.update(factor=factor, goodput_share=point["goodput_rps"] / capacity["rps"],
+                         server_admitted_p50_ms=server_metrics.quantile(admitted, 0.5) * 1000,
+                         server_admitted_p99_ms=server_metrics.quantile(admitted, 0.99) * 1000,
+                         server_queue_p50_ms=queue.get("p50", math.nan) * 1000,
+                         server_queue_p99_ms=queue.get("p99", math.nan) * 1000)
+            points.append(point)
+            print(f"  {factor:g}x: offered {point['offered_rps']:.0f}/s, "
+                  f"goodput {point['goodput_rps']:.0f}/s "
+                  f"({point['goodput_share']:.0%}), refused {point['refused']}, socket errors "
+                  f"{point['socket_errors']}, admitted p99 {point['server_admitted_p99_ms']:.1f} ms, "
+                  f"queue p99 {point['server_queue_p99_ms']:.1f} ms", flush=True)
+        return {"capacity_rps": capacity["rps"], "capacity_p99_ms": capacity["p99_ms"],
+                "capacity_refused": capacity["errors_status"], "points": points}
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.overload", description=__doc__.split("\n")[0])
+    parser.add_argument("--repository", type=Path, default=ROOT / "models")
+    parser.add_argument("--model", default="fashion-mnist")
+    parser.add_argument("--base", help="a git ref to compare with (e.g. the commit before a change)")
+    parser.add_argument("--ref", help="a git ref to measure instead of this working tree")
+    parser.add_argument("--factors", default="1,4", help="offered load as multiples of capacity")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds of each open-loop point")
+    parser.add_argument("--capacity-duration", type=float, default=5.0)
+    parser.add_argument("--connections", type=int, default=2000, help="wrk's connections when paced")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    factors = [float(f) for f in args.factors.split(",")]
+    result: dict = {"command": "python -m bench.overload " + " ".join(argv or sys.argv[1:]),
+                    "model": args.model, "workers": 1, "variants": {}}
+    variants: list[tuple[str, Path | None]] = [(args.ref, None) if args.ref else ("this", ROOT)]
+    if args.base:
+        variants.insert(0, (args.base, None))
+    for name, code in variants:
+        print(f"{name}:", flush=True)
+        knobs = (args.repository, args.model, factors, args.duration, args.capacity_duration,
+                 args.connections)
+        if code is None:
+            with base_checkout(name) as base_code:
+                result["variants"][name] = run_variant(base_code, *knobs)
+        else:
+            result["variants"][name] = run_variant(code, *knobs)
+        print(f"  capacity {result['variants'][name]['capacity_rps']:.0f}/s "
+              f"({result['variants'][name]['capacity_refused']} refused)", flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
