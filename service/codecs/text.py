@@ -21,8 +21,9 @@ from tokenizers import Tokenizer
 
 from service.errors import InvalidInput, PayloadTooLarge, ServiceError
 
-# Content tokens between the starts of two windows, as a share of a window's content: half, so every
-# token after the first half-window is read twice, once with context on either side.
+# Content tokens between the starts of two windows, as a share of a window's content (a model's
+# `[text] window_stride`): half by default, so every token after the first half-window is read
+# twice, once with context on either side.
 WINDOW_STRIDE = 0.5
 
 
@@ -82,9 +83,11 @@ class TextModel:
     pad_id: int
     max_chars: int
     dtypes: dict[str, np.dtype]
+    stride: float = WINDOW_STRIDE  # between the starts of two windows of a long text (`windows`)
 
     @classmethod
-    def for_inputs(cls, encoder: TextEncoder, inputs: dict[str, str], max_chars: int) -> TextModel:
+    def for_inputs(cls, encoder: TextEncoder, inputs: dict[str, str], max_chars: int,
+                   stride: float = WINDOW_STRIDE) -> TextModel:
         """`inputs` maps each graph input name to its numpy dtype name."""
         names = list(inputs)
         mask = next((n for n in names if "mask" in n), None)
@@ -97,7 +100,7 @@ class TextModel:
                 pad_id = tid
                 break
         dtypes = {n: np.dtype(d) for n, d in inputs.items()}
-        return cls(encoder, ids, mask, token_type, pad_id, max_chars, dtypes)
+        return cls(encoder, ids, mask, token_type, pad_id, max_chars, dtypes, stride)
 
     @property
     def vocab_size(self) -> int:
@@ -116,7 +119,7 @@ class TextModel:
                     raise InvalidInput("empty or not a string")
                 if len(text) > self.max_chars:
                     raise PayloadTooLarge(f"{len(text):,} characters; the limit is {self.max_chars:,}")
-                out.append(self.encoder.windows(text, max_tokens=max_tokens))
+                out.append(self.encoder.windows(text, max_tokens=max_tokens, stride=self.stride))
             except ServiceError as e:
                 out.append(type(e)(f"text {i}: {e.message}"))
         return out

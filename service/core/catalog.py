@@ -136,7 +136,7 @@ def text_model(config: ModelConfig, directory: Path, max_chars: int) -> TextMode
         return None
     encoder = TextEncoder(directory / config.text.tokenizer, config.text.max_tokens)
     dtypes = {t.name: V2_TO_NUMPY[t.datatype] for t in config.inputs}
-    return TextModel.for_inputs(encoder, dtypes, max_chars)
+    return TextModel.for_inputs(encoder, dtypes, max_chars, config.text.window_stride)
 
 
 class Catalog:

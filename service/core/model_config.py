@@ -71,7 +71,9 @@ class ImagePreprocessing(Strict):
 
 class TextPreprocessing(Strict):
     tokenizer: str = "tokenizer.json"
-    max_tokens: int = Field(default=128, gt=1)
+    max_tokens: int = Field(default=128, gt=1)  # the model's window; a longer text is read in windows
+    # Between the starts of two windows of a long text, as a share of a window's content tokens.
+    window_stride: float = Field(default=0.5, gt=0, le=1)
 
 
 class AudioPreprocessing(Strict):

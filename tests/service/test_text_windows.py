@@ -112,3 +112,22 @@ def test_shipped_sentiment_answers_whole_reviews_as_its_card_measures_them(tmp_p
     for prediction, expected in zip(body["predictions"], offline, strict=True):
         got = {p["label"]: p["probability"] for p in prediction}
         assert got["positive"] == pytest.approx(float(expected[1]), abs=1e-4)
+
+
+def test_the_models_window_stride_sets_how_windows_overlap(tmp_path: Path):
+    from service.core.catalog import text_model
+    from service.core.model_config import load_model_config
+
+    directory = m.text_model(tmp_path)
+    config = load_model_config(directory)
+    assert config.text is not None
+    counts = {}
+    for stride in (0.25, 0.5, 1.0):
+        strided = config.model_copy(update={"text": config.text.model_copy(update={"window_stride": stride})})
+        model = text_model(strided, directory, 10_000)
+        assert model is not None
+        (windows,) = model.windows([LONG], max_tokens=10_000)
+        counts[stride] = len(windows)
+    # Content per window is fixed by max_tokens: a quarter stride needs about twice the windows of a
+    # half, and a whole stride (no overlap) about half.
+    assert counts[0.25] > counts[0.5] > counts[1.0] >= 2, counts
