@@ -1,14 +1,15 @@
 """CPU time per V2 infer request inside the application, driven over ASGI in process (no sockets, no
 load generator): two git refs' services, interleaved.
 
-    python -m bench.app_cost --base REF [--this REF] [--rounds 3] [--repeats 5] [--requests 1280]
+    python -m bench.app_cost --base REF --this REF [--rounds 3] [--repeats 5] [--requests 1280]
 
-Each round runs, for each ref in turn, a fresh process that builds the app (`create_app`, one
-worker, in-process models, no gRPC), waits until it is ready and calls it directly with fashion-mnist
-V2 JSON and binary requests, one at a time (c=1) and 64 at once (c=64). A point is the process's CPU
-time (event loop and ONNX Runtime thread together) over `--requests` requests, the best of
-`--repeats`. On a shared machine this drifts far less than requests/s over sockets does. Prints JSON:
-per ref and point the median over rounds, in µs per request, and this ref's as a ratio of REF's.
+Each round runs, for each ref in turn (which goes first alternates), a fresh process that builds
+the app (`create_app`, one worker, in-process models, no gRPC), waits until it is ready and calls it
+directly with fashion-mnist V2 JSON and binary requests, one at a time (c=1) and 64 at once (c=64).
+A point is the process's CPU time (event loop and ONNX Runtime thread together) over `--requests`
+requests, the best of `--repeats`. On a shared machine this drifts far less than requests/s over
+sockets does. Prints JSON: per ref and point the median over rounds, in µs per request, and this
+ref's as a ratio of REF's.
 """
 
 from __future__ import annotations
@@ -104,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     runs: dict[str, list[dict[str, float]]] = {"base": [], "this": []}
     with base_checkout(args.base) as base_code, base_checkout(args.this) as this_code:
-        for _ in range(args.rounds):
-            for name, code in (("base", base_code), ("this", this_code)):
+        for i in range(args.rounds):
+            order = [("base", base_code), ("this", this_code)]
+            for name, code in order if i % 2 == 0 else reversed(order):
                 runs[name].append(_run(code, args.repository.resolve(), args.model, args.repeats,
                                        args.requests))
     medians = {point: {name: statistics.median(r[point] for r in rs) for name, rs in runs.items()}

@@ -6,7 +6,9 @@
 Starts `python -m service serve` on free ports of 127.0.0.1 (HTTP and gRPC). Then, one protocol
 after the other, `--threads` threads, each with its own client and one request in flight (batch 1,
 random pixels), call for `--warmup` seconds, then for `--duration` seconds measured; it prints
-requests per second and latency percentiles as the client measured them.
+requests per second and latency percentiles as the client measured them, and the CPU time per
+request of the server process and of the client (this process, every thread), over the measured
+and warm-up seconds together.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -27,6 +30,8 @@ import httpx
 import numpy as np
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
+
+from bench.servers import cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,6 +86,11 @@ def _load(factories: list[Callable[[], Callable[[], None]]], warmup: float, dura
     return len(every), every
 
 
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.grpc_http", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,16 +123,21 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(0)
         print(f"model {args.model}, batch 1, {args.threads} threads, {args.duration:g} s per protocol; "
               f"server: {' '.join(cmd[2:])}")
-        print("| protocol | requests | req/s | p50 ms | p99 ms |")
-        print("|---|---:|---:|---:|---:|")
+        print("| protocol | requests | req/s | p50 ms | p99 ms | server CPU ms/req | client CPU ms/req |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for name, make in (("HTTP binary (tritonclient.http)", _http_call),
                            ("gRPC (tritonclient.grpc)", _grpc_call)):
             port = http_port if make is _http_call else grpc_port
             images = [rng.integers(0, 256, (1, 1, 28, 28), dtype=np.uint8) for _ in range(args.threads)]
             factories = [functools.partial(make, port, args.model, x) for x in images]
+            server_cpu, client_cpu, start = cpu_seconds(server.pid), _own_cpu_seconds(), time.perf_counter()
             n, lat = _load(factories, args.warmup, args.duration)
+            # CPU over warm-up and measurement, per request at the measured rate over that time.
+            calls = n / args.duration * (time.perf_counter() - start)
             print(f"| {name} | {n} | {n / args.duration:,.0f} | {np.percentile(lat, 50) * 1000:.2f} | "
-                  f"{np.percentile(lat, 99) * 1000:.2f} |")
+                  f"{np.percentile(lat, 99) * 1000:.2f} | "
+                  f"{(cpu_seconds(server.pid) - server_cpu) * 1000 / calls:.3f} | "
+                  f"{(_own_cpu_seconds() - client_cpu) * 1000 / calls:.3f} |")
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
