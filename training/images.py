@@ -392,7 +392,8 @@ def write_model_dir(model_dir: Path, data: ImageData, spec: Spec, model: nn.Modu
         labels="labels.txt",
         scores_output="probabilities",
         image=spec.image,
-        batching=Batching(max_batch_size=16, max_queue_delay_ms=0.0, max_queue_size=512, instances=1),
+        batching=Batching(max_batch_size=16, max_queue_delay_ms=0.0, max_queue_size=512, instances=1,
+                          max_queue_wait_ms=100.0),
     ))
     title = "Fashion-MNIST" if data.name == "fashion-mnist" else "MNIST digits"
     report.plot_confusion(ev, data.labels, model_dir / "confusion_matrix.png",

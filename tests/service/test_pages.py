@@ -84,7 +84,8 @@ def test_models_list_says_how_to_call_each_model(client):
     assert image["input"] == {"width": 28, "height": 28, "color": "L", "invert": "never"}
     assert image["labels"][-1] == "Ankle boot" and image["max_batch_size"] == 8
     assert models["tiny-audio"]["input"] == {"sample_rate": 8000, "duration_s": 0.5}
-    assert models["tiny-text"]["input"] == {"max_tokens": 32} and not models["tiny-text"]["card"]
+    assert models["tiny-text"]["input"] == {"max_tokens": 32, "window_stride": 0.5}
+    assert not models["tiny-text"]["card"]
 
 
 def test_model_card_is_rendered_with_tables_figures_and_raw_html_as_text(client):
