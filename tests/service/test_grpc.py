@@ -8,6 +8,7 @@ import queue
 import re
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -315,6 +316,10 @@ def test_every_worker_serves_grpc_on_the_shared_port(test_models: TestModels, tm
             with triton.InferenceServerClient(f"127.0.0.1:{port}") as c:
                 result = c.infer(test_models.image, [_pixels(x)])
                 np.testing.assert_allclose(result.as_numpy("probabilities"), want, **TOL)
+        # Ready means one worker serves; the other starts its gRPC server a moment later.
+        deadline = time.monotonic() + 30
+        while server.logs().count("gRPC listening") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert server.logs().count("gRPC listening") == 2
     finally:
         server.stop()

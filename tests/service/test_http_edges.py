@@ -78,7 +78,7 @@ def test_a_large_v2_body_over_the_limits_is_refused_from_its_declared_shape(serv
     request = (f"POST /v2/models/{test_models.image}/infer HTTP/1.1\r\nHost: x\r\n"
                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
     probes: list[float] = []
-    stop = threading.Event()
+    stop, probing = threading.Event(), threading.Event()
 
     def probe() -> None:
         with httpx.Client(base_url=server.url) as c:
@@ -86,10 +86,12 @@ def test_a_large_v2_body_over_the_limits_is_refused_from_its_declared_shape(serv
                 start = time.perf_counter()
                 assert c.get("/v2/health/live").status_code == 200
                 probes.append(time.perf_counter() - start)
+                probing.set()
                 time.sleep(0.005)
 
     prober = threading.Thread(target=probe)
     prober.start()
+    assert probing.wait(30)  # connected and probing before the bodies go out
     try:
         answers = []
         senders = [threading.Thread(target=lambda: answers.append(_exchange(server, request + body)))
