@@ -237,8 +237,8 @@ class GroupBatcher(RemoteBatcher):
 class ExecutorGroup:
     """One executor per GPU (`--gpus 0,1`), each with every model: the same methods as one.
 
-    The catalog is the first executor's (all load the same repository); the group is ready when
-    every executor is; model changes go to each in turn; statistics are summed."""
+    The catalog is the first ready executor's (all load the same repository); the group is ready
+    when every executor is; model changes go to each in turn; statistics are summed."""
 
     def __init__(self, settings: Settings, addresses: list[Address]) -> None:
         self.members = [RemoteExecutor(settings, address, lambda m, v: GroupBatcher(self, m, v))
@@ -247,6 +247,10 @@ class ExecutorGroup:
 
     @property
     def catalog(self) -> Catalog:
+        """The first ready executor's: while one restarts, the others' say what is served."""
+        for m in self.members:
+            if m.connected and not m.catalog.loading:
+                return m.catalog
         return self.members[0].catalog
 
     @property
