@@ -349,13 +349,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = simulated(args.repository, args.model, args.a_ms, args.b_ms, args.batch, args.concurrency,
                            [int(x) for x in args.front_ends.split(",")], args.duration, args.reps)
-    result["argv"] = ["python", "-m", "bench.executor", *(argv if argv is not None else sys.argv[1:])]
+    emit(result, "bench.executor", argv, args.out)
+    return 0
+
+
+def emit(result: dict, module: str, argv: list[str] | None, out: Path | None) -> None:
+    """Print a benchmark's JSON result with the command that produced it, and write it to `out`."""
+    result["argv"] = ["python", "-m", module, *(argv if argv is not None else sys.argv[1:])]
     text = json.dumps(result, indent=2)
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return 0
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 from pathlib import Path
 
-from bench.executor import ROOT, base_checkout, start
+from bench.executor import ROOT, base_checkout, emit, start
 from bench.load import closed_loop
 from bench.workloads import load_workload, requests_for
 
@@ -86,12 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     result = compare(args.base, args.this, args.repository, args.model, args.duration, args.reps,
                      args.workers)
-    result["argv"] = ["python", "-m", "bench.routes", *(argv if argv is not None else sys.argv[1:])]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, "bench.routes", argv, args.out)
     return 0
 
 
