@@ -1,12 +1,15 @@
 """REST prediction speed of this checkout against a git ref's, both running at once, interleaved.
 
     python -m bench.routes --base REF [--this REF] [--model fashion-mnist] [--duration 5] [--reps 3]
+                           [--reference]
 
 Both services start side by side (`bench.executor.start`, HTTP only); then for each rep, protocol
 (V2 JSON, V2 binary) and concurrency (64, 1) each service gets one `wrk` run in turn, the order
 alternating between reps, so both see the same machine. Prints JSON: medians of requests/s, p50/p99
 and the server's CPU time per request per point; this checkout's requests/s as a ratio of REF's
-(median of each rep's ratio) and its CPU per request as a ratio of REF's.
+(median of each rep's ratio) and its CPU per request as a ratio of REF's. `--reference` runs the
+plain FastAPI + ONNX Runtime server (`bench.reference_server`, one worker) beside them, through V2
+JSON only (the one protocol it speaks), in the same rotation.
 """
 
 from __future__ import annotations
@@ -19,14 +22,15 @@ from pathlib import Path
 
 from bench.executor import ROOT, base_checkout, emit, start
 from bench.load import closed_loop
-from bench.workloads import load_workload, requests_for
+from bench.servers import start_reference
+from bench.workloads import load_workload, model_file, requests_for
 
 PROTOCOLS = ("v2-json", "v2-binary")
 CONCURRENCY = (64, 1)
 
 
 def compare(base: str, this: str | None, repository: Path, model: str, duration: float, reps: int,
-            workers: int) -> dict:
+            workers: int, reference: bool = False) -> dict:
     w = load_workload(repository / model)
     requests = {p: requests_for(w, p) for p in PROTOCOLS}
     runs: dict[str, dict[str, list[dict]]] = {}
@@ -34,15 +38,20 @@ def compare(base: str, this: str | None, repository: Path, model: str, duration:
             (base_checkout(this) if this else contextlib.nullcontext(ROOT)) as this_code:
         servers = {"base": start(base_code, repository, workers),
                    "this": start(this_code, repository, workers)}
+        if reference:
+            servers["reference"] = start_reference(model_file(repository / model), model, workers=1,
+                                                   ort_threads=1)
         try:
-            for server in servers.values():
-                for p in PROTOCOLS:
+            for name, server in servers.items():
+                for p in _protocols(name):
                     closed_loop(server.port, requests[p], concurrency=64, duration_s=2)  # warm-up
             for rep in range(reps):
                 order = list(servers) if rep % 2 == 0 else list(reversed(servers))
                 for p in PROTOCOLS:
                     for c in CONCURRENCY:
                         for name in order:
+                            if p not in _protocols(name):
+                                continue
                             cpu = servers[name].cpu_seconds()
                             point = closed_loop(servers[name].port, requests[p], concurrency=c,
                                                 duration_s=duration)
@@ -67,8 +76,14 @@ def compare(base: str, this: str | None, repository: Path, model: str, duration:
         by_name["rps_ratio_paired"] = round(statistics.median(pairs), 3)
         by_name["cpu_ratio"] = round(by_name["this"]["cpu_ms_per_request"]
                                      / by_name["base"]["cpu_ms_per_request"], 3)
+        if "reference" in by_name:
+            by_name["p50_vs_reference"] = round(by_name["this"]["p50_ms"] / by_name["reference"]["p50_ms"], 3)
     return {"base": base, "this": this or "working tree", "model": model, "workers": workers,
             "duration_s": duration, "reps": reps, "medians": medians}
+
+
+def _protocols(server: str) -> tuple[str, ...]:
+    return ("v2-json",) if server == "reference" else PROTOCOLS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=5)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--reference", action="store_true",
+                   help="also measure the plain FastAPI + ORT server (V2 JSON)")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args(argv)
     result = compare(args.base, args.this, args.repository, args.model, args.duration, args.reps,
-                     args.workers)
+                     args.workers, args.reference)
     emit(result, "bench.routes", argv, args.out)
     return 0
 

@@ -339,18 +339,29 @@ class Batcher:
         if tracing.enabled and (trace := tracing.current.get()) is not None:
             p.trace = trace
             tracing.enqueued(trace, now)
-        if deadline is not None:
-            p.timer = loop.call_later(max(0.0, deadline - now), self._expire, p)
-        self._pending.append(p)
-        self._queued_rows += rows
-        self._class_rows[priority] = self._class_rows.get(priority, 0) + rows
-        self.metrics.queue_depth.inc(rows)
-        if len(self._class_rows) > 1:
-            self._evict_below(priority)
         self._track_inflight(loop.time())
         self.metrics.inflight.inc()
-        self._wake.set()
+        # Nothing to batch it with and an instance free: straight to its compute thread. Through the
+        # scheduler task it would wait three more turns of the event loop (docs/benchmarks.md, "A
+        # lone request").
+        alone = not self._queued_rows and self._idle_and_alone() and (deadline is None or deadline > now)
+        if alone:
+            p.queued = False
+            self._jobs[0] += 1
+            self._assigned_rows += rows
+        else:
+            if deadline is not None:
+                p.timer = loop.call_later(max(0.0, deadline - now), self._expire, p)
+            self._pending.append(p)
+            self._queued_rows += rows
+            self._class_rows[priority] = self._class_rows.get(priority, 0) + rows
+            self.metrics.queue_depth.inc(rows)
+            if len(self._class_rows) > 1:
+                self._evict_below(priority)
+            self._wake.set()
         try:
+            if alone:
+                await self._execute([p], 0)
             return await p.future
         finally:
             if p.trace is not None:
@@ -369,6 +380,10 @@ class Batcher:
         self._inflight += 1
         if self._inflight > self._peak_cur:
             self._peak_cur = self._inflight
+
+    def _idle_and_alone(self) -> bool:
+        """No instance is computing and no other request is expected."""
+        return not any(self._jobs) and self._expected_arrivals() <= 0
 
     def _expected_arrivals(self) -> int:
         """Requests likely on their way: the recent peak of concurrent requests minus those here.
@@ -466,8 +481,8 @@ class Batcher:
     async def _collect(self) -> list[_Pending]:
         max_rows = self.policy.max_batch_size
         while self._queued_rows and self._queued_rows < max_rows and not self._closing:
-            if not any(self._jobs) and self._expected_arrivals() <= 0:
-                break  # idle runtime and nobody else coming: waiting would only add latency
+            if self._idle_and_alone():
+                break  # waiting would only add latency
             oldest = self._oldest()
             if oldest is None:
                 break
@@ -570,6 +585,10 @@ class Batcher:
         self._compute_queues[instance].put((batch, done))
         try:
             results, start, (input_s, output_s), padding, calls = await done
+        except asyncio.CancelledError:
+            for p in batch:
+                p.future.cancel()  # nobody waits for their answers any more
+            raise
         finally:
             self._jobs[instance] -= 1
             self._assigned_rows -= sum(p.rows for p in batch)

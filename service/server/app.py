@@ -226,6 +226,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Served by `service.server.rest.docs` with local assets instead of FastAPI's CDN-loading pages.
         docs_url=None,
         redoc_url=None,
+        # FastAPI's own OpenTelemetry instrumentation would ask the global providers on every
+        # request; the service traces requests itself (service.observability.tracing).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.service = state
     app.add_exception_handler(errors.ServiceError, _service_error)

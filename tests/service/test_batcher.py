@@ -55,6 +55,39 @@ def test_a_full_batch_is_handed_to_the_busy_instance_before_the_running_batch_en
     assert calls[:2] == [1, 2]
 
 
+def test_a_lone_request_whose_caller_leaves_mid_computation_leaves_the_batcher_serving(caplog):
+    """A lone request on an idle batcher goes straight to the compute thread, awaited by its own
+    caller: cancelling the caller must not count as a failed batch nor leave the instance busy."""
+    started, release = threading.Event(), threading.Event()
+
+    def run(instance, feeds):
+        started.set()
+        release.wait(10)
+        return [feeds["x"].sum(axis=1, keepdims=True)]
+
+    async def scenario():
+        b = _batcher(run, max_batch=4)
+        b.start()
+        lone = asyncio.create_task(b.submit({"x": np.ones((1, 3), np.float32)}, 1))
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        assert b.queued_rows == 0  # computing, never queued
+        lone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await lone
+        release.set()
+        after = await b.submit({"x": np.full((1, 3), 2, np.float32)}, 1)
+        inflight = b.inflight
+        await b.close()
+        return after, inflight
+
+    caplog.set_level("ERROR", logger="neuroserve.batching")
+    after, inflight = asyncio.run(scenario())
+    assert float(after.outputs["y"][0, 0]) == 6.0
+    assert inflight == 0
+    assert not [r for r in caplog.records if r.name == "neuroserve.batching"]
+
+
 def test_max_padding_ratio_keeps_rows_of_other_lengths_out_of_a_batch():
     release = threading.Event()
     batches: list[list[int]] = []
