@@ -88,6 +88,9 @@ REJECTIONS = Counter(
     ["model", "reason"])
 PREDICTIONS = Counter(
     "neuroserve_predictions", "Predictions by top-1 label", ["model", "version", "label"])
+TRACE_EXPORTER_RESTARTS = Counter(
+    "neuroserve_trace_exporter_restarts",
+    "Times a front-end restarted its span exporter process after it died (tracing on)")
 
 # Gauges: what each mode means once several workers write them.
 QUEUE_DEPTH = Gauge(

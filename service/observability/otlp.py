@@ -12,7 +12,13 @@ One exporter process per front-end, started by it (`tracing.setup`) and ended by
 exits when its stdin closes, which happens too when the front-end dies. It reads the exporter and
 batching variables as the SDK does: OTEL_EXPORTER_OTLP_[TRACES_]{HEADERS,TIMEOUT,COMPRESSION,
 CERTIFICATE,CLIENT_CERTIFICATE,CLIENT_KEY} and OTEL_BSP_{SCHEDULE_DELAY,MAX_QUEUE_SIZE,
-MAX_EXPORT_BATCH_SIZE}.
+MAX_EXPORT_BATCH_SIZE,EXPORT_TIMEOUT}. Two timeouts bound an export: OTEL_EXPORTER_OTLP_TIMEOUT
+(seconds, as the Python SDK reads it; default 10) is the exporter's, the time it may spend on one
+batch, retries included, and the timeout of each socket operation; OTEL_BSP_EXPORT_TIMEOUT
+(milliseconds, default 30000) is the batch processor's, the longest an export may take at all.
+Past the shorter of the two the export is abandoned, its batch dropped, even while a collector
+that accepted the connection is still trickling its answer or never sends one (a timer, SIGALRM,
+interrupts the blocked socket call). If this process dies anyway, its front-end starts another.
 
 A record (one request or one batch, with its child spans), as msgpack arrays:
     (trace_id: 16 bytes, span_id: 8 bytes, parent_span_id: 8 bytes | None, trace_state: str,
@@ -31,6 +37,7 @@ import http.client
 import logging
 import os
 import random
+import signal
 import ssl
 import struct
 import sys
@@ -219,7 +226,16 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, "").strip() or default)
     except ValueError:
+        log.warning("%s=%r is not an integer; using %d", name, os.environ.get(name), default)
         return default
+
+
+class ExportTimeout(Exception):
+    """An export ran past OTEL_BSP_EXPORT_TIMEOUT (raised by the SIGALRM handler)."""
+
+
+def _export_timed_out(signum: int, frame: object) -> None:
+    raise ExportTimeout
 
 
 class Sender:
@@ -233,7 +249,10 @@ class Sender:
 
     RETRYABLE = frozenset({429, 502, 503, 504})
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, export_timeout_s: float | None = None) -> None:
+        """`export_timeout_s` (OTEL_BSP_EXPORT_TIMEOUT): the most one `send` may take, enforced with
+        SIGALRM, so only in the main thread of a process that leaves SIGALRM to it; None: no cap
+        beyond OTEL_EXPORTER_OTLP_TIMEOUT, which the socket timeouts and retries keep to."""
         from opentelemetry.util.re import parse_env_headers
 
         url = urlsplit(endpoint)
@@ -244,7 +263,14 @@ class Sender:
         self.gzip = _env("COMPRESSION").lower() == "gzip"
         if self.gzip:
             self.headers["Content-Encoding"] = "gzip"
-        self.timeout_s = float(_env("TIMEOUT") or 10)
+        try:
+            self.timeout_s = float(_env("TIMEOUT") or 10)
+        except ValueError:
+            log.warning("OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT=%r is not a number; using 10 s", _env("TIMEOUT"))
+            self.timeout_s = 10.0
+        self.export_timeout_s = export_timeout_s
+        if export_timeout_s is not None:
+            signal.signal(signal.SIGALRM, _export_timed_out)
         host, port = url.hostname or "localhost", url.port
         if url.scheme == "https":
             context = ssl.create_default_context(cafile=_env("CERTIFICATE") or None)
@@ -275,9 +301,29 @@ class Sender:
         return response.status
 
     def send(self, body: bytes) -> bool:
+        """Export one request; False when it failed or was abandoned (the batch is dropped)."""
+        if self.export_timeout_s is None:
+            return self._send(body, time.monotonic() + self.timeout_s)
+        try:
+            try:
+                signal.setitimer(signal.ITIMER_REAL, self.export_timeout_s)
+                return self._send(body, time.monotonic() + min(self.timeout_s, self.export_timeout_s))
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except ExportTimeout:
+            # _post closed the connection it was blocked on: the next export opens a new one.
+            self._failed(f"abandoned after OTEL_BSP_EXPORT_TIMEOUT={self.export_timeout_s * 1000:g} ms")
+            return False
+
+    def _failed(self, reason: str) -> None:
+        self.failures += 1
+        if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
+            log.warning("span export to %s failed (%s), %d times so far",
+                        self.endpoint, reason, self.failures)
+
+    def _send(self, body: bytes, deadline: float) -> bool:
         if self.gzip:
             body = gzip.compress(body)
-        deadline = time.monotonic() + self.timeout_s
         delay = 0.5
         while True:
             try:
@@ -288,10 +334,7 @@ class Sender:
             except (OSError, http.client.HTTPException) as exc:
                 retry, reason = True, type(exc).__name__
             if not retry or time.monotonic() + delay > deadline:
-                self.failures += 1
-                if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
-                    log.warning("span export to %s failed (%s), %d times so far",
-                                self.endpoint, reason, self.failures)
+                self._failed(reason)
                 return False
             time.sleep(delay)
             delay *= 2
@@ -304,7 +347,12 @@ def serve(config: Config) -> None:
     schedule_s = _env_int("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
     max_queue = max(1, _env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048))
     max_batch = max(1, min(max_queue, _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)))
-    sender = Sender(config.endpoint)
+    export_timeout_ms = _env_int("OTEL_BSP_EXPORT_TIMEOUT", 30000)
+    if export_timeout_ms <= 0:
+        log.warning("OTEL_BSP_EXPORT_TIMEOUT=%d is not a positive number of ms; using 30000",
+                    export_timeout_ms)
+        export_timeout_ms = 30000
+    sender = Sender(config.endpoint, export_timeout_ms / 1000)
     decoder = msgspec.msgpack.Decoder()
     context = zmq.Context(1)
     pull = context.socket(zmq.PULL)

@@ -18,7 +18,9 @@ packs the queue with msgpack and pushes it over a ZeroMQ socket; the exporter pr
 OTLP protobuf and sends it. Encoding spans is the expensive part of tracing, and in the serving
 process it would hold the GIL against the event loop (docs/benchmarks.md, "Tracing: what
 OpenTelemetry costs"). A slow or absent collector costs requests nothing: the socket and the
-exporter's queue are bounded, and records past them are dropped.
+exporter's queue are bounded, and records past them are dropped. An exporter process that dies is
+started again by the pushing thread (with a backoff), counted in
+`neuroserve_trace_exporter_restarts_total`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,6 +51,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.trace import SpanContext
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from service.observability.metrics import TRACE_EXPORTER_RESTARTS
 from service.observability.otlp import SPAN_KIND_INTERNAL, SPAN_KIND_SERVER, Config
 
 log = logging.getLogger("neuroserve.tracing")
@@ -62,6 +66,7 @@ _sampler: _Sampler | None = None
 _slow_s = 0.0
 _propagator = TraceContextTextMapPropagator()
 _getrandbits = random.getrandbits
+_SIGNALS = frozenset(s.value for s in signal.Signals)
 
 # gRPC status codes that mark a server span as an error (OpenTelemetry semantic conventions).
 _GRPC_SERVER_ERRORS = frozenset({2, 4, 12, 13, 14, 15})  # UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED,
@@ -159,27 +164,43 @@ def wanted(otlp_endpoint: str) -> bool:
 class SpanExporter:
     """This process's side of its exporter process: a queue of records that a thread packs and
     pushes to the process every `interval_s`. The request path only appends to the queue (a deque:
-    safe from any thread, and bounded, the oldest record giving way when the thread falls behind)."""
+    safe from any thread, and bounded, the oldest record giving way when the thread falls behind).
+
+    The same thread looks after the process: at most every `check_s` it asks whether the process
+    is still there (`poll()`, no cost to requests), and when it died (a crash, an OOM kill) it
+    starts another, not sooner than `restart_min_s` after the last start. That delay doubles with
+    each restart up to `restart_max_s`, and starts over once a process lived `restart_max_s`. While
+    there is none, records go where they went when the collector was slow: into the bounded queues,
+    and past them they are dropped."""
 
     def __init__(self, endpoint: str, resource: dict[str, Any], version: str,
-                 interval_s: float = 0.05, max_records: int = 65536) -> None:
+                 interval_s: float = 0.05, max_records: int = 65536, check_s: float = 0.5,
+                 restart_min_s: float = 2.0, restart_max_s: float = 60.0) -> None:
         import zmq
 
         self.records: deque[tuple[Any, ...]] = deque(maxlen=max_records)
         self.interval_s = interval_s
         self.dropped = 0
+        self.restarts = 0
+        self.check_s = check_s
+        self.restart_min_s = restart_min_s
+        self.restart_max_s = restart_max_s
+        self._restart_delay_s = restart_min_s
+        self._next_check = time.monotonic() + check_s
         self._directory = Path(tempfile.mkdtemp(prefix="neuroserve-spans-"))
         address = f"ipc://{self._directory}/spans.sock"
         config = Config(endpoint, address, resource, ("neuroserve", version),
                         time.time_ns() - time.perf_counter_ns())
-        # Its stdin is how it learns that this process is done or gone (the pipe closes).
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.observability.otlp", msgspec.msgpack.encode(config).hex()],
-            stdin=subprocess.PIPE, close_fds=True)
+        self._command = [sys.executable, "-m", "service.observability.otlp",
+                         msgspec.msgpack.encode(config).hex()]
+        # Held while the process is replaced or closed: `close` never races a restart.
+        self._lock = threading.Lock()
+        self.process = self._spawn()
         self._context = zmq.Context(1)
         self._push = self._context.socket(zmq.PUSH)
         # Records wait for the process to bind (connect queues at once), up to this many messages;
         # past it, a collector too slow to keep up loses records here, never a request its time.
+        # A restarted process binds the same address, and the socket reconnects to it by itself.
         self._push.setsockopt(zmq.SNDHWM, 256)
         self._push.connect(address)
         self._again = zmq.Again
@@ -189,9 +210,17 @@ class SpanExporter:
         self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
         self._thread.start()
 
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        # Its stdin is how it learns that this process is done or gone (the pipe closes).
+        process = subprocess.Popen(self._command, stdin=subprocess.PIPE, close_fds=True)
+        self._started = time.monotonic()
+        return process
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._flush()
+            if time.monotonic() >= self._next_check:
+                self._look_after_process()
         self._flush()
 
     def _flush(self) -> None:
@@ -204,10 +233,46 @@ class SpanExporter:
             except self._again:
                 self.dropped += len(batch)
 
+    def _look_after_process(self) -> None:
+        """Restart the exporter process if it died, within the backoff; never after `close`."""
+        now = time.monotonic()
+        self._next_check = now + self.check_s
+        status = self.process.poll()
+        if status is None:
+            return
+        lived_s = now - self._started
+        if lived_s >= self.restart_max_s:  # it had been fine for a while: restart at once
+            self._restart_delay_s = self.restart_min_s
+        if now < self._started + self._restart_delay_s:
+            return
+        with self._lock:
+            if self._stop.is_set():
+                return
+            old = self.process
+            if old.stdin is not None:
+                old.stdin.close()
+            try:
+                self.process = self._spawn()
+            except Exception:
+                log.exception("the span exporter process could not be restarted")
+                self._started = now
+                self._restart_delay_s = min(self._restart_delay_s * 2, self.restart_max_s)
+                return
+            self.restarts += 1
+        self._restart_delay_s = min(self._restart_delay_s * 2, self.restart_max_s)
+        TRACE_EXPORTER_RESTARTS.inc()
+        how = (f"signal {signal.Signals(-status).name}" if status < 0 and -status in _SIGNALS
+               else f"status {status}")
+        log.warning("the span exporter process %d exited (%s) after %.1f s; restarted it as %d",
+                    old.pid, how, lived_s, self.process.pid,
+                    extra={"exit_status": status, "restarts": self.restarts,
+                           "next_restart_delay_s": self._restart_delay_s})
+
     def close(self, timeout_s: float) -> None:
         """Send what is queued and let the process export it, waiting at most `timeout_s`."""
         deadline = time.monotonic() + timeout_s
-        self._stop.set()
+        with self._lock:  # no restart from here on
+            self._stop.set()
         self._thread.join(timeout_s)
         self._push.close(linger=max(0, int((deadline - time.monotonic()) * 1000)))
         self._context.term()

@@ -10,7 +10,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from time import perf_counter
@@ -86,10 +86,15 @@ def test_a_record_encodes_as_its_span_and_children_in_otlp_protobuf() -> None:
 
 
 class HeaderReceiver:
-    """An OTLP/HTTP endpoint that keeps each export's headers and (gunzipped) body."""
+    """An OTLP/HTTP endpoint that keeps each export's headers and (gunzipped) body. While `holding`,
+    it reads an export, keeps it in `held` and never answers (until `release` is set), as a hung
+    collector would."""
 
     def __init__(self) -> None:
         self.exports: list[tuple[dict[str, str], ExportTraceServiceRequest]] = []
+        self.held: list[ExportTraceServiceRequest] = []
+        self.holding = False
+        self.release = threading.Event()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -99,6 +104,11 @@ class HeaderReceiver:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 if self.headers.get("content-encoding") == "gzip":
                     body = gzip.decompress(body)
+                if receiver.holding:
+                    receiver.held.append(_decode(body))
+                    receiver.release.wait(60)
+                    self.close_connection = True
+                    return
                 receiver.exports.append((dict(self.headers.items()), _decode(body)))
                 self.send_response(200)
                 self.send_header("content-length", "0")
@@ -111,9 +121,34 @@ class HeaderReceiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def trace_ids(self) -> set[bytes]:
+        """The trace ids of the server spans exported (and answered) so far."""
+        return {s.trace_id for _, r in list(self.exports) for s in _spans(r)
+                if s.kind == PbSpan.SPAN_KIND_SERVER}
+
     def close(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+def _spans(request: ExportTraceServiceRequest) -> list[PbSpan]:
+    return [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+
+
+def _wait(condition: Callable[[], object], what: str, timeout: float = 10.0) -> float:
+    """Poll `condition` until it holds; the seconds it took (fails the test past `timeout`)."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def _record(trace_id: bytes) -> tuple[object, ...]:
+    now = perf_counter()
+    return (trace_id, secrets.token_bytes(8), None, "", otlp.SPAN_KIND_SERVER, "GET /x", now, now + 0.001,
+            None, None, None, None)
 
 
 @pytest.fixture
@@ -181,4 +216,128 @@ def test_exporter_process_ends_when_its_front_end_is_killed(tmp_path: Path) -> N
             assert time.monotonic() < deadline, "the exporter process outlived its front-end"
             time.sleep(0.05)
     finally:
+        srv.stop()
+
+
+def test_an_export_past_otel_bsp_export_timeout_is_abandoned_and_later_exports_arrive(
+        header_receiver: HeaderReceiver, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("OTEL_BSP_EXPORT_TIMEOUT", "300")  # ms
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "30")  # s: alone, it would hold the exporter 30 s
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "20")
+    header_receiver.holding = True  # takes the export, never answers
+    exporter = tracing.SpanExporter(header_receiver.url, {"service.name": "exp-test"}, "1")
+    try:
+        first, second, third = (secrets.token_bytes(16) for _ in range(3))
+        exporter.records.append(_record(first))
+        _wait(lambda: len(header_receiver.held) == 1, "the first export posted")
+        exporter.records.append(_record(second))
+        # The next export comes once the first is given up, on a new connection.
+        took = _wait(lambda: len(header_receiver.held) == 2, "the first export abandoned")
+        assert 0.1 < took < 5, took
+        assert [s.trace_id for r in header_receiver.held for s in _spans(r)] == [first, second]
+        # A collector that answers again gets what comes next; the abandoned batches are dropped.
+        header_receiver.holding = False
+        exporter.records.append(_record(third))
+        _wait(lambda: third in header_receiver.trace_ids(), "the export after the hung ones")
+        assert header_receiver.trace_ids() == {third}
+    finally:
+        exporter.close(timeout_s=10)
+    assert exporter.process.returncode == 0 and exporter.restarts == 0
+    assert "abandoned after OTEL_BSP_EXPORT_TIMEOUT=300 ms" in capfd.readouterr().err
+
+
+def test_a_killed_exporter_process_is_restarted_and_shutdown_does_not_restart_it(
+        header_receiver: HeaderReceiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "20")
+    exporter = tracing.SpanExporter(header_receiver.url, {"service.name": "exp-test"}, "1", check_s=0.05,
+                                    restart_min_s=0.2, restart_max_s=5)
+    monkeypatch.setattr(tracing, "_exporter", exporter)  # what tracing.shutdown() closes
+    try:
+        first = exporter.process
+        os.kill(first.pid, signal.SIGKILL)
+        _wait(lambda: exporter.process is not first, "a new exporter process")
+        assert first.returncode == -signal.SIGKILL and exporter.restarts == 1
+        assert exporter.process.poll() is None
+
+        # Records pushed before the new process bound its socket may be lost; later ones arrive.
+        def one_arrives() -> bool:
+            trace_id = secrets.token_bytes(16)
+            exporter.records.append(_record(trace_id))
+            time.sleep(0.05)
+            return trace_id in header_receiver.trace_ids()
+
+        _wait(one_arrives, "a record after the restart")
+        later = {secrets.token_bytes(16) for _ in range(20)}
+        for trace_id in later:
+            exporter.records.append(_record(trace_id))
+        _wait(lambda: later <= header_receiver.trace_ids(), "every record after the restart")
+        # Killed again, then shut down at once: nothing is started after the shutdown.
+        os.kill(exporter.process.pid, signal.SIGKILL)
+    finally:
+        tracing.shutdown(timeout_s=5)
+    restarts = exporter.restarts
+    assert not exporter._thread.is_alive() and exporter.process.poll() is not None
+    time.sleep(10 * exporter.check_s)
+    assert exporter.restarts == restarts
+    assert not [pid for pid in _exporter_children(os.getpid()) if _alive(pid)]
+
+
+def test_a_traced_server_restarts_its_killed_exporter_and_no_request_fails_meanwhile(
+        header_receiver: HeaderReceiver, tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    m.image_model(tmp_path / "models")
+    srv = start_server(tmp_path / "models", tmp_path / "server.log", "--otlp-endpoint", header_receiver.url,
+                       "--trace-sample-ratio", "1.0", env={"OTEL_BSP_SCHEDULE_DELAY": "50"})
+    body = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [1] * 784}]}
+    infer = f"{srv.url}/v2/models/tiny-image/infer"
+
+    def traced(client: httpx.Client) -> bytes:
+        trace_id = secrets.token_bytes(16)
+        r = client.post(infer, json=body, headers={"traceparent": f"00-{trace_id.hex()}-{'ab' * 8}-01"})
+        assert r.status_code == 200
+        return trace_id
+
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                codes.append(client.post(infer, json=body).status_code)
+
+    loader = threading.Thread(target=load)
+    try:
+        with httpx.Client(timeout=10) as client:
+            before = traced(client)
+            _wait(lambda: before in header_receiver.trace_ids(), "a span before the kill")
+            (old,) = _exporter_children(srv.process.pid)
+            loader.start()
+            os.kill(old, signal.SIGKILL)
+            _wait(lambda: [p for p in _exporter_children(srv.process.pid) if p != old and _alive(p)],
+                  "the exporter process restarted", timeout=15)
+            (new,) = _exporter_children(srv.process.pid)
+
+            def one_arrives() -> bool:  # spans of requests before the new process bound may be lost
+                trace_id = traced(client)
+                time.sleep(0.1)
+                return trace_id in header_receiver.trace_ids()
+
+            _wait(one_arrives, "a span after the restart")
+            later = {traced(client) for _ in range(5)}
+            _wait(lambda: later <= header_receiver.trace_ids(), "every span after the restart")
+            stop.set()
+            loader.join(10)
+            assert codes and set(codes) == {200}, codes
+            metrics = client.get(f"{srv.url}/metrics").text
+            assert "neuroserve_trace_exporter_restarts_total 1.0" in metrics
+        assert f"the span exporter process {old} exited (signal SIGKILL)" in srv.logs()
+        # The restarted process still ends with its front-end.
+        os.kill(srv.process.pid, signal.SIGKILL)
+        srv.process.wait()
+        _wait(lambda: not _alive(new), "the restarted exporter ended with its front-end")
+    finally:
+        stop.set()
+        if loader.is_alive():
+            loader.join(10)
         srv.stop()
