@@ -139,6 +139,9 @@ class ModelConfig(Strict):
     labels: str | list[str]
     # The output that task endpoints and the V2 classification extension read probabilities from.
     scores_output: str = "probabilities"
+    # The task endpoints' default `?min_probability`: below it, an input's decided label is
+    # `_uncertain_` (the request's own value wins). None: no decided labels unless a request asks.
+    min_probability: float | None = Field(default=None, gt=0, le=1)
     image: ImagePreprocessing | None = None
     text: TextPreprocessing | None = None
     audio: AudioPreprocessing | None = None

@@ -160,6 +160,14 @@ class ClassifyResponse(BaseModel):
                           "text longer than the model's window is read whole, in overlapping windows")
     errors: list[ItemError] | None = Field(
         None, description="With `?partial=true`: the texts that were refused, by index")
+    labels: list[str | None] | None = Field(
+        None, description="With `?min_probability` (or the model's configured default): per input, the "
+                          "top label, or `_uncertain_` when its probability is below `min_probability` "
+                          "(null: a text refused under `?partial=true`)",
+        examples=[["Ankle boot", "_uncertain_"]])
+    min_probability: float | None = Field(
+        None, description="The threshold `labels` were decided with (the request's `?min_probability`, "
+                          "else the model's default); absent when none applies", examples=[0.8])
 
 
 DOC_MODELS: list[type[BaseModel]] = [ErrorBody, V2InferRequest, V2InferResponse, V2ModelMetadata,

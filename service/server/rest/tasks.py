@@ -5,6 +5,9 @@ the top-k `{label, probability}` per input out.
     POST /v1/text/{model}    JSON {"text": "..."} or {"texts": [...]}, or a text/plain body
     POST /v1/audio/{model}   WAV/FLAC/OGG: raw body (audio/*) or multipart (one or more files)
 
+`?min_probability=P` (or the model's `min_probability` in config.toml) adds each input's decided
+label: the top label, or `_uncertain_` when its probability is below P; the top-k lists are unchanged.
+
 Each input is queued as its own row, so the batcher merges them with other requests' rows (and,
 for text, with rows of similar length).
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -45,6 +49,12 @@ TopK = Annotated[int, Query(ge=1, le=TOP_K_MAX, description="How many labels to 
 Version = Annotated[str | None, Query(description="Model version (default: the newest ready one)")]
 Partial = Annotated[bool, Query(description="Answer the texts that can be read and name the refused ones "
                                 "in `errors` (their prediction is null) instead of refusing the request")]
+UNCERTAIN = "_uncertain_"
+MinProbability = Annotated[float | None, Query(
+    gt=0, le=1, description="Per input, `labels` in the answer names the top label, or "
+    f"`{UNCERTAIN}` when the top label's probability is below this (the top-k lists are unchanged; "
+    "the threshold used is echoed as `min_probability`). Default: the model's own `min_probability` "
+    "from its config.toml, if it sets one; otherwise no `labels`")]
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": ClassifyResponse},
@@ -75,12 +85,42 @@ async def task_request(request: Request, task: str, model: str) -> Response:
             top_k = 0
         if not 1 <= top_k <= TOP_K_MAX:
             raise InvalidInput(f"query.top_k: must be an integer from 1 to {TOP_K_MAX}, not {raw_top_k!r}")
+    min_probability = parse_min_probability(query.get("min_probability"))
     if task == "text":
         raw_partial = query.get("partial", "false").lower()
         if raw_partial not in ("true", "false", "1", "0"):
             raise InvalidInput(f"query.partial: must be true or false, not {raw_partial!r}")
-        return await classify_text(request, model, top_k, query.get("version"), raw_partial in ("true", "1"))
-    return await _HANDLERS[task](request, model, top_k, query.get("version"))
+        return await classify_text(request, model, top_k, query.get("version"), raw_partial in ("true", "1"),
+                                   min_probability)
+    return await _HANDLERS[task](request, model, top_k, query.get("version"), min_probability)
+
+
+def parse_min_probability(raw: str | None) -> float | None:
+    """`?min_probability=`: a number above 0 and at most 1 (None when the query does not give it)."""
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:  # NaN fails too
+        raise InvalidInput(f"query.min_probability: must be a number above 0 and at most 1, not {raw!r}")
+    return value
+
+
+def decided_labels(predictions: list[list[dict[str, Any]] | None], threshold: float) -> list[str | None]:
+    """Per input, its top label, or `UNCERTAIN` when the top label's probability is below `threshold`
+    (None for a text refused under `?partial=true`)."""
+    return [None if p is None else p[0]["label"] if p[0]["probability"] >= threshold else UNCERTAIN
+            for p in predictions]
+
+
+def _with_decisions(body: dict[str, Any], mv: ModelVersion, min_probability: float | None) -> dict[str, Any]:
+    threshold = min_probability if min_probability is not None else mv.config.min_probability
+    if threshold is not None:
+        body["labels"] = decided_labels(body["predictions"], threshold)
+        body["min_probability"] = threshold
+    return body
 
 
 @router.post("/image/{model}", summary="Classify an image", responses=_RESPONSES, response_class=Response,
@@ -88,14 +128,14 @@ async def task_request(request: Request, task: str, model: str) -> Response:
                                                  "image/gif", "application/octet-stream"]))
 @direct(functools.partial(task_request, task="image"))
 async def classify_image(request: Request, model: str, top_k: TopK = TOP_K_DEFAULT,
-                         version: Version = None) -> Response:
+                         version: Version = None, min_probability: MinProbability = None) -> Response:
     """PNG, JPEG, BMP, WebP or GIF of any size and colour mode; resized to the model's input."""
     mv, ctx = admit(request, "image", model, version)
     check_task(mv, "image")
     await refuse_early(request, mv)
     pixels = await image_inputs(request, mv)
     name = mv.config.inputs[0].name
-    return await _classify(request, mv, ctx, [{name: p[None]} for p in pixels], top_k)
+    return await _classify(request, mv, ctx, [{name: p[None]} for p in pixels], top_k, min_probability)
 
 
 async def image_inputs(request: Request, mv: ModelVersion) -> list[np.ndarray]:
@@ -117,7 +157,7 @@ async def image_inputs(request: Request, mv: ModelVersion) -> list[np.ndarray]:
                                                  "application/octet-stream"]))
 @direct(functools.partial(task_request, task="audio"))
 async def classify_audio(request: Request, model: str, top_k: TopK = TOP_K_DEFAULT,
-                         version: Version = None) -> Response:
+                         version: Version = None, min_probability: MinProbability = None) -> Response:
     """WAV, FLAC or OGG at any sample rate and channel count; downmixed, resampled, fitted in length."""
     mv, ctx = admit(request, "audio", model, version)
     check_task(mv, "speech")
@@ -129,7 +169,7 @@ async def classify_audio(request: Request, model: str, top_k: TopK = TOP_K_DEFAU
     name = mv.config.inputs[0].name
     dtype = waveform_dtype(mv)
     rows = [{name: clip.pcm[None].astype(dtype, copy=False)} for clip in clips]
-    return await _classify(request, mv, ctx, rows, top_k)
+    return await _classify(request, mv, ctx, rows, top_k, min_probability)
 
 
 async def audio_inputs(request: Request, mv: ModelVersion) -> list[audio.Decoded]:
@@ -160,12 +200,14 @@ def waveform_dtype(mv: ModelVersion) -> type[np.floating]:
 )
 @direct(functools.partial(task_request, task="text"))
 async def classify_text(request: Request, model: str, top_k: TopK = TOP_K_DEFAULT,
-                        version: Version = None, partial: Partial = False) -> Response:
+                        version: Version = None, partial: Partial = False,
+                        min_probability: MinProbability = None) -> Response:
     """One text or a list of texts, tokenized with the model's own tokenizer and read whole: a text
     longer than the model's window is read as overlapping windows (`windows` in the answer says how
     many per text). A text over the limits (`--max-text-chars`, `--max-text-tokens`) refuses the
     request with 413 naming its index, or with `?partial=true` gets a null prediction and an entry
-    in `errors` while the others are answered."""
+    in `errors` while the others are answered. With `?min_probability`, each text is judged on its
+    own, on the probabilities of its whole (all its windows combined)."""
     mv, ctx = admit(request, "text", model, version)
     check_task(mv, "text")
     await refuse_early(request, mv)
@@ -214,7 +256,7 @@ async def classify_text(request: Request, model: str, top_k: TopK = TOP_K_DEFAUL
                             "windows": windows}
     if partial:
         body["errors"] = errors
-    return Response(orjson.dumps(body), media_type="application/json")
+    return Response(orjson.dumps(_with_decisions(body, mv, min_probability)), media_type="application/json")
 
 
 async def text_inputs(request: Request) -> list[str]:
@@ -282,7 +324,7 @@ async def _off_loop_if_large(fn: Callable[[bytes], T], data: bytes) -> T:
 
 
 async def _classify(request: Request, mv: ModelVersion, ctx: RequestContext,
-                    rows: list[dict[str, np.ndarray]], top_k: int) -> Response:
+                    rows: list[dict[str, np.ndarray]], top_k: int, min_probability: float | None) -> Response:
     state = state_of(request)
     until = deadline(request, state)
     batcher = mv.serving_batcher()
@@ -300,5 +342,5 @@ async def _classify(request: Request, mv: ModelVersion, ctx: RequestContext,
         scores = r.outputs[mv.config.scores_output][0]
         top = np.argsort(-scores, kind="stable")[:top_k].tolist()
         predictions.append([{"label": labels[i], "probability": float(scores[i])} for i in top])
-    return Response(orjson.dumps({"model": mv.name, "version": str(mv.version), "predictions": predictions}),
-                    media_type="application/json")
+    body = {"model": mv.name, "version": str(mv.version), "predictions": predictions}
+    return Response(orjson.dumps(_with_decisions(body, mv, min_probability)), media_type="application/json")
