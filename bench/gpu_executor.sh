@@ -6,8 +6,9 @@
 # Installs onnxruntime-gpu and the service into .venv-gpu (pinned by constraints.txt), runs the CUDA
 # tests, then `python -m bench.executor gpu`: sentiment and spoken-digits through V2 binary at
 # c=256 against ONNX Runtime's own CUDA ceiling at batch 128 measured in the same run, with the
-# processes that hold a CUDA context while the service runs (the goal: only the executor). Every
-# result lands in $OUT.
+# processes that hold a CUDA context while the service runs (the goal: only the executor), and
+# `python -m bench.cuda_options`: plain `run` against IO binding, CUDA graphs and two sessions per
+# model, to choose how the executor should call ONNX Runtime on a GPU. Every result lands in $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-gpu-out}
@@ -26,3 +27,6 @@ timeout 240 .venv-gpu/bin/python -m pytest -q -p no:cacheprovider tests/service/
 timeout 300 .venv-gpu/bin/python -m bench.executor gpu --workers 4 --concurrency 256 --duration 10 \
   --out "$OUT/executor-gpu.json" > "$OUT/executor-gpu.log" 2>&1
 tail -40 "$OUT/executor-gpu.json"
+timeout 120 .venv-gpu/bin/python -m bench.cuda_options --provider cuda --duration 2 \
+  --out "$OUT/cuda-options.json" > "$OUT/cuda-options.log" 2>&1 || true
+tail -60 "$OUT/cuda-options.json" || true

@@ -211,3 +211,22 @@ def test_int8_command_compares_the_served_graph_with_its_cached_fp32_graph(tmp_p
     for p in run["points"]:
         assert p["int8_ms"] > 0 and p["fp32_ms"] > 0
         assert p["speedup"] == pytest.approx(p["fp32_ms"] / p["int8_ms"])
+
+
+def test_cuda_options_runs_its_variants_on_the_cpu_and_its_bound_call_answers_as_run(tmp_path: Path) -> None:
+    import numpy as np
+
+    from bench import cuda_options
+    from bench.workloads import load_workload, model_file
+
+    repo = build_repository(tmp_path / "models")
+    result = cuda_options.run(repo, ["tiny"], batch=4, duration_s=0.2, provider="cpu")
+    row = result["rows"][0]
+    for variant in ("run", "io_binding", "two_sessions"):
+        assert row[variant]["samples_per_s"] > 0, row
+    assert "skipped" in row["cuda_graph"]
+    feeds = load_workload(repo / "tiny", n=4).batch(4)
+    sess = cuda_options._session(model_file(repo / "tiny"), "cpu")
+    bound = cuda_options._bound_call(sess, feeds, "cpu")()
+    for got, want in zip(bound, sess.run(None, feeds), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
