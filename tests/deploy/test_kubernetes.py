@@ -10,6 +10,7 @@ docs/benchmarks.md (memory per worker).
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import re
@@ -46,6 +47,9 @@ KSERVE_PROTOCOLS = {"v1", "v2", "grpc-v1", "grpc-v2"}
 KSERVE_CONTAINER = "kserve-container"
 KSERVE_MODEL_MOUNT = "/mnt/models"
 KSERVE_HTTP_PORT = 8080
+# The gRPC runtime (grpc-v2): its routed port is the service's gRPC port, named h2c for Knative.
+KSERVE_GRPC_RUNTIME = "neuroserve-grpc"
+KSERVE_GRPC_PORT = 8001
 MANIFEST_FILES = sorted(p for p in KUBERNETES.rglob("*.yaml") if p.name != "kustomization.yaml")
 
 
@@ -413,25 +417,57 @@ def test_adapter_rule_turns_the_gauge_into_the_hpas_pods_metric():
 # ---- KServe ----------------------------------------------------------------------------------
 
 
+def kserve_docs(kind: str) -> list[dict[str, Any]]:
+    return [doc for _, doc in manifests() if doc["kind"] == kind]
+
+
+def runtimes() -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for doc in kserve_docs("ServingRuntime")}
+
+
+def runtime_container(runtime: dict[str, Any]) -> dict[str, Any]:
+    (kserve,) = runtime["spec"]["containers"]
+    return kserve
+
+
+def grpc_status(app: FastAPI, service: str = "") -> int:
+    """What the service's grpc.health.v1 Check answers now (the servicer itself, no socket)."""
+    from grpc_health.v1 import health_pb2
+
+    from service.server.grpc.server import HealthServicer
+
+    servicer = HealthServicer(app.state.service)
+    return asyncio.run(servicer.Check(health_pb2.HealthCheckRequest(service=service), None)).status
+
+
+def test_kserve_ships_an_http_and_a_grpc_runtime_each_with_an_inference_service():
+    assert set(runtimes()) == {"neuroserve", KSERVE_GRPC_RUNTIME}
+    used = {isvc["spec"]["predictor"]["model"]["runtime"] for isvc in kserve_docs("InferenceService")}
+    assert used == set(runtimes())
+
+
 def test_kserve_objects_have_kserves_api_versions_and_required_fields():
-    runtime, isvc = one("ServingRuntime"), one("InferenceService")
-    for doc in (runtime, isvc):
-        assert doc["apiVersion"] == KSERVE_KINDS[doc["kind"]]
-        assert doc["metadata"]["name"]
-    # ServingRuntimeSpec: containers is required; each supported format needs a name.
-    assert runtime["spec"]["containers"]
-    assert all(f["name"] for f in runtime["spec"]["supportedModelFormats"])
-    assert set(runtime["spec"]["protocolVersions"]) <= KSERVE_PROTOCOLS
-    # InferenceServiceSpec: predictor is required; a model spec needs its modelFormat's name.
-    model = isvc["spec"]["predictor"]["model"]
-    assert model["modelFormat"]["name"]
+    for kind in KSERVE_KINDS:
+        for doc in kserve_docs(kind):
+            assert doc["apiVersion"] == KSERVE_KINDS[doc["kind"]]
+            assert doc["metadata"]["name"]
+    for runtime in runtimes().values():
+        # ServingRuntimeSpec: containers is required; each supported format needs a name.
+        assert runtime["spec"]["containers"]
+        assert all(f["name"] for f in runtime["spec"]["supportedModelFormats"])
+        assert set(runtime["spec"]["protocolVersions"]) <= KSERVE_PROTOCOLS
+    for isvc in kserve_docs("InferenceService"):
+        # InferenceServiceSpec: predictor is required; a model spec needs its modelFormat's name.
+        model = isvc["spec"]["predictor"]["model"]
+        assert model["modelFormat"]["name"]
 
 
-def test_serving_runtime_serves_onnx_over_v2_from_kserves_model_mount(container):
-    runtime = one("ServingRuntime")["spec"]
+@pytest.mark.parametrize("name", ["neuroserve", KSERVE_GRPC_RUNTIME])
+def test_serving_runtime_serves_onnx_over_v2_from_kserves_model_mount(container, name):
+    runtime = runtimes()[name]["spec"]
     assert "v2" in runtime["protocolVersions"]
     assert "onnx" in {f["name"] for f in runtime["supportedModelFormats"]}
-    (kserve,) = runtime["containers"]
+    kserve = runtime_container(runtimes()[name])
     assert kserve["name"] == KSERVE_CONTAINER
     assert kserve["image"] == container["image"]
     assert "command" not in kserve
@@ -439,38 +475,98 @@ def test_serving_runtime_serves_onnx_over_v2_from_kserves_model_mount(container)
     assert args.model_repository == KSERVE_MODEL_MOUNT
     assert args.host == "0.0.0.0"
     assert int(args.port) == KSERVE_HTTP_PORT
-    assert [p["containerPort"] for p in kserve["ports"]] == [KSERVE_HTTP_PORT]
     annotations = runtime.get("annotations", {})
     assert int(annotations["prometheus.kserve.io/port"]) == KSERVE_HTTP_PORT
+    if name == KSERVE_GRPC_RUNTIME:
+        return  # its one port is the gRPC port: the next test
+    assert "grpc-v2" not in runtime["protocolVersions"]
+    assert [p["containerPort"] for p in kserve["ports"]] == [KSERVE_HTTP_PORT]
 
 
-def test_serving_runtime_container_is_a_valid_container_like_the_deployments(container, image, app, client):
-    (kserve,) = one("ServingRuntime")["spec"]["containers"]
+def test_grpc_runtime_routes_h2c_to_the_services_grpc_port(container):
+    """KServe's grpc-v2: Knative routes to the container's one port, over HTTP/2 when it is named
+    h2c. That port must be where `neuroserve serve` listens for gRPC, as its CLI parses the args,
+    and where the Deployment's gRPC port is."""
+    runtime = runtimes()[KSERVE_GRPC_RUNTIME]["spec"]
+    assert {"v2", "grpc-v2"} <= set(runtime["protocolVersions"])
+    kserve = runtime_container(runtimes()[KSERVE_GRPC_RUNTIME])
+    (port,) = kserve["ports"]
+    assert port == {"name": "h2c", "containerPort": KSERVE_GRPC_PORT, "protocol": "TCP"}
+    args = serve_args(kserve["args"])  # the service's own CLI parser: an unknown flag exits
+    assert args.grpc_port is not None, "the gRPC port is spelled out in the args"
+    assert int(args.grpc_port) == KSERVE_GRPC_PORT
+    assert int(args.grpc_port) != int(args.port)
+    # The same port as the Deployment's gRPC port and the setting's default.
+    (deployment_grpc,) = [p for p in container["ports"] if p["name"] == "grpc"]
+    assert deployment_grpc["containerPort"] == KSERVE_GRPC_PORT == Settings.model_fields["grpc_port"].default
+
+
+@pytest.mark.parametrize("name", ["neuroserve", KSERVE_GRPC_RUNTIME])
+def test_serving_runtime_container_is_a_valid_container_like_the_deployments(container, image, app, client,
+                                                                             name):
+    runtime = runtimes()[name]
+    kserve = runtime_container(runtime)
     # The container is a core/v1 Container: validate it inside a Pod.
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kserve"},
            "spec": {"containers": [kserve]}}
     kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
-    check_probe_routes(app, client, kserve["readinessProbe"]["httpGet"]["path"],
-                       kserve["livenessProbe"]["httpGet"]["path"])
-    for name in ("readinessProbe", "livenessProbe"):
-        assert probe_port(kserve[name], kserve) == KSERVE_HTTP_PORT, name
+    (routed,) = [p["containerPort"] for p in kserve["ports"]]
+    readiness, liveness = kserve["readinessProbe"], kserve["livenessProbe"]
+    if name == KSERVE_GRPC_RUNTIME:
+        # Knative checks probes against the routed port: both probe the gRPC port.
+        assert readiness["grpc"]["port"] == routed == KSERVE_GRPC_PORT
+        assert liveness["tcpSocket"]["port"] == routed
+        check_grpc_readiness(app, readiness["grpc"].get("service", ""))
+        # Liveness must not fail while the models load or the service drains: a listening port
+        # (from start to exit), not the health service, which is NOT_SERVING then.
+        assert "grpc" not in liveness and "httpGet" not in liveness
+    else:
+        check_probe_routes(app, client, readiness["httpGet"]["path"], liveness["httpGet"]["path"])
+        for probe in (readiness, liveness):
+            assert probe_port(probe, kserve) == routed == KSERVE_HTTP_PORT
     assert str(kserve["securityContext"]["runAsUser"]) == image.user
     assert kserve["securityContext"]["runAsNonRoot"] is True
-    assert_tmp_is_writable(one("ServingRuntime")["spec"], kserve)
+    assert_tmp_is_writable(runtime["spec"], kserve)
     assert kserve["resources"] == container["resources"]
     env = env_of(kserve)
     assert env == {k: v for k, v in env_of(container).items() if k in env}
-    for name in env:
-        assert name.removeprefix("NEUROSERVE_").lower() in Settings.model_fields
+    for env_name in env:
+        assert env_name.removeprefix("NEUROSERVE_").lower() in Settings.model_fields
 
 
-def test_inference_service_uses_the_runtime_with_a_format_and_protocol_it_supports():
-    runtime, isvc = one("ServingRuntime"), one("InferenceService")
-    model = isvc["spec"]["predictor"]["model"]
-    assert model["runtime"] == runtime["metadata"]["name"]
-    formats = [(f["name"], f.get("version")) for f in runtime["spec"]["supportedModelFormats"]]
-    assert (model["modelFormat"]["name"], model["modelFormat"].get("version")) in formats
-    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
-    assert model["storageUri"]
-    # The example names a model the repository ships.
-    assert (ROOT / "models" / isvc["metadata"]["name"] / "config.toml").is_file()
+def check_grpc_readiness(app: FastAPI, service: str) -> None:
+    """The gRPC readiness probe's health service answers as /v2/health/ready does: NOT_SERVING
+    while the models load and while the service drains."""
+    from grpc_health.v1 import health_pb2
+
+    from service.server.grpc.server import SERVICE_NAME
+
+    assert service in ("", SERVICE_NAME)
+    state = app.state.service
+    assert not state.draining and not state.ready()
+    assert grpc_status(app, service) == health_pb2.HealthCheckResponse.NOT_SERVING
+    state.draining = True
+    try:
+        assert grpc_status(app, service) == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        state.draining = False
+
+
+def test_inference_services_use_a_runtime_with_a_format_and_protocol_it_supports():
+    for isvc in kserve_docs("InferenceService"):
+        model = isvc["spec"]["predictor"]["model"]
+        runtime = runtimes()[model["runtime"]]
+        formats = [(f["name"], f.get("version")) for f in runtime["spec"]["supportedModelFormats"]]
+        assert (model["modelFormat"]["name"], model["modelFormat"].get("version")) in formats
+        assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+        ports = runtime_container(runtime)["ports"]
+        if model["protocolVersion"].startswith("grpc"):
+            assert [p.get("name") for p in ports] == ["h2c"], "grpc-v2 needs the h2c port"
+        else:
+            assert all(p.get("name") != "h2c" for p in ports)
+        assert model["storageUri"]
+        # The example names a model the repository ships (the gRPC one with a suffix).
+        shipped = isvc["metadata"]["name"].removesuffix("-grpc")
+        assert (ROOT / "models" / shipped / "config.toml").is_file()
+    isvcs = kserve_docs("InferenceService")
+    assert {isvc["spec"]["predictor"]["model"]["protocolVersion"] for isvc in isvcs} == {"v2", "grpc-v2"}
