@@ -114,7 +114,8 @@ class Recipe:
 @dataclass(frozen=True)
 class Augment:
     """Random affine jitter applied to each training batch (and horizontal flips for clothes); for
-    digits optionally elastic distortion and stroke thickness, as other writers and pens vary."""
+    digits optionally elastic distortion, stroke thickness, proportions and blur, as other writers,
+    pens and scanners vary."""
 
     shift: float  # pixels
     rotate: float = 0.0  # degrees
@@ -123,12 +124,18 @@ class Augment:
     elastic: float = 0.0  # largest displacement of a smooth random field, in pixels
     thicken: float = 0.0  # share of images whose strokes are dilated by one pixel (3×3 max)
     thin: float = 0.0  # share of the others whose strokes are eroded by one pixel (3×3 min)
+    aspect: float = 0.0  # widths scaled by a factor log-uniform in [1 / (1 + aspect), 1 + aspect]
+    blur: float = 0.0  # share of images blurred by a Gaussian, then stretched back to a peak of 255
+    blur_sigma: tuple[float, float] = (0.6, 1.4)  # the Gaussian's standard deviation, uniform, pixels
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if self.thicken or self.thin:
             x = self._thickness(x, gen)
-        if not (self.rotate or self.scale or self.elastic):
-            return self._crop(x, gen)
+        warp = self.rotate or self.scale or self.elastic or self.aspect
+        x = self._warp(x, gen) if warp else self._crop(x, gen)
+        return self._blur(x, gen) if self.blur else x
+
+    def _warp(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         n = len(x)
 
         def uniform(lo: float, hi: float) -> torch.Tensor:
@@ -141,6 +148,9 @@ class Augment:
         mirror = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0) if self.flip else torch.ones(n)
         theta = torch.stack([torch.stack([cos * mirror, -sin, tx], 1),
                              torch.stack([sin * mirror, cos, ty], 1)], 1)
+        if self.aspect:  # the output's x axis stretched by `wide`: the first column divided by it
+            wide = torch.exp((2 * torch.rand(n, generator=gen) - 1) * math.log(1 + self.aspect))
+            theta[:, :, 0] = theta[:, :, 0] / wide[:, None]
         grid = F.affine_grid(theta, [n, 1, 28, 28], align_corners=False)
         if self.elastic:
             # A smooth field: uniform noise on a 4×4 lattice, upsampled bicubically to 28×28.
@@ -149,6 +159,26 @@ class Augment:
             grid = grid + field.permute(0, 2, 3, 1) * self.elastic * 2 / 28
         moved = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         return moved.round().clamp(0, 255).to(torch.uint8)
+
+    def _blur(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """A share of the images blurred (a separable 7-tap Gaussian, its sigma drawn per image), their
+        brightest pixel then scaled back to 255 as a scanner's contrast would."""
+        chosen = torch.rand(len(x), generator=gen) < self.blur
+        m = int(chosen.sum())
+        if not m:
+            return x
+        lo, hi = self.blur_sigma
+        sigma = lo + (hi - lo) * torch.rand(m, generator=gen)
+        taps = torch.arange(-3, 4, dtype=torch.float32)
+        kernel = torch.exp(-taps[None] ** 2 / (2 * sigma[:, None] ** 2))
+        kernel = kernel / kernel.sum(1, keepdim=True)  # [m, 7]
+        img = x[chosen].float().reshape(1, m, 28, 28)  # one group per image: each its own kernel
+        img = F.conv2d(F.pad(img, (3, 3, 0, 0)), kernel.reshape(m, 1, 1, 7), groups=m)
+        img = F.conv2d(F.pad(img, (0, 0, 3, 3)), kernel.reshape(m, 1, 7, 1), groups=m).reshape(m, 1, 28, 28)
+        img = img * (255 / img.amax((1, 2, 3), keepdim=True).clamp(min=1))
+        out = x.clone()
+        out[chosen] = img.round().clamp(0, 255).to(x.dtype)
+        return out
 
     def _thickness(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         draw = torch.rand(len(x), generator=gen)
@@ -403,6 +433,10 @@ def write_model_dir(model_dir: Path, data: ImageData, spec: Spec, model: nn.Modu
     aug_text = (f"random shifts of up to ±{aug.shift:g} px"
                 + (f", rotations of up to ±{aug.rotate:g}°" if aug.rotate else "")
                 + (f", scaling by up to ±{aug.scale:.0%}" if aug.scale else "")
+                + (f", widths scaled by a factor from 1/{1 + aug.aspect:g} to {1 + aug.aspect:g}"
+                   if aug.aspect else "")
+                + (f", a Gaussian blur (σ {aug.blur_sigma[0]:g} to {aug.blur_sigma[1]:g} px, peak stretched "
+                   f"back to 255) on {aug.blur:.0%} of the images" if aug.blur else "")
                 + (", horizontal flips" if aug.flip else ""))
     invert = ("dark-on-light pictures are inverted (`invert = \"auto\"`), as people draw digits in dark ink"
               if spec.image.invert == "auto" else
