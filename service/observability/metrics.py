@@ -9,9 +9,11 @@ memory and CPU with a `pid` label.
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from time import monotonic
 
 import numpy as np
 from prometheus_client import (
@@ -37,6 +39,8 @@ UNKNOWN_MODEL = "_unknown"  # label for requests naming no known model: user inp
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                    0.5, 1.0, 2.5, 5.0, 10.0)
+# A request duration bucket takes a traced request's id as its exemplar at most this often.
+EXEMPLAR_INTERVAL_S = 0.1
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -194,23 +198,37 @@ class ModelMetrics:
         self.queue_depth = QUEUE_DEPTH.labels(*mv)
         self.inflight = INFLIGHT.labels(*mv)
         self._predictions = [PREDICTIONS.labels(self.model, self.version, label) for label in self.labels]
-        self._requests: dict[tuple[str, int], tuple[Histogram, Counter]] = {}
+        # Per (endpoint, status): the duration and count children, and when each duration bucket
+        # may next take an exemplar.
+        self._requests: dict[tuple[str, int], tuple[Histogram, Counter, list[float]]] = {}
 
     def request(self, endpoint: str, status: int, seconds: float, trace_id: str | None = None) -> None:
-        """Count a finished request; `trace_id` (an exported trace) becomes the duration's exemplar."""
+        """Count a finished request; `trace_id` (an exported trace) becomes the duration's exemplar,
+        at most one per bucket every `EXEMPLAR_INTERVAL_S`.
+
+        A bucket shows only its latest exemplar, and scrapes are seconds apart: one per request
+        would cost every traced request prometheus-client's label validation for nothing, while a
+        request in a bucket that is rarely hit (the slow ones) still becomes its exemplar."""
         children = self._requests.get((endpoint, status))
         if children is None:
             children = (
                 REQUEST_DURATION.labels(self.model, self.version, self.provider, endpoint, str(status),
                                         protocol_of(endpoint)),
                 REQUESTS.labels(self.model, self.version, endpoint, outcome(status), protocol_of(endpoint)),
+                [0.0] * (len(LATENCY_BUCKETS) + 1),
             )
             self._requests[(endpoint, status)] = children
-        if trace_id is None:
-            children[0].observe(seconds)
-        else:
-            # Kept only in one process: prometheus-client stores no exemplars with several workers.
-            children[0].observe(seconds, {"trace_id": trace_id})
+        if trace_id is not None:
+            due = children[2]
+            bucket = bisect_left(LATENCY_BUCKETS, seconds)
+            now = monotonic()
+            if now >= due[bucket]:
+                due[bucket] = now + EXEMPLAR_INTERVAL_S
+                # Kept only in one process: prometheus-client stores no exemplars with several workers.
+                children[0].observe(seconds, {"trace_id": trace_id})
+                children[1].inc()
+                return
+        children[0].observe(seconds)
         children[1].inc()
 
     def predictions(self, scores: np.ndarray) -> None:

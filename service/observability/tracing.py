@@ -376,9 +376,10 @@ def _parent(carrier: Any, getter: Getter[Any]) -> SpanContext | None:
 
 def begin_http(headers: list[tuple[bytes, bytes]], start: float) -> RequestTrace:
     # Most requests carry no trace context: look before paying for the propagator.
-    if not any(k == b"traceparent" for k, _ in headers):
-        return RequestTrace(None, start)
-    return RequestTrace(_parent(headers, _HEADERS), start)
+    for key, _ in headers:
+        if key == b"traceparent":
+            return RequestTrace(_parent(headers, _HEADERS), start)
+    return RequestTrace(None, start)
 
 
 def begin_grpc(metadata: Any, start: float) -> RequestTrace:

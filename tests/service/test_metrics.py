@@ -310,3 +310,25 @@ def test_observe_many_files_values_as_observe_does(n: int):
     loop_sum = texts[0].pop('t_seconds_sum{model="m"}')
     assert texts[1] == texts[0]
     assert bulk_sum == pytest.approx(loop_sum)
+
+
+def test_a_duration_bucket_takes_an_exemplar_at_most_every_interval_and_a_rare_bucket_still_gets_its_own():
+    from prometheus_client import REGISTRY
+    from prometheus_client.openmetrics.exposition import generate_latest
+
+    from service.observability.metrics import EXEMPLAR_INTERVAL_S, ModelMetrics
+
+    m = ModelMetrics("exemplar-test", "1", "CPU")
+    m.request("v2_infer", 200, 0.0003, "a" * 32)  # bucket le=0.0005
+    m.request("v2_infer", 200, 0.0004, "b" * 32)  # same bucket, within the interval: no exemplar
+    m.request("v2_infer", 200, 0.3, "c" * 32)  # a slow one, its own bucket: its exemplar
+    text = generate_latest(REGISTRY).decode()
+    lines = [ln for ln in text.splitlines() if 'model="exemplar-test"' in ln
+             and ln.startswith("neuroserve_request_duration_seconds_bucket")]
+    exemplars = {re.search(r'le="([^"]+)"', ln).group(1): ln.split("# ")[1] for ln in lines if "# " in ln}
+    assert set(exemplars) == {"0.0005", "0.5"}
+    assert "a" * 32 in exemplars["0.0005"] and "c" * 32 in exemplars["0.5"]
+    assert re.search(r'le="0.0005",[^}]*} 2\.0', text)  # both requests were counted
+    time.sleep(EXEMPLAR_INTERVAL_S)
+    m.request("v2_infer", 200, 0.0004, "d" * 32)
+    assert "d" * 32 in generate_latest(REGISTRY).decode()

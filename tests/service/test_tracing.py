@@ -27,6 +27,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status as PbStatus
 
+from service.observability.metrics import EXEMPLAR_INTERVAL_S
 from tests.service import models as m
 from tests.service.servers import Server, free_port, start_server
 
@@ -279,6 +280,7 @@ def test_unsampled_caller_and_bad_traceparent_never_fail_a_request(
 
 def test_request_duration_exemplar_carries_the_trace_id(traced: tuple[Server, str]) -> None:
     server, _ = traced
+    time.sleep(EXEMPLAR_INTERVAL_S)  # earlier requests' exemplars are due for replacement
     header, trace_id, _ = traceparent()
     httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=pixels_body(), headers={"traceparent": header})
     body = httpx.get(f"{server.url}/metrics", headers={"accept": "application/openmetrics-text"}).text
