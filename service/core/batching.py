@@ -343,8 +343,9 @@ class Batcher:
         self.metrics.inflight.inc()
         # Nothing to batch it with and an instance free: straight to its compute thread. Through the
         # scheduler task it would wait three more turns of the event loop (docs/benchmarks.md, "A
-        # lone request").
-        alone = not self._queued_rows and self._idle_and_alone() and (deadline is None or deadline > now)
+        # lone request"). A request with a deadline takes the queue, which sheds it if the deadline
+        # passes before its batch is taken, whatever else is waiting.
+        alone = deadline is None and not self._queued_rows and self._idle_and_alone()
         if alone:
             p.queued = False
             self._jobs[0] += 1
