@@ -1,7 +1,8 @@
 """The model zoo: every architecture trained for a task, measured the same way, in docs/model-zoo.md.
 
 Each task writes its rows to `docs/model-zoo/<task>.json`; `render()` rebuilds the markdown from all
-of them, so tasks can be retrained independently.
+of them, so tasks can be retrained independently. The page's other sections (out of domain and
+calibration, notes on retrains) are kept as they are, after the tables.
 """
 
 from __future__ import annotations
@@ -103,4 +104,19 @@ def render() -> None:
                 f"| {_or_dash(r.latency_b32_ms, lambda t: f'{t:.3f} ms')} |"
             )
         parts.append("")
-    (DOCS / "model-zoo.md").write_text("\n".join(parts))
+    page = DOCS / "model-zoo.md"
+    kept = _other_sections(page.read_text()) if page.exists() else ""
+    page.write_text("\n".join(parts) + (f"\n{kept}\n" if kept else ""))
+
+
+def _other_sections(page: str) -> str:
+    """The `## ` sections of the page that no task's rows make, as they are."""
+    made = {f"## {title}" for title in TASK_TITLES.values()}
+    kept: list[str] = []
+    keep = False
+    for line in page.splitlines():
+        if line.startswith("## "):
+            keep = line.rstrip() not in made
+        if keep:
+            kept.append(line)
+    return "\n".join(kept).rstrip("\n")
