@@ -188,8 +188,12 @@ def test_exporter_process_sends_what_is_queued_gzipped_with_the_otlp_headers_whe
 def _exporter_children(pid: int) -> list[int]:
     kids = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        kids += [int(c) for c in (task / "children").read_text().split()]
-    return [k for k in kids if b"service.observability.otlp" in Path(f"/proc/{k}/cmdline").read_bytes()]
+        try:
+            kids += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # the thread ended meanwhile
+            continue
+    # A child may be reaped between the listing and this look (e.g. the exporter just killed).
+    return [k for k in kids if _alive(k)]
 
 
 def _alive(pid: int) -> bool:
