@@ -41,33 +41,45 @@ def wrk_available() -> bool:
     return shutil.which("wrk") is not None
 
 
+def write_manifest(folder: Path, requests: list[Request]) -> Path:
+    """The requests as the wrk scripts read them: one line per request (path, body file, headers),
+    tab-separated, beside the body files."""
+    lines = []
+    for i, r in enumerate(requests):
+        body = folder / f"body{i}"
+        body.write_bytes(r.body)
+        fields = [r.path, str(body)]
+        for k, v in r.headers.items():
+            fields += [k, v]
+        lines.append("\t".join(fields))
+    manifest = folder / "manifest.tsv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def wrk_result(proc: subprocess.CompletedProcess[str]) -> dict:
+    """The counters a wrk script printed on its `WRKJSON ` line."""
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if line is None:
+        raise LoadError(f"wrk gave no result (rc {proc.returncode}): "
+                        f"{proc.stdout[-500:]} {proc.stderr[-500:]}")
+    return json.loads(line[len("WRKJSON "):])
+
+
 def closed_loop(port: int, requests: list[Request], *, concurrency: int, duration_s: float,
                 timeout_s: float = 10.0) -> dict:
     """Run wrk for `duration_s` at `concurrency` connections; requests/s, percentiles (ms), errors."""
     if not wrk_available():
         raise LoadError("wrk is not installed (Debian package `wrk`)")
     with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
-        lines = []
-        for i, r in enumerate(requests):
-            body = Path(tmp) / f"body{i}"
-            body.write_bytes(r.body)
-            fields = [r.path, str(body)]
-            for k, v in r.headers.items():
-                fields += [k, v]
-            lines.append("\t".join(fields))
-        manifest = Path(tmp) / "manifest.tsv"
-        manifest.write_text("\n".join(lines) + "\n")
+        manifest = write_manifest(Path(tmp), requests)
         cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration_s))}s",
                f"--timeout={max(1, round(timeout_s))}s", "-s", str(POST_LUA),
                f"http://{HOST}:{port}/", "--", str(manifest)]
         before = _children_cpu_seconds()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + timeout_s + 30)
         client_cpu_s = _children_cpu_seconds() - before
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
-    if line is None:
-        raise LoadError(f"wrk gave no result (rc {proc.returncode}): "
-                        f"{proc.stdout[-500:]} {proc.stderr[-500:]}")
-    raw = json.loads(line[len("WRKJSON "):])
+    raw = wrk_result(proc)
     duration = raw["duration_us"] / 1e6
     socket_errors = raw["connect"] + raw["read"] + raw["write"] + raw["timeout"]
     ok = raw["requests"] - raw["status"]

@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import metrics as server_metrics
 from bench.executor import base_checkout, start
-from bench.load import closed_loop
+from bench.load import closed_loop, write_manifest, wrk_result
 from bench.servers import HOST
 from bench.workloads import Request, load_workload, requests_for
 
@@ -45,22 +45,12 @@ PACED_LUA = Path(__file__).with_name("paced.lua")
 def paced(port: int, request: Request, *, rate: float, duration_s: float, connections: int) -> dict:
     """`wrk` with `connections` connections thinking `connections / rate` seconds on average."""
     with tempfile.TemporaryDirectory(prefix="bench-paced-") as tmp:
-        body = Path(tmp) / "body"
-        body.write_bytes(request.body)
-        fields = [request.path, str(body)]
-        for k, v in request.headers.items():
-            fields += [k, v]
-        manifest = Path(tmp) / "manifest.tsv"
-        manifest.write_text("\t".join(fields) + "\n")
+        manifest = write_manifest(Path(tmp), [request])
         think_ms = connections / rate * 1000
         cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s", "--timeout=10s",
                "-s", str(PACED_LUA), f"http://{HOST}:{port}/", "--", str(manifest), f"{think_ms:.3f}"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk gave no result (rc {proc.returncode}): "
-                           f"{proc.stdout[-500:]} {proc.stderr[-500:]}")
-    raw = json.loads(line[len("WRKJSON "):])
+    raw = wrk_result(proc)
     duration = raw["duration_us"] / 1e6
     ok = raw["requests"] - raw["status"]
     return {

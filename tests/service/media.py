@@ -11,6 +11,13 @@ import soundfile as sf
 from PIL import Image
 
 
+def png_of(pixels: np.ndarray) -> bytes:
+    """These pixels (uint8, greyscale or RGB) as a PNG file."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def png(width: int = 64, height: int = 48, mode: str = "RGB", seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]

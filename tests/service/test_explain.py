@@ -19,6 +19,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.service import models as m
+from tests.service.media import png_of
 from tests.service.servers import Server, start_server
 
 MAX_BATCH = 8
@@ -42,12 +43,6 @@ def client(server: Server) -> Iterator[httpx.Client]:
         yield c
 
 
-def png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def corner_square() -> np.ndarray:
     """28×28 black with a bright 8×8 square in the top-left corner."""
     pixels = np.zeros((28, 28), np.uint8)
@@ -56,7 +51,7 @@ def corner_square() -> np.ndarray:
 
 
 def explain_image(client: httpx.Client, pixels: np.ndarray, **params) -> dict:
-    r = client.post("/v1/explain/tiny-image", params=params, content=png(pixels),
+    r = client.post("/v1/explain/tiny-image", params=params, content=png_of(pixels),
                     headers={"Content-Type": "image/png"})
     assert r.status_code == 200, r.text
     return r.json()["explanations"][0]
@@ -99,7 +94,7 @@ def test_image_heatmap_png_and_input_png_are_the_models_size(client):
 
 
 def test_accept_image_png_answers_the_heatmap_itself(client):
-    r = client.post("/v1/explain/tiny-image", content=png(corner_square()),
+    r = client.post("/v1/explain/tiny-image", content=png_of(corner_square()),
                     headers={"Content-Type": "image/png", "Accept": "image/png"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(r.content)).size == (28, 28)
@@ -108,7 +103,7 @@ def test_accept_image_png_answers_the_heatmap_itself(client):
 def test_one_explanation_is_one_batcher_request_of_all_its_rows_in_full_batches(client):
     before = stats(client, "tiny-image")
     rows_before = metric(client, "neuroserve_explanation_rows_sum", model="tiny-image")
-    r = client.post("/v1/explain/tiny-image", content=png(corner_square()),
+    r = client.post("/v1/explain/tiny-image", content=png_of(corner_square()),
                     headers={"Content-Type": "image/png"})
     e = r.json()["explanations"][0]
     after = stats(client, "tiny-image")
@@ -131,7 +126,8 @@ def test_explanation_rows_stay_out_of_the_prediction_and_input_monitoring(client
     explain_image(client, corner_square())
     assert metric(client, "neuroserve_predictions_total", model="tiny-image") == predictions
     assert metric(client, "neuroserve_input_image_mean_intensity_count", model="tiny-image") == intensity
-    client.post("/v1/image/tiny-image", content=png(corner_square()), headers={"Content-Type": "image/png"})
+    client.post("/v1/image/tiny-image", content=png_of(corner_square()),
+                headers={"Content-Type": "image/png"})
     assert metric(client, "neuroserve_predictions_total", model="tiny-image") == predictions + 1
 
 
@@ -193,7 +189,8 @@ def test_audio_segments_that_are_silent_under_every_window_have_zero_importance(
 
 def test_several_inputs_are_explained_in_order(client):
     square, blank = corner_square(), np.zeros((28, 28), np.uint8)
-    files = [("file", ("a.png", png(square), "image/png")), ("file", ("b.png", png(blank), "image/png"))]
+    files = [("file", ("a.png", png_of(square), "image/png")),
+             ("file", ("b.png", png_of(blank), "image/png"))]
     e = client.post("/v1/explain/tiny-image", files=files).json()["explanations"]
     assert len(e) == 2
     assert np.abs(np.array(e[0]["heatmap"])).max() > 0
@@ -213,7 +210,7 @@ def test_several_inputs_are_explained_in_order(client):
     ("/v1/explain/tiny-text", {"json": {"text": " "}, "headers": {}}, 400, "invalid_input"),
 ])
 def test_what_cannot_be_explained_is_a_4xx_json_error(client, path, kwargs, status, code):
-    request = {"content": png(corner_square()), "headers": {"Content-Type": "image/png"}, **kwargs}
+    request = {"content": png_of(corner_square()), "headers": {"Content-Type": "image/png"}, **kwargs}
     if "json" in request:
         request.pop("content")
     r = client.post(path, **request)
@@ -227,11 +224,11 @@ def test_rows_past_max_explain_rows_are_refused_before_any_compute(tmp_path):
     srv = start_server(repo, tmp_path / "server.log", "--max-explain-rows", "100")
     try:
         with httpx.Client(base_url=srv.url, timeout=30) as c:
-            r = c.post("/v1/explain/tiny-image", content=png(corner_square()),
+            r = c.post("/v1/explain/tiny-image", content=png_of(corner_square()),
                        headers={"Content-Type": "image/png"})
             assert r.status_code == 413 and "145 rows" in r.json()["error"] and "100" in r.json()["error"]
             assert stats(c, "tiny-image")["inference_count"] == 0
-            coarse = c.post("/v1/explain/tiny-image", params={"stride": 6}, content=png(corner_square()),
+            coarse = c.post("/v1/explain/tiny-image", params={"stride": 6}, content=png_of(corner_square()),
                             headers={"Content-Type": "image/png"})
             assert coarse.status_code == 200 and coarse.json()["explanations"][0]["rows"] == 1 + 5 * 5
     finally:

@@ -4,7 +4,6 @@ sentiment, spoken-digits, linked from `models/`) with real ONNX Runtime sessions
 
 from __future__ import annotations
 
-import io
 import shutil
 import tomllib
 from collections.abc import Iterator
@@ -15,7 +14,6 @@ import numpy as np
 import onnxruntime as ort
 import pydantic
 import pytest
-from PIL import Image
 
 from service.codecs import image as image_codec
 from service.core.model_config import ModelConfig, load_model_config
@@ -56,17 +54,11 @@ def http(server: Server) -> Iterator[httpx.Client]:
         yield c
 
 
-def png_of(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def a_one() -> bytes:
     """A clear "1": a white vertical stroke on black, where MNIST keeps its digits."""
     img = np.zeros((28, 28), dtype=np.uint8)
     img[4:24, 13:16] = 255
-    return png_of(img)
+    return media.png_of(img)
 
 
 def mnist_probabilities(data: bytes) -> np.ndarray:
@@ -93,7 +85,7 @@ def doubtful_drawing() -> tuple[bytes, np.ndarray]:
         img = np.zeros((28, 28), dtype=np.uint8)
         for rows, cols in strokes:
             img[rows, cols] = 255
-        data = png_of(img)
+        data = media.png_of(img)
         probs = mnist_probabilities(data)
         if 0.2 < probs.max() < 0.9:
             return data, probs
