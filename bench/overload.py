@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -76,12 +77,20 @@ def admitted_durations(text: str | None, model: str) -> dict[float, float]:
     return buckets
 
 
+def pin(pids: list[int], cpus: str) -> None:
+    """Every thread of `pids` onto `cpus` (`taskset -a`: threads started since inherit it)."""
+    for pid in pids:
+        subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], check=True, capture_output=True)
+
+
 def run_variant(code: Path, repository: Path, model: str, factors: list[float], duration_s: float,
-                capacity_s: float, connections: int) -> dict:
+                capacity_s: float, connections: int, server_cpus: str | None = None) -> dict:
     w = load_workload(repository / model)
     request = requests_for(w, "v2-json")[0]
     server = start(code, repository, 1)
     try:
+        if server_cpus is not None:
+            pin([server.proc.pid, *server.worker_pids()], server_cpus)
         closed_loop(server.port, [request], concurrency=32, duration_s=2)  # warm-up
         capacity = closed_loop(server.port, [request], concurrency=32, duration_s=capacity_s)
         points = []
@@ -112,6 +121,15 @@ def run_variant(code: Path, repository: Path, model: str, factors: list[float], 
         server.stop()
 
 
+def parse_cpus(spec: str) -> list[int]:
+    """A taskset CPU list ("0", "0,2", "0-3") as numbers."""
+    cpus: list[int] = []
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        cpus += range(int(first), int(last or first) + 1)
+    return cpus
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.overload", description=__doc__.split("\n")[0])
     parser.add_argument("--repository", type=Path, default=ROOT / "models")
@@ -123,17 +141,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity-duration", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=2000, help="wrk's connections when paced")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--server-cpus", help="taskset CPU list for the server (e.g. 0); wrk and this "
+                        "process get the others, so the generator's work does not take the server's")
     args = parser.parse_args(argv)
+    if args.server_cpus:
+        server_cpus = set(parse_cpus(args.server_cpus))
+        others = os.sched_getaffinity(0) - server_cpus
+        if not others or not server_cpus <= os.sched_getaffinity(0):
+            parser.error(f"--server-cpus {args.server_cpus}: leave at least one CPU of "
+                         f"{sorted(os.sched_getaffinity(0))} to the load generator")
+        os.sched_setaffinity(0, others)  # wrk, started from here, inherits it
     factors = [float(f) for f in args.factors.split(",")]
     result: dict = {"command": "python -m bench.overload " + " ".join(argv or sys.argv[1:]),
-                    "model": args.model, "workers": 1, "variants": {}}
+                    "model": args.model, "workers": 1, "server_cpus": args.server_cpus,
+                    "variants": {}}
     variants: list[tuple[str, Path | None]] = [(args.ref, None) if args.ref else ("this", ROOT)]
     if args.base:
         variants.insert(0, (args.base, None))
     for name, code in variants:
         print(f"{name}:", flush=True)
         knobs = (args.repository, args.model, factors, args.duration, args.capacity_duration,
-                 args.connections)
+                 args.connections, args.server_cpus)
         if code is None:
             with base_checkout(name) as base_code:
                 result["variants"][name] = run_variant(base_code, *knobs)

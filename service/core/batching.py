@@ -63,6 +63,8 @@ from service.observability.stats import Stats
 
 log = logging.getLogger("neuroserve.batching")
 
+# Full batches that may wait at a busy instance besides the one it computes (`_pick_instance`).
+HANDED_AHEAD = 2
 # How long the recent peak of concurrent requests is remembered (see `_expected_arrivals`).
 PEAK_WINDOW_S = 1.0
 
@@ -446,8 +448,10 @@ class Batcher:
             self._wake.clear()
             await self._wake.wait()
             return
-        # Requests whose bytes already arrived are one loop turn away from the queue: let them in.
-        await asyncio.sleep(0)
+        # Requests whose bytes already arrived are one loop turn away from the queue: let them in,
+        # unless a full batch is waiting already.
+        if self._queued_rows < self.policy.max_batch_size:
+            await asyncio.sleep(0)
         batch = await self._collect() if self._jobs[instance] == 0 else self._take()
         if not batch:
             return
@@ -464,18 +468,22 @@ class Batcher:
         task.add_done_callback(self._tasks.discard)
 
     def _pick_instance(self) -> int | None:
-        """The least busy instance if it is idle, or if a full batch is queued and it has no batch
-        waiting; otherwise none.
+        """The least busy instance if it is idle, or if a full batch is queued and fewer than
+        `HANDED_AHEAD` batches wait at it; otherwise none.
 
         A full batch cannot grow by waiting, so it waits at a busy instance, which starts it the
         moment the batch before it ends. Waiting in the queue instead, it would leave the instance
         idle while the event loop answers the finished batch and collects the next: with every core
-        busy that gap was ~10 % of the compute thread's time. A batch that is not full stays in the
-        queue, where later requests can still join it.
+        busy that gap was ~10 % of the compute thread's time, and under overload, when each turn of
+        the loop answers hundreds of arrivals, one batch ahead was not enough to keep the instance
+        busy (docs/benchmarks.md, "Overload: shedding by expected wait"). A batch that is not full
+        stays in the queue, where later requests can still join it. What was handed ahead can no
+        longer be overtaken by a higher class; a request in it whose deadline passes is still shed
+        (`_shed_late`).
         """
         instance = min(range(len(self._jobs)), key=self._jobs.__getitem__)
         jobs = self._jobs[instance]
-        if jobs == 0 or (jobs == 1 and self._queued_rows >= self.policy.max_batch_size):
+        if jobs == 0 or (jobs <= HANDED_AHEAD and self._queued_rows >= self.policy.max_batch_size):
             return instance
         return None
 
@@ -673,6 +681,8 @@ class Batcher:
     ) -> _Computed:
         """Runs in the instance's compute thread: merge, ORT call(s), split (ORT releases the GIL)."""
         t0 = perf_counter()
+        if any(p.deadline is not None and t0 >= p.deadline for p in batch):
+            return self._shed_late(batch, instance, t0)
         try:
             feeds, padding = self._merge(batch)
         except Exception as e:  # inconsistent shapes the codec let through
@@ -700,6 +710,19 @@ class Batcher:
                 offset += p.rows
         self._monitor_rows(batch, feeds, named)
         return results, t0, (t1 - t0, perf_counter() - t2), padding, calls
+
+    def _shed_late(self, batch: list[_Pending], instance: int, now: float) -> _Computed:
+        """A batch handed ahead to a busy instance may hold requests whose deadline passed while it
+        waited there: they are shed as the queue would have shed them, the others computed."""
+        late = [p.deadline is not None and now >= p.deadline for p in batch]
+        live = [p for p, shed in zip(batch, late, strict=True) if not shed]
+        computed = self._compute(live, instance) if live else ([], now, (0.0, 0.0), None, [])
+        outputs = iter(computed[0])
+        results: list[dict[str, np.ndarray] | Exception] = [
+            DeadlineExceeded(f"deadline passed after {(now - p.enqueued) * 1000:.1f} ms waiting for "
+                             "compute; not computed") if shed else next(outputs)
+            for p, shed in zip(batch, late, strict=True)]
+        return (results, *computed[1:])
 
     def _run_in_batches(self, instance: int, feeds: dict[str, np.ndarray], rows: int,
                         calls: list[tuple[int, float]]) -> dict[str, np.ndarray]:

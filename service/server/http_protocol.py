@@ -28,8 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Callable
+from time import perf_counter
 from typing import Any
 
+import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -38,6 +41,11 @@ from service.server.rest.middleware import new_request_id
 from service.settings import Settings
 
 IDLE_CLOSE_S = 0.5
+
+# Set by the app (service.server.rest.shedding.refuser): the whole 429 response for a POST to a
+# path whose model's queue refuses it from the head, or None. Such a request's body is read by the
+# parser and dropped, and the response goes out without an ASGI task.
+head_refusal: Callable[[bytes, float], bytes | None] | None = None
 
 
 class _HeadTooLarge(Exception):
@@ -93,6 +101,8 @@ class HttpProtocol(HttpToolsProtocol):
         self._head_overflow = False
         self._shutting_down = False
         self._waiting_since = self.loop.time()  # for a head: its first byte; for a body: the last read
+        self._started = 0.0  # perf_counter() when the current head began
+        self._refused: bytes | None = None  # the response to send once the request's body is read
         # One timer per connection, re-armed as it fires, rather than one per request.
         self._read_timer = self.loop.call_later(self._read_timeout_s, self._check_read_time)
 
@@ -121,6 +131,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_parsed = 16  # the method, the version and the request line's separators
         self._waiting_since = self.loop.time()
+        self._started = perf_counter()
 
     def _count_head(self, n: int) -> None:
         self._head_parsed += n
@@ -140,6 +151,12 @@ class HttpProtocol(HttpToolsProtocol):
         self._reading_head = False
         self._reading_body = True
         self._waiting_since = self.loop.time()
+        refuse = head_refusal
+        if refuse is not None and not self._shutting_down and self.parser.get_method() == b"POST" \
+                and (self.cycle is None or self.cycle.response_complete) and not self.pipeline:
+            self._refused = refuse(httptools.parse_url(self.url).path, self._started)
+            if self._refused is not None:
+                return  # no cycle, no task: the body is dropped and the response sent when it ends
         super().on_headers_complete()
         if self._shutting_down and self.cycle is not None:
             self.cycle.keep_alive = False
@@ -168,8 +185,18 @@ class HttpProtocol(HttpToolsProtocol):
                 and (self.cycle is None or self.cycle.response_complete):
             self.transport.close()
 
+    def on_body(self, body: bytes) -> None:
+        if self._refused is None:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
         self._reading_body = False
+        if self._refused is not None:
+            response, self._refused = self._refused, None
+            if not self.transport.is_closing():
+                self.transport.write(response)
+                self.on_response_complete()  # keep-alive timer, reading resumed: as after any answer
+            return
         super().on_message_complete()
 
     def _check_read_time(self) -> None:

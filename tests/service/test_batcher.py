@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from service.core.batching import Batcher, BatchPolicy, InputLayout
-from service.errors import PayloadTooLarge, QueueFull
+from service.core.batching import HANDED_AHEAD, Batcher, BatchPolicy, InputLayout
+from service.errors import DeadlineExceeded, PayloadTooLarge, QueueFull
 from service.observability.metrics import ModelMetrics
 from service.observability.stats import Stats
 
@@ -22,7 +22,7 @@ def _batcher(run, *, max_batch: int, max_padding_ratio: float = 0.5, variable: b
     return Batcher(run, ["y"], [layout], policy, ModelMetrics("batcher-test", "1", "CPU"), Stats())
 
 
-def test_a_full_batch_is_handed_to_the_busy_instance_before_the_running_batch_ends():
+def test_full_batches_are_handed_to_the_busy_instance_before_the_running_batch_ends():
     release = threading.Event()
     calls: list[int] = []
 
@@ -38,11 +38,12 @@ def test_a_full_batch_is_handed_to_the_busy_instance_before_the_running_batch_en
         first = asyncio.create_task(b.submit({"x": np.ones((1, 3), np.float32)}, 1))
         while not calls:  # the first batch is computing, and blocked
             await asyncio.sleep(0.001)
-        rest = [asyncio.create_task(b.submit({"x": np.full((1, 3), i, np.float32)}, 1)) for i in range(5)]
+        rest = [asyncio.create_task(b.submit({"x": np.full((1, 3), i, np.float32)}, 1))
+                for i in range(2 * HANDED_AHEAD + 1)]
         for _ in range(100):
             await asyncio.sleep(0.001)
-        # One full batch (2 rows) now waits at the instance; the other 3 rows wait in the queue,
-        # where later requests could still join them.
+        # HANDED_AHEAD full batches (2 rows each) now wait at the instance; the last row waits in
+        # the queue, where later requests could still join it.
         queued_while_blocked = b.queued_rows
         release.set()
         results = await asyncio.gather(first, *rest)
@@ -50,9 +51,46 @@ def test_a_full_batch_is_handed_to_the_busy_instance_before_the_running_batch_en
         return queued_while_blocked, results
 
     queued, results = asyncio.run(scenario())
-    assert queued == 3
-    assert [float(r.outputs["y"][0, 0]) for r in results] == [3.0, 0.0, 3.0, 6.0, 9.0, 12.0]
-    assert calls[:2] == [1, 2]
+    assert queued == 1
+    expected = [3.0] + [3.0 * i for i in range(2 * HANDED_AHEAD + 1)]
+    assert [float(r.outputs["y"][0, 0]) for r in results] == expected
+    assert calls == [1] + [2] * HANDED_AHEAD + [1]
+
+
+def test_a_request_whose_deadline_passes_while_handed_ahead_is_shed_not_computed():
+    """A full batch handed to a busy instance has left the queue, which sheds late requests: the
+    compute thread sheds them instead, and computes the rest of their batch."""
+    release = threading.Event()
+    calls: list[list[float]] = []
+
+    def run(instance, feeds):
+        calls.append([float(v) for v in feeds["x"][:, 0]])
+        if len(calls) == 1:
+            release.wait(10)
+        return [feeds["x"].sum(axis=1, keepdims=True)]
+
+    async def scenario():
+        b = _batcher(run, max_batch=2)
+        b.start()
+        first = asyncio.create_task(b.submit({"x": np.ones((1, 3), np.float32)}, 1))
+        while not calls:
+            await asyncio.sleep(0.001)
+        soon = time.perf_counter() + 0.02
+        late = asyncio.create_task(b.submit({"x": np.full((1, 3), 5, np.float32)}, 1, soon))
+        patient = asyncio.create_task(b.submit({"x": np.full((1, 3), 7, np.float32)}, 1))
+        for _ in range(100):  # both handed ahead as one full batch, the deadline passing meanwhile
+            await asyncio.sleep(0.001)
+        handed = b.queued_rows
+        release.set()
+        results = await asyncio.gather(first, late, patient, return_exceptions=True)
+        await b.close()
+        return handed, results
+
+    handed, (first, late, patient) = asyncio.run(scenario())
+    assert handed == 0
+    assert isinstance(late, DeadlineExceeded), late
+    assert float(first.outputs["y"][0, 0]) == 3.0 and float(patient.outputs["y"][0, 0]) == 21.0
+    assert calls == [[1.0], [7.0]]
 
 
 def test_a_lone_request_whose_caller_leaves_mid_computation_leaves_the_batcher_serving(caplog):

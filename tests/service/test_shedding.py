@@ -77,3 +77,30 @@ def test_expected_wait_bound_refuses_with_retry_after_and_higher_priority_is_ser
     assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
     # The two high-class requests, sent after the four lows, overtake the lows still queued.
     assert finished.index("high") < 4 and finished[-1] == "low", finished
+
+
+def test_without_keys_a_full_queue_refuses_from_the_head_and_keeps_the_connection(tmp_path: Path):
+    repo = tmp_path / "models"
+    m.slow_model(repo, width=WIDTH, max_batch=1, delay_ms=0.0, queue=64, wait_ms=200)
+    server = start_server(repo, tmp_path / "server.log", "--providers", "cpu")
+    url = f"{server.url}/v2/models/slow/infer"
+    try:
+        async def scenario():
+            async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=8)) as c:
+                await c.post(url, content=_body())  # measures a row's compute time
+                burst = await asyncio.gather(*(c.post(url, content=_body()) for _ in range(40)))
+                metrics = (await c.get(f"{server.url}/metrics")).text
+                return burst, metrics
+
+        burst, metrics = asyncio.run(scenario())
+    finally:
+        server.stop()
+    refused = [r for r in burst if r.status_code == 429]
+    assert refused and all(r.status_code in (200, 429) for r in burst)
+    # Refused by the HTTP protocol: no ASGI app ran (it would have added Server-Timing).
+    head = [r for r in refused if "server-timing" not in r.headers]
+    assert head, "no refusal from the head"
+    for r in head:
+        assert int(r.headers["retry-after"]) >= 1 and r.headers["x-request-id"]
+        assert r.json()["code"] == "queue_full" and "connection" not in r.headers  # kept alive
+    assert f'neuroserve_rejections_total{{model="slow",reason="queue_full"}} {len(refused)}.0' in metrics

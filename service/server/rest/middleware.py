@@ -78,6 +78,10 @@ class ServiceMiddleware:
         self.max_body = state.settings.max_body_bytes
         self.access_log = state.settings.access_log
         self.gate = Gate.of(state)
+        from service.server import http_protocol  # imports this module
+        from service.server.rest.shedding import refuser
+
+        http_protocol.head_refusal = refuser(state, self.gate)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

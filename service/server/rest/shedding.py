@@ -1,0 +1,67 @@
+"""Refusing a V2 inference request from its head, inside the HTTP protocol, when the model's queue
+would refuse it anyway (`Batcher.refusal`): no ASGI task, middleware, routing or body parsing is
+spent on it, only a prepared 429. A refusal in the route cost the event loop enough that refusals
+took the worker's time from the requests it could serve (docs/benchmarks.md, "Overload: shedding by
+expected wait").
+
+Only where nothing else must be decided first: no API keys and no anonymous rate (a key's 401, 403
+or quota, and its priority class, come before the queue's answer; those requests are refused by
+the route, `service.server.rest.common.refuse_early`), the server not draining, the model's queue
+in this process (with several workers the executor process decides).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from time import perf_counter
+
+import orjson
+
+from service.auth.gate import Gate
+from service.errors import ServiceError
+from service.observability import metrics
+from service.server.rest.middleware import new_request_id
+from service.server.state import ServiceState
+
+HeadRefusal = Callable[[bytes, float], bytes | None]
+
+
+def infer_target(path: bytes) -> tuple[str, str | None] | None:
+    """(model, version or None) when `path` is one of the two V2 infer paths, else None."""
+    parts = path.split(b"/")
+    if len(parts) == 5 and parts[4] == b"infer" and parts[1:3] == [b"v2", b"models"] and parts[3]:
+        return parts[3].decode("latin-1"), None
+    if len(parts) == 7 and parts[6] == b"infer" and parts[1:3] == [b"v2", b"models"] \
+            and parts[4] == b"versions" and parts[3] and parts[5]:
+        return parts[3].decode("latin-1"), parts[5].decode("latin-1")
+    return None
+
+
+def refuser(state: ServiceState, gate: Gate) -> HeadRefusal:
+    """`refuse(path, started)`: the whole 429 response for a POST to `path` whose head began at
+    `started` (`perf_counter`), or None to let the app answer it."""
+
+    def refuse(path: bytes, started: float) -> bytes | None:
+        if not gate.open_infer or state.draining:
+            return None
+        target = infer_target(path)
+        if target is None:
+            return None
+        model, version = target
+        try:
+            mv = state.model(model, version)
+            refused = mv.serving_batcher(version is not None).refusal(1, 0)
+        except ServiceError:
+            return None  # not found, not ready: the route says so
+        if refused is None:
+            return None
+        metrics.reject(model, "queue_full")
+        if mv.metrics is not None:
+            mv.metrics.request("v2_infer", 429, perf_counter() - started)
+        body = orjson.dumps({"error": refused.message, "code": refused.code})
+        head = "".join(f"{k.lower()}: {v}\r\n" for k, v in refused.headers.items())
+        return (b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nx-request-id: %s\r\n%s\r\n%s"
+                % (len(body), new_request_id().encode(), head.encode("latin-1"), body))
+
+    return refuse
