@@ -52,7 +52,7 @@ from opentelemetry.trace import SpanContext
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from service.observability.metrics import TRACE_EXPORTER_RESTARTS
-from service.observability.otlp import SPAN_KIND_INTERNAL, SPAN_KIND_SERVER, Config
+from service.observability.otlp import SPAN_KIND_INTERNAL, Config
 
 log = logging.getLogger("neuroserve.tracing")
 
@@ -82,7 +82,8 @@ class BatchTrace:
     attributes: dict[str, Any]
     failed: bool
     waiting: int  # traced requests of the batch that have not ended yet
-    compute: dict[str, Any] = field(default_factory=dict)  # the attributes of its requests' `compute`
+    rows: int = 0  # its requests' `compute` spans carry these two: batch.size
+    requests: int = 0  # batch.requests
     links: list[tuple[bytes, bytes]] = field(default_factory=list)  # (trace id, span id)
 
 
@@ -227,9 +228,14 @@ class SpanExporter:
         records = self.records
         while records:
             batch = [records.popleft() for _ in range(min(len(records), 1024))]
+            # Each pack carries the constants its request records name, so that none depends on an
+            # earlier pack having arrived (packs are dropped when the exporter falls behind).
+            named = {r[0] for r in batch if type(r[0]) is int}
+            known = _constants_by_id
+            definitions = {i: (c.name, c.attributes, c.variable) for i in named if (c := known.get(i))}
             try:
-                # Packs of records are large (a few hundred kB): ZeroMQ takes the buffer as it is.
-                self._push.send(self._encode(batch), self._noblock, copy=False)
+                # Packs of records are large (tens of kB): ZeroMQ takes the buffer as it is.
+                self._push.send(self._encode((definitions, batch)), self._noblock, copy=False)
             except self._again:
                 self.dropped += len(batch)
 
@@ -397,18 +403,65 @@ def enqueued(rt: RequestTrace, now: float) -> None:
 def batch_computed(traces: list[tuple[RequestTrace, float]], start: float, end: float, failed: bool,
                    attributes: dict[str, Any]) -> None:
     """Called by a batcher for a computed batch with the (trace, enqueued) of its traced requests."""
-    batch = BatchTrace(start, end, attributes, failed, len(traces), {
-        "batch.size": attributes["batch.size"], "batch.requests": attributes["batch.requests"]})
+    batch = BatchTrace(start, end, attributes, failed, len(traces), attributes["batch.size"],
+                       attributes["batch.requests"])
     for rt, enqueued_at in traces:
         rt.batches.append((enqueued_at, batch))
 
 
-Describe = Callable[[], tuple[str, dict[str, Any]]]
+@dataclass(frozen=True, slots=True)
+class SpanConstants:
+    """What a request span shares with every other span of its route, model and client: sent to
+    the exporter process once per pack of records (by `id`), not with every record."""
+
+    id: int
+    name: str
+    attributes: dict[str, Any]
+    variable: tuple[str, ...]  # the names of the values each record carries, in order
+
+
+# The constants of request spans by what fixes them (method, route, model, client...), and by id
+# for the packing thread. Paths name models: a few hundred keys at most, unless probed.
+_constants: dict[tuple[Any, ...], SpanConstants] = {}
+_constants_by_id: dict[int, SpanConstants] = {}
+_MAX_CONSTANTS = 4096
+
+
+def constants(key: tuple[Any, ...], build: Callable[[], tuple[str, dict[str, Any], tuple[str, ...]]]
+              ) -> SpanConstants:
+    """The constants for `key`, made by `build()` (name, attributes, variable names) the first time."""
+    found = _constants.get(key)
+    if found is not None:
+        return found
+    if len(_constants) >= _MAX_CONSTANTS:
+        _constants.clear()
+        # Keep the newest ids a while: records still queued may name them.
+        for stale in sorted(_constants_by_id)[:-_MAX_CONSTANTS]:
+            del _constants_by_id[stale]
+    name, attributes, variable = build()
+    made = SpanConstants(_next_constants_id(), name, attributes, variable)
+    _constants[key] = _constants_by_id[made.id] = made
+    return made
+
+
+_last_constants_id = 0
+
+
+def _next_constants_id() -> int:
+    global _last_constants_id
+    _last_constants_id += 1
+    return _last_constants_id
+
+
+# What a transport's `describe()` gives for an exported request span: its constants, the values of
+# their `variable` names, and the span's error.type when the request did not set one.
+Described = tuple[SpanConstants, tuple[Any, ...], str | None]
+Describe = Callable[[], Described]
 
 
 def finish(rt: RequestTrace, describe: Describe, status_error: bool, end: float | None = None) -> str | None:
     """End a request: export its spans if sampled or slow. `describe()` gives the server span's
-    name and attributes, asked for only when it is exported. Returns the trace id (hex) when
+    constants and values, asked for only when it is exported. Returns the trace id (hex) when
     exported, for exemplars. Never raises: tracing must not fail a request."""
     try:
         return _finish(rt, describe, status_error, perf_counter() if end is None else end)
@@ -422,7 +475,7 @@ def _finish(rt: RequestTrace, describe: Describe, status_error: bool, end: float
     exported = exporter is not None and (_sampler.sampled(rt.parent) or (0 < _slow_s <= end - rt.start))
     span = None
     if exported:
-        name, attributes = describe()
+        const, values, error_type = describe()
         # One record for the request span and its children, times as recorded: the exporter
         # process makes the spans (and the children's ids) from it.
         parent = rt.parent
@@ -434,21 +487,11 @@ def _finish(rt: RequestTrace, describe: Describe, status_error: bool, end: float
             span = (parent.trace_id.to_bytes(16, "big"), _getrandbits(64).to_bytes(8, "big"))
             parent_id = parent.span_id.to_bytes(8, "big")
             trace_state = parent.trace_state.to_header() if parent.trace_state else ""
-        children: list[tuple[str, float, float, dict[str, Any] | None]] = []
-        if rt.enqueued:
-            children.append(("decode", rt.start, rt.enqueued, None))
-        last_end = 0.0
-        for enqueued_at, batch in rt.batches:
-            children.append(("queue", enqueued_at, batch.start, None))
-            children.append(("compute", batch.start, batch.end, batch.compute))
-            last_end = max(last_end, batch.end)
-        if rt.answered and last_end:
-            children.append(("encode", rt.answered, end, None))
-        if rt.error_type is not None:
-            attributes["error.type"] = rt.error_type
         error = (rt.error_message or "") if status_error else None
-        exporter.records.append((span[0], span[1], parent_id, trace_state, SPAN_KIND_SERVER, name,
-                                 rt.start, end, attributes, error, None, children))
+        exporter.records.append((
+            const.id, span[0], span[1], parent_id, trace_state, rt.start, end, values,
+            rt.error_type or error_type, error, rt.enqueued, rt.answered,
+            [(enqueued_at, b.start, b.end, b.rows, b.requests) for enqueued_at, b in rt.batches]))
     for _, batch in rt.batches:
         if span is not None:
             batch.links.append(span)
@@ -480,37 +523,30 @@ def http_route(path: str, params: dict[str, str] | None, route: str | None) -> s
     return "/".join(f"{{{names[s]}}}" if s in names else s for s in path.split("/"))
 
 
-# (method, path, route, scheme, HTTP version, server) → the span name and the attributes these fix.
-_http_constants: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
+_HTTP_VARIABLE = ("http.response.status_code", "client.port", "neuroserve.request_id")
 
 
-def http_attributes(scope: dict[str, Any], status: int) -> tuple[str, dict[str, Any]]:
-    method = scope.get("method", "GET")
-    path = scope.get("path", "")
-    route_obj = scope.get("route")
-    key = (method, path, getattr(route_obj, "path", None), scope.get("scheme", "http"),
-           scope.get("http_version", "1.1"), scope.get("server"))
-    constants = _http_constants.get(key)
-    if constants is None:
-        constants = _http_constants_of(scope, *key)
-        if len(_http_constants) > 4096:  # paths name models: a few hundred at most, unless probed
-            _http_constants.clear()
-        _http_constants[key] = constants
-    name, attributes = constants[0], constants[1].copy()
-    attributes["http.response.status_code"] = status
+def http_span(scope: dict[str, Any], status: int, model: str | None, version: str | None,
+              request_id: str) -> Described:
+    """An HTTP request span (semantic conventions for HTTP servers, and the model's attributes)."""
     client = scope.get("client")
-    if client:
-        attributes["client.address"], attributes["client.port"] = client[0], client[1]
-    for key_, value in scope.get("headers", ()):
-        if key_ == b"user-agent":
-            attributes["user_agent.original"] = value.decode("latin-1")
-    if status >= 500:
-        attributes["error.type"] = str(status)
-    return name, attributes
+    user_agent = None
+    for name, value in scope.get("headers", ()):
+        if name == b"user-agent":
+            user_agent = value
+    route = scope.get("route")
+    key = ("http", scope.get("method", "GET"), scope.get("path", ""), getattr(route, "path", None),
+           scope.get("scheme", "http"), scope.get("http_version", "1.1"), scope.get("server"),
+           client[0] if client else None, user_agent, model, version)
+    const = constants(key, lambda: _http_constants(scope, *key[1:]))
+    return (const, (status, client[1] if client else None, request_id),
+            str(status) if status >= 500 else None)
 
 
-def _http_constants_of(scope: dict[str, Any], method: str, path: str, route_path: str | None, scheme: str,
-                       version: str, server: tuple[str, int] | None) -> tuple[str, dict[str, Any]]:
+def _http_constants(scope: dict[str, Any], method: str, path: str, route_path: str | None, scheme: str,
+                    version: str, server: tuple[str, int] | None, client_address: str | None,
+                    user_agent: bytes | None, model: str | None, model_version: str | None
+                    ) -> tuple[str, dict[str, Any], tuple[str, ...]]:
     route = http_route(path, scope.get("path_params"), route_path)
     attributes: dict[str, Any] = {"http.request.method": method, "url.path": path, "url.scheme": scheme,
                                   "network.protocol.version": version}
@@ -518,12 +554,36 @@ def _http_constants_of(scope: dict[str, Any], method: str, path: str, route_path
         attributes["http.route"] = route
     if server:
         attributes["server.address"], attributes["server.port"] = server[0], server[1]
-    return (f"{method} {route}" if route else method), attributes
+    if client_address is not None:
+        attributes["client.address"] = client_address
+    if user_agent is not None:
+        attributes["user_agent.original"] = user_agent.decode("latin-1")
+    if model is not None:
+        attributes["neuroserve.model"] = model
+    if model_version is not None:
+        attributes["neuroserve.model.version"] = model_version
+    return (f"{method} {route}" if route else method), attributes, _HTTP_VARIABLE
 
 
-def grpc_attributes(service: str, method: str, code: int) -> tuple[str, dict[str, Any]]:
-    return f"{service}/{method}", {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method,
-                                   "rpc.grpc.status_code": code}
+_GRPC_VARIABLE = ("rpc.grpc.status_code", "neuroserve.request_id")
+
+
+def grpc_span(service: str, method: str, code: int, model: str | None, version: str | None,
+              request_id: str) -> Described:
+    """A gRPC request span (semantic conventions for RPC servers, and the model's attributes)."""
+    const = constants(("grpc", service, method, model, version),
+                      lambda: _grpc_constants(service, method, model, version))
+    return const, (code, request_id), None
+
+
+def _grpc_constants(service: str, method: str, model: str | None, version: str | None
+                    ) -> tuple[str, dict[str, Any], tuple[str, ...]]:
+    attributes: dict[str, Any] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+    if model is not None:
+        attributes["neuroserve.model"] = model
+    if version is not None:
+        attributes["neuroserve.model.version"] = version
+    return f"{service}/{method}", attributes, _GRPC_VARIABLE
 
 
 def grpc_error(code: int) -> bool:

@@ -85,6 +85,48 @@ def test_a_record_encodes_as_its_span_and_children_in_otlp_protobuf() -> None:
     assert span.parent_span_id == b"" and span.trace_state == "" and not span.HasField("status")
 
 
+def test_a_request_record_encodes_its_constants_values_and_children() -> None:
+    class Route:
+        path = "/v2/models/{model_name}/infer"
+
+    scope = {"method": "POST", "path": "/v2/models/m/infer", "route": Route(), "scheme": "https",
+             "http_version": "2", "server": ("10.0.0.1", 8000), "client": ("10.0.0.9", 41234),
+             "headers": [(b"user-agent", b"probe/2")], "path_params": {"model_name": "m"}}
+    const, values, error_type = tracing.http_span(scope, 503, "m", "3", "rid-1")
+    assert tracing.http_span(scope, 200, "m", "3", "rid-2")[0] is const  # one per route and client
+    trace_id, span_id = secrets.token_bytes(16), secrets.token_bytes(8)
+    record = (const.id, trace_id, span_id, None, "", 1.0, 2.0, values, error_type, "unavailable",
+              1.1, 1.8, [(1.1, 1.2, 1.5, 4, 3), (1.5, 1.6, 1.7, 2, 1)])
+    encoded = otlp.Constants(const.name, const.attributes, list(const.variable))
+    request = _decode(otlp.export_request({}, ("neuroserve", ""), otlp.request_spans(record, encoded, 0)))
+    root, *kids = request.resource_spans[0].scope_spans[0].spans
+    assert (root.trace_id, root.span_id, root.parent_span_id) == (trace_id, span_id, b"")
+    assert root.kind == PbSpan.SPAN_KIND_SERVER and root.name == "POST /v2/models/{model_name}/infer"
+    assert _attrs(root.attributes) == {
+        "http.request.method": "POST", "url.path": "/v2/models/m/infer", "url.scheme": "https",
+        "network.protocol.version": "2", "http.route": "/v2/models/{model_name}/infer",
+        "server.address": "10.0.0.1", "server.port": 8000, "client.address": "10.0.0.9",
+        "user_agent.original": "probe/2", "neuroserve.model": "m", "neuroserve.model.version": "3",
+        "http.response.status_code": 503, "client.port": 41234, "neuroserve.request_id": "rid-1",
+        "error.type": "503"}
+    assert (root.status.code, root.status.message) == (PbStatus.STATUS_CODE_ERROR, "unavailable")
+    assert [k.name for k in kids] == ["decode", "queue", "compute", "queue", "compute", "encode"]
+    assert all(k.parent_span_id == span_id and k.trace_id == trace_id for k in kids)
+    assert [_attrs(k.attributes) for k in kids if k.name == "compute"] == [
+        {"batch.size": 4, "batch.requests": 3}, {"batch.size": 2, "batch.requests": 1}]
+    assert (kids[0].start_time_unix_nano, kids[0].end_time_unix_nano) == (10**9, 1_100_000_000)
+    assert kids[-1].start_time_unix_nano == 1_800_000_000 and kids[-1].end_time_unix_nano == 2 * 10**9
+    # No client (a Unix socket), nothing queued: those attributes and children are absent.
+    bare_const, bare_values, _ = tracing.http_span({**scope, "client": None}, 200, None, None, "rid-3")
+    bare = (bare_const.id, trace_id, span_id, None, "", 1.0, 2.0, bare_values, None, None, 0.0, 0.0, [])
+    encoded = otlp.Constants(bare_const.name, bare_const.attributes, list(bare_const.variable))
+    (span,) = _decode(otlp.export_request({}, ("neuroserve", ""), otlp.request_spans(bare, encoded, 0))
+                      ).resource_spans[0].scope_spans[0].spans
+    attributes = _attrs(span.attributes)
+    assert "client.port" not in attributes and "client.address" not in attributes
+    assert "neuroserve.model" not in attributes and not span.HasField("status")
+
+
 class HeaderReceiver:
     """An OTLP/HTTP endpoint that keeps each export's headers and (gunzipped) body. While `holding`,
     it reads an export, keeps it in `held` and never answers (until `release` is set), as a hung

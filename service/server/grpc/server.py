@@ -255,13 +255,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         assert ctx.trace is not None
         number = code.value[0]
 
-        def describe() -> tuple[str, dict[str, Any]]:
-            name, attributes = tracing.grpc_attributes(SERVICE_NAME, method, number)
-            attributes["neuroserve.model"] = ctx.model
-            attributes["neuroserve.request_id"] = ctx.request_id
-            if ctx.model_metrics is not None:
-                attributes["neuroserve.model.version"] = ctx.model_metrics.version
-            return name, attributes
+        def describe() -> tracing.Described:
+            return tracing.grpc_span(SERVICE_NAME, method, number, ctx.model,
+                                     ctx.model_metrics.version if ctx.model_metrics is not None else None,
+                                     ctx.request_id)
 
         if tracing.grpc_error(number) and ctx.trace.error_type is None:
             ctx.trace.error(code.name, code.name)

@@ -206,15 +206,11 @@ class ServiceMiddleware:
                              status=status, client=_client(scope))
             request_id.reset(token)
 
-def _span_description(scope: Scope, ctx: RequestContext, status: int) -> tuple[str, dict[str, Any]]:
-    """The request span's name and attributes (HTTP semantic conventions, and the model's)."""
-    name, attributes = tracing.http_attributes(scope, status)
-    if ctx.endpoint is not None:
-        attributes["neuroserve.model"] = ctx.model
-    if ctx.model_metrics is not None:
-        attributes["neuroserve.model.version"] = ctx.model_metrics.version
-    attributes["neuroserve.request_id"] = ctx.request_id
-    return name, attributes
+def _span_description(scope: Scope, ctx: RequestContext, status: int) -> tracing.Described:
+    """The request span (HTTP semantic conventions, and the model's attributes)."""
+    return tracing.http_span(scope, status, ctx.model if ctx.endpoint is not None else None,
+                             ctx.model_metrics.version if ctx.model_metrics is not None else None,
+                             ctx.request_id)
 
 
 def server_timing(ctx: RequestContext) -> str:
