@@ -13,11 +13,11 @@ computed in another thread before its requests have ended, so its span is built 
 traced requests to finish, linked to the spans of those that were exported.
 
 Export runs in a process of its own (`service.observability.otlp`), one per front-end: a finished
-request appends one compact record (its span and its children's times) to a queue, and a thread
-packs the queue with msgpack and pushes it over a ZeroMQ socket; the exporter process builds the
-OTLP protobuf and sends it. Encoding spans is the expensive part of tracing, and in the serving
-process it would hold the GIL against the event loop (docs/benchmarks.md, "Tracing: what
-OpenTelemetry costs"). A slow or absent collector costs requests nothing: the socket and the
+request appends one compact record (its span and its children's times, encoded with msgpack at
+once) to a queue, and a thread packs the queue and pushes it over a ZeroMQ socket; the exporter
+process builds the OTLP protobuf and sends it. Encoding spans is the expensive part of tracing,
+and in the serving process it would hold the GIL against the event loop (docs/benchmarks.md,
+"Tracing: what OpenTelemetry costs"). A slow or absent collector costs requests nothing: the socket and the
 exporter's queue are bounded, and records past them are dropped. An exporter process that dies is
 started again by the pushing thread (with a backoff), counted in
 `neuroserve_trace_exporter_restarts_total`.
@@ -179,7 +179,13 @@ class SpanExporter:
                  restart_min_s: float = 2.0, restart_max_s: float = 60.0) -> None:
         import zmq
 
-        self.records: deque[tuple[Any, ...]] = deque(maxlen=max_records)
+        # Records are encoded as they are made: bytes are not tracked by Python's cyclic garbage
+        # collector, while the tuples and lists of a record waiting here for the next pack were
+        # (about 1,000 of them at 5,000 requests a second), enough to set off collections that cost
+        # the event loop ~6 µs a request.
+        self.records: deque[bytes] = deque(maxlen=max_records)
+        self._record_encoder = msgspec.msgpack.Encoder()  # the event loop's: encoders are not shared
+        self.used: set[int] = set()  # the constants named since the last pack
         self.interval_s = interval_s
         self.dropped = 0
         self.restarts = 0
@@ -224,18 +230,25 @@ class SpanExporter:
                 self._look_after_process()
         self._flush()
 
+    def record(self, record: tuple[Any, ...]) -> None:
+        """Queue one record (see `service.observability.otlp`); from the event loop's thread."""
+        self.records.append(self._record_encoder.encode(record))
+
     def _flush(self) -> None:
         records = self.records
         while records:
             batch = [records.popleft() for _ in range(min(len(records), 1024))]
-            # Each pack carries the constants its request records name, so that none depends on an
-            # earlier pack having arrived (packs are dropped when the exporter falls behind).
-            named = {r[0] for r in batch if type(r[0]) is int}
+            # Each pack carries the constants named since the last one: those of its records, but
+            # for a record made as the last pack left (the exporter keeps constants it was sent).
+            # Repeated in every pack that follows a use, none is lost with a dropped pack for good.
+            used, self.used = self.used, set()
             known = _constants_by_id
-            definitions = {i: (c.name, c.attributes, c.variable) for i in named if (c := known.get(i))}
+            definitions = {i: (c.name, c.attributes, c.variable) for i in used if (c := known.get(i))}
+            # A msgpack array of two: the constants, and the records as they were encoded.
+            pack = b"".join((b"\x92", self._encode(definitions), _array_header(len(batch)), *batch))
             try:
                 # Packs of records are large (tens of kB): ZeroMQ takes the buffer as it is.
-                self._push.send(self._encode((definitions, batch)), self._noblock, copy=False)
+                self._push.send(pack, self._noblock, copy=False)
             except self._again:
                 self.dropped += len(batch)
 
@@ -292,6 +305,15 @@ class SpanExporter:
         shutil.rmtree(self._directory, ignore_errors=True)
         if self.dropped:
             log.warning("%d span records dropped: the exporter process did not keep up", self.dropped)
+
+
+def _array_header(n: int) -> bytes:
+    """The msgpack header of an array of `n` items."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
 
 
 def setup(otlp_endpoint: str, sample_ratio: float, slow_ms: float, version: str) -> bool:
@@ -488,7 +510,8 @@ def _finish(rt: RequestTrace, describe: Describe, status_error: bool, end: float
             parent_id = parent.span_id.to_bytes(8, "big")
             trace_state = parent.trace_state.to_header() if parent.trace_state else ""
         error = (rt.error_message or "") if status_error else None
-        exporter.records.append((
+        exporter.used.add(const.id)
+        exporter.record((
             const.id, span[0], span[1], parent_id, trace_state, rt.start, end, values,
             rt.error_type or error_type, error, rt.enqueued, rt.answered,
             [(enqueued_at, b.start, b.end, b.rows, b.requests) for enqueued_at, b in rt.batches]))
@@ -497,7 +520,7 @@ def _finish(rt: RequestTrace, describe: Describe, status_error: bool, end: float
             batch.links.append(span)
         batch.waiting -= 1
         if batch.waiting == 0 and batch.links and exporter is not None:
-            exporter.records.append(_batch_record(batch))
+            exporter.record(_batch_record(batch))
     return span[0].hex() if span is not None else None
 
 

@@ -42,6 +42,7 @@ from service.settings import Settings
 
 log = logging.getLogger("neuroserve.app")
 GIL_SWITCH_INTERVAL_S = 0.0005
+GC_YOUNG_THRESHOLD = 20_000  # CPython's default is 700 (see `_freeze_heap`)
 
 _REJECTION_REASONS = errors.REJECTION_REASONS
 # The route table, in the order FastAPI tries it; `routing.DirectRoutes` serves the prediction routes
@@ -109,9 +110,17 @@ def _freeze_heap(_: asyncio.Task[None]) -> None:
     """Move everything alive once the models are loaded (modules, sessions, routes: ~70,000
     objects) out of the garbage collector's reach. They live as long as the process, yet every full
     collection walked them: a ~14 ms stall of the event loop each time, seen as p99 spikes under
-    load (docs/benchmarks.md). Collect first so that no garbage is frozen with them."""
+    load (docs/benchmarks.md). Collect first so that no garbage is frozen with them.
+
+    Then collect the young generation every `GC_YOUNG_THRESHOLD` allocations rather than 700: each
+    collection walks what the requests in flight hold (their tasks, frames, dicts), finds it alive
+    and promotes it, so that older collections walk it again. Requests free what they allocate by
+    reference counting; a few more objects per request (a traced request's) set off five times as
+    many collections, costing the event loop ~10 µs a request (docs/benchmarks.md, "Tracing")."""
     gc.collect()
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def _install_drain_on_sigterm(state: ServiceState) -> None:
@@ -177,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The ORT thread needs the GIL briefly before and after each batch; while the event loop is
         # busy with HTTP, CPython would make it wait up to the 5 ms default switch interval.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        gc_thresholds = gc.get_threshold()  # changed once models load (`_freeze_heap`)
         metrics.worker_started()
         # Here, in the worker: the exporter's thread must belong to this process, not a parent.
         tracing.setup(settings.otlp_endpoint, settings.trace_sample_ratio, settings.trace_slow_ms,
@@ -209,6 +219,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.to_thread(tracing.shutdown)
             metrics.worker_stopped()
             gc.unfreeze()  # what this app held may be garbage now (several apps in one process: tests)
+            gc.set_threshold(*gc_thresholds)
 
     app = _App(
         title="neuroserve",

@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 import pytest
 
+from service.server.app import GC_YOUNG_THRESHOLD
 from tests.service import models as m
 from tests.service.conftest import Server, TestModels, start_server, with_app
 
@@ -250,15 +251,18 @@ def test_app_runs_outside_the_main_thread_without_signal_handling(test_models: T
 
 def test_the_heap_is_frozen_once_models_load_and_released_at_shutdown(test_models: TestModels):
     # Full collections must not walk the long-lived start-up heap (a ~14 ms event-loop stall each),
-    # and a stopped app must leave nothing frozen behind for its garbage to hide in.
+    # young collections must not run every 700 allocations under load, and a stopped app must leave
+    # nothing frozen behind for its garbage to hide in, nor its thresholds.
     async def scenario(c):
         await asyncio.sleep(0)  # the freeze runs as the load task's done-callback
-        frozen = gc.get_freeze_count()
+        frozen, thresholds = gc.get_freeze_count(), gc.get_threshold()
         served = (await c.get("/v2/health/ready")).status_code
-        return frozen, served
+        return frozen, thresholds, served
 
     gc.unfreeze()
-    frozen, served = with_app(test_models.repository, scenario)
+    before = gc.get_threshold()
+    frozen, thresholds, served = with_app(test_models.repository, scenario)
     assert served == 200
     assert frozen > 10_000, frozen  # modules, onnxruntime, FastAPI, the models' sessions
-    assert gc.get_freeze_count() == 0
+    assert thresholds == (GC_YOUNG_THRESHOLD, *before[1:]) and before[0] < GC_YOUNG_THRESHOLD
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == before

@@ -210,7 +210,7 @@ def test_exporter_process_sends_what_is_queued_gzipped_with_the_otlp_headers_whe
     now = perf_counter()
     ids = [(secrets.token_bytes(16), secrets.token_bytes(8)) for _ in range(30)]
     for trace_id, span_id in ids:
-        exporter.records.append((trace_id, span_id, None, "", otlp.SPAN_KIND_SERVER, "GET /x", now,
+        exporter.record((trace_id, span_id, None, "", otlp.SPAN_KIND_SERVER, "GET /x", now,
                                  now + 0.001, {"i": 1}, None, None, [("decode", now, now + 0.0005, None)]))
     time.sleep(0.3)  # pushed to the process by now, and held there
     assert header_receiver.exports == []
@@ -275,16 +275,16 @@ def test_an_export_past_otel_bsp_export_timeout_is_abandoned_and_later_exports_a
     exporter = tracing.SpanExporter(header_receiver.url, {"service.name": "exp-test"}, "1")
     try:
         first, second, third = (secrets.token_bytes(16) for _ in range(3))
-        exporter.records.append(_record(first))
+        exporter.record(_record(first))
         _wait(lambda: len(header_receiver.held) == 1, "the first export posted")
-        exporter.records.append(_record(second))
+        exporter.record(_record(second))
         # The next export comes once the first is given up, on a new connection.
         took = _wait(lambda: len(header_receiver.held) == 2, "the first export abandoned")
         assert 0.1 < took < 5, took
         assert [s.trace_id for r in header_receiver.held for s in _spans(r)] == [first, second]
         # A collector that answers again gets what comes next; the abandoned batches are dropped.
         header_receiver.holding = False
-        exporter.records.append(_record(third))
+        exporter.record(_record(third))
         _wait(lambda: third in header_receiver.trace_ids(), "the export after the hung ones")
         assert header_receiver.trace_ids() == {third}
     finally:
@@ -309,14 +309,14 @@ def test_a_killed_exporter_process_is_restarted_and_shutdown_does_not_restart_it
         # Records pushed before the new process bound its socket may be lost; later ones arrive.
         def one_arrives() -> bool:
             trace_id = secrets.token_bytes(16)
-            exporter.records.append(_record(trace_id))
+            exporter.record(_record(trace_id))
             time.sleep(0.05)
             return trace_id in header_receiver.trace_ids()
 
         _wait(one_arrives, "a record after the restart")
         later = {secrets.token_bytes(16) for _ in range(20)}
         for trace_id in later:
-            exporter.records.append(_record(trace_id))
+            exporter.record(_record(trace_id))
         _wait(lambda: later <= header_receiver.trace_ids(), "every record after the restart")
         # Killed again, then shut down at once: nothing is started after the shutdown.
         os.kill(exporter.process.pid, signal.SIGKILL)
