@@ -166,6 +166,11 @@ class SpanExporter:
     """This process's side of its exporter process: a queue of records that a thread packs and
     pushes to the process every `interval_s`. The request path only appends to the queue (a deque:
     safe from any thread, and bounded, the oldest record giving way when the thread falls behind).
+    Once a second rather than every 50 ms: each wake-up of the thread and of the exporter process
+    has a cost of its own (the GIL handed over, a process woken with cold caches on a busy
+    machine): at c=64 the exporter's CPU per request more than halved (docs/benchmarks.md,
+    "Tracing"). The spans wait at most that second longer, beside the batch processor's
+    OTEL_BSP_SCHEDULE_DELAY (5 s by default).
 
     The same thread looks after the process: at most every `check_s` it asks whether the process
     is still there (`poll()`, no cost to requests), and when it died (a crash, an OOM kill) it
@@ -175,7 +180,7 @@ class SpanExporter:
     and past them they are dropped."""
 
     def __init__(self, endpoint: str, resource: dict[str, Any], version: str,
-                 interval_s: float = 0.05, max_records: int = 65536, check_s: float = 0.5,
+                 interval_s: float = 1.0, max_records: int = 65536, check_s: float = 0.5,
                  restart_min_s: float = 2.0, restart_max_s: float = 60.0) -> None:
         import zmq
 
