@@ -188,19 +188,26 @@ def spans_of(record: list[Any] | tuple[Any, ...], epoch_offset_ns: int) -> list[
     out = [span(trace_id, span_id, parent_id, trace_state, kind, name,
                 int(start * 1e9) + epoch_offset_ns, int(end * 1e9) + epoch_offset_ns, attrs, error,
                 links)]
-    if not children:
-        return out
+    if children:
+        out += _children(trace_id, span_id, trace_state, epoch_offset_ns, [
+            (_name(n), child_start, child_end, _attributes(a) if a else b"")
+            for n, child_start, child_end, a in children])
+    return out
+
+
+def _children(trace_id: bytes, span_id: bytes, trace_state: str, epoch_offset_ns: int,
+              children: list[tuple[bytes, float, float, bytes]]) -> list[bytes]:
+    """INTERNAL spans under `span_id`, from (encoded name, start, end, encoded attributes)."""
     # Children differ from one another only in id, name, times and attributes: the rest is packed
     # once (this loop is most of the exporter's work).
     head = b"\x0a\x10" + trace_id + b"\x12\x08"
     tail = (_len(b"\x1a", trace_state.encode()) if trace_state else b"") + b"\x22\x08" + span_id
     ids = _getrandbits(64 * len(children)).to_bytes(8 * len(children), "little")
-    for i, (child_name, child_start, child_end, child_attrs) in enumerate(children):
+    out = []
+    for i, (name, child_start, child_end, attrs) in enumerate(children):
         start_ns = int(child_start * 1e9) + epoch_offset_ns
-        body = b"".join((head, ids[8 * i:8 * i + 8], tail, _name(child_name), _INTERNAL_START,
-                         _pack_q(start_ns), b"\x41",
-                         _pack_q(max(start_ns, int(child_end * 1e9) + epoch_offset_ns)),
-                         _attributes(child_attrs) if child_attrs else b""))
+        body = b"".join((head, ids[8 * i:8 * i + 8], tail, name, _INTERNAL_START, _pack_q(start_ns),
+                         b"\x41", _pack_q(max(start_ns, int(child_end * 1e9) + epoch_offset_ns)), attrs))
         out.append(b"\x12" + _varint(len(body)) + body)
     return out
 
@@ -259,17 +266,8 @@ def request_spans(record: list[Any] | tuple[Any, ...], const: Constants, epoch_o
         last_end = max(last_end, batch_end)
     if answered and last_end:
         children.append((_ENCODE, answered, end, b""))
-    if not children:
-        return out
-    head = b"\x0a\x10" + trace_id + b"\x12\x08"
-    tail = (_len(b"\x1a", trace_state.encode()) if trace_state else b"") + b"\x22\x08" + span_id
-    ids = _getrandbits(64 * len(children)).to_bytes(8 * len(children), "little")
-    for i, (name, child_start, child_end, attrs) in enumerate(children):
-        child_start_ns = int(child_start * 1e9) + epoch_offset_ns
-        body = b"".join((head, ids[8 * i:8 * i + 8], tail, name, _INTERNAL_START, _pack_q(child_start_ns),
-                         b"\x41", _pack_q(max(child_start_ns, int(child_end * 1e9) + epoch_offset_ns)),
-                         attrs))
-        out.append(b"\x12" + _varint(len(body)) + body)
+    if children:
+        out += _children(trace_id, span_id, trace_state, epoch_offset_ns, children)
     return out
 
 

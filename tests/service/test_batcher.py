@@ -22,15 +22,23 @@ def _batcher(run, *, max_batch: int, max_padding_ratio: float = 0.5, variable: b
     return Batcher(run, ["y"], [layout], policy, ModelMetrics("batcher-test", "1", "CPU"), Stats())
 
 
-def test_full_batches_are_handed_to_the_busy_instance_before_the_running_batch_ends():
-    release = threading.Event()
-    calls: list[int] = []
+def _first_call_blocks(calls: list[list[float]], release: threading.Event):
+    """A run function that records each call's rows (their first values) and blocks the first call
+    until `release` is set; it answers each row's sum."""
 
     def run(instance, feeds):
-        calls.append(len(feeds["x"]))
+        calls.append([float(v) for v in feeds["x"][:, 0]])
         if len(calls) == 1:
             release.wait(10)
         return [feeds["x"].sum(axis=1, keepdims=True)]
+
+    return run
+
+
+def test_full_batches_are_handed_to_the_busy_instance_before_the_running_batch_ends():
+    release = threading.Event()
+    calls: list[list[float]] = []
+    run = _first_call_blocks(calls, release)
 
     async def scenario():
         b = _batcher(run, max_batch=2)
@@ -54,7 +62,7 @@ def test_full_batches_are_handed_to_the_busy_instance_before_the_running_batch_e
     assert queued == 1
     expected = [3.0] + [3.0 * i for i in range(2 * HANDED_AHEAD + 1)]
     assert [float(r.outputs["y"][0, 0]) for r in results] == expected
-    assert calls == [1] + [2] * HANDED_AHEAD + [1]
+    assert [len(c) for c in calls] == [1] + [2] * HANDED_AHEAD + [1]
 
 
 def test_a_request_whose_deadline_passes_while_handed_ahead_is_shed_not_computed():
@@ -62,12 +70,7 @@ def test_a_request_whose_deadline_passes_while_handed_ahead_is_shed_not_computed
     compute thread sheds them instead, and computes the rest of their batch."""
     release = threading.Event()
     calls: list[list[float]] = []
-
-    def run(instance, feeds):
-        calls.append([float(v) for v in feeds["x"][:, 0]])
-        if len(calls) == 1:
-            release.wait(10)
-        return [feeds["x"].sum(axis=1, keepdims=True)]
+    run = _first_call_blocks(calls, release)
 
     async def scenario():
         b = _batcher(run, max_batch=2)
