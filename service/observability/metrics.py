@@ -263,8 +263,18 @@ def request_without_model(endpoint: str, status: int, seconds: float, model: str
     REQUESTS.labels(model, "", endpoint, outcome(status), protocol).inc()
 
 
+# The rejection counters by (model, reason): a refusal under overload is meant to cost next to
+# nothing, and looking the child up (labels' validation) cost about as much as the rest of it.
+_rejections: dict[tuple[str, str], Counter] = {}
+
+
 def reject(model: str, reason: str) -> None:
-    REJECTIONS.labels(model, reason).inc()
+    child = _rejections.get((model, reason))
+    if child is None:
+        if len(_rejections) >= 4096:  # model names come from requests' paths
+            _rejections.clear()
+        child = _rejections[(model, reason)] = REJECTIONS.labels(model, reason)
+    child.inc()
 
 
 class WorkerProcessCollector:

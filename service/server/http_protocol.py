@@ -80,6 +80,12 @@ class _JoinedWrites:
         if not self._transport.is_closing():
             self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
+    def write_now(self, data: bytes) -> None:
+        """Write at once (after anything joined so far): for an answer that is the turn's only one."""
+        self._flush()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
     def close(self) -> None:
         self._flush()
         self._transport.close()
@@ -194,7 +200,7 @@ class HttpProtocol(HttpToolsProtocol):
         if self._refused is not None:
             response, self._refused = self._refused, None
             if not self.transport.is_closing():
-                self.transport.write(response)
+                self.transport.write_now(response)  # type: ignore[attr-defined]
                 self.on_response_complete()  # keep-alive timer, reading resumed: as after any answer
             return
         super().on_message_complete()
