@@ -190,7 +190,10 @@ class SpanExporter:
         # the event loop ~6 µs a request.
         self.records: deque[bytes] = deque(maxlen=max_records)
         self._record_encoder = msgspec.msgpack.Encoder()  # the event loop's: encoders are not shared
-        self.used: set[int] = set()  # the constants named since the last pack
+        # The constants named by request records, each put here before its record: a deque, as the
+        # records, so that the packing thread never misses one a record named (a set swapped or
+        # iterated by it while the event loop adds to it would lose an id, or fail).
+        self.named: deque[int] = deque(maxlen=max_records)
         self.interval_s = interval_s
         self.dropped = 0
         self.restarts = 0
@@ -239,14 +242,21 @@ class SpanExporter:
         """Queue one record (see `service.observability.otlp`); from the event loop's thread."""
         self.records.append(self._record_encoder.encode(record))
 
+    def record_request(self, constants_id: int, record: tuple[Any, ...]) -> None:
+        """Queue a request's record, which names the constants `constants_id`."""
+        self.named.append(constants_id)
+        self.records.append(self._record_encoder.encode(record))
+
     def _flush(self) -> None:
         records = self.records
         while records:
             batch = [records.popleft() for _ in range(min(len(records), 1024))]
-            # Each pack carries the constants named since the last one: those of its records, but
-            # for a record made as the last pack left (the exporter keeps constants it was sent).
-            # Repeated in every pack that follows a use, none is lost with a dropped pack for good.
-            used, self.used = self.used, set()
+            # The constants named since the last pack: those of every record just taken (each was
+            # named before it was queued), perhaps a few of the next pack's. The exporter keeps
+            # what it was sent; sent again with every pack that follows a use, a constant is not
+            # lost for good with a dropped pack.
+            named = self.named
+            used = {named.popleft() for _ in range(len(named))}
             known = _constants_by_id
             definitions = {i: (c.name, c.attributes, c.variable) for i in used if (c := known.get(i))}
             # A msgpack array of two: the constants, and the records as they were encoded.
@@ -515,8 +525,7 @@ def _finish(rt: RequestTrace, describe: Describe, status_error: bool, end: float
             parent_id = parent.span_id.to_bytes(8, "big")
             trace_state = parent.trace_state.to_header() if parent.trace_state else ""
         error = (rt.error_message or "") if status_error else None
-        exporter.used.add(const.id)
-        exporter.record((
+        exporter.record_request(const.id, (
             const.id, span[0], span[1], parent_id, trace_state, rt.start, end, values,
             rt.error_type or error_type, error, rt.enqueued, rt.answered,
             [(enqueued_at, b.start, b.end, b.rows, b.requests) for enqueued_at, b in rt.batches]))

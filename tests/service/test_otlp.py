@@ -245,6 +245,31 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def test_request_records_queued_while_packs_leave_keep_their_constants(
+        header_receiver: HeaderReceiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records name constants the packs carry; with the packing thread flushing every 2 ms while
+    requests with ever new constants are queued, none arrives without them (none dropped)."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    exporter = tracing.SpanExporter(header_receiver.url, {"service.name": "race"}, "1", interval_s=0.002)
+    scope = {"method": "POST", "path": "/v2/models/m/infer", "headers": [], "client": ("10.0.0.2", 5)}
+    now = perf_counter()
+    sent = {}
+    for i in range(3000):
+        const, values, error_type = tracing.http_span(scope, 200, f"model-{i % 600}", str(i // 600), f"r{i}")
+        trace_id = secrets.token_bytes(16)
+        exporter.record_request(const.id, (const.id, trace_id, secrets.token_bytes(8), None, "", now,
+                                           now + 0.001, values, error_type, None, 0.0, 0.0, []))
+        sent[trace_id] = (f"model-{i % 600}", str(i // 600))
+        if i % 50 == 0:
+            time.sleep(0.001)  # let the packing thread run between records
+    exporter.close(timeout_s=20)
+    assert exporter.dropped == 0
+    spans = [s for _, r in header_receiver.exports for s in _spans(r)]
+    got = {s.trace_id: _attrs(s.attributes) for s in spans}
+    assert set(got) == set(sent)
+    assert all((a["neuroserve.model"], a["neuroserve.model.version"]) == sent[t] for t, a in got.items())
+
+
 def test_exporter_process_ends_when_its_front_end_is_killed(tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
     m.image_model(tmp_path / "models")
