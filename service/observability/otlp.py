@@ -449,6 +449,7 @@ def serve(config: Config) -> None:
     poller.register(stdin, zmq.POLLIN)
     pending: list[bytes] = []
     dropped = 0
+    unnamed = 0  # request records whose constants never arrived
     last_export = time.monotonic()
 
     def export(all_of_it: bool) -> None:
@@ -467,7 +468,7 @@ def serve(config: Config) -> None:
     constants: dict[int, Constants] = {}
 
     def receive() -> None:
-        nonlocal dropped
+        nonlocal dropped, unnamed
         definitions, records = decoder.decode(pull.recv(copy=True))
         if len(constants) + len(definitions) > 8192:  # ids only grow: old ones are named no more
             constants.clear()
@@ -481,7 +482,7 @@ def serve(config: Config) -> None:
             if type(record[0]) is int:  # a request
                 const = constants.get(record[0])
                 if const is None:  # its constants were pruned in the front-end before it was packed
-                    dropped += 1
+                    unnamed += 1
                     continue
                 pending.extend(request_spans(record, const, config.epoch_offset_ns))
             else:
@@ -500,6 +501,8 @@ def serve(config: Config) -> None:
         export(all_of_it=not open_)
     if dropped:
         log.warning("%d span records dropped: the collector did not keep up", dropped)
+    if unnamed:
+        log.warning("%d request records dropped: their span constants never arrived", unnamed)
     pull.close(linger=0)
     context.term()
 

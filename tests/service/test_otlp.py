@@ -250,6 +250,9 @@ def test_request_records_queued_while_packs_leave_keep_their_constants(
     """Records name constants the packs carry; with the packing thread flushing every 2 ms while
     requests with ever new constants are queued, none arrives without them (none dropped)."""
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    # Room for every span in the exporter's queue: a slow receiver must not drop any (the SDK's
+    # behaviour when its queue is full), or a missing span would say nothing about constants.
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "100000")
     exporter = tracing.SpanExporter(header_receiver.url, {"service.name": "race"}, "1", interval_s=0.002)
     scope = {"method": "POST", "path": "/v2/models/m/infer", "headers": [], "client": ("10.0.0.2", 5)}
     now = perf_counter()
