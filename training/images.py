@@ -109,6 +109,7 @@ class Recipe:
     label_smoothing: float = 0.0
     augment: bool = True
     bf16: bool = False  # bfloat16 autocast for the convolutions (fast on AVX-512 CPUs); eval stays FP32
+    ema: float = 0.0  # the weights' moving average per step (training.loop.fit); 0: off
 
 
 @dataclass(frozen=True)

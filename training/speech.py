@@ -267,6 +267,7 @@ class Recipe:
     shift: int = 5  # random time shift of up to ± this many frames
     warp: float = 0.2  # mel axis stretched by up to ±20 %: other vocal tract lengths
     bf16: bool = True  # bfloat16 autocast for the forward pass (fast on AVX-512 CPUs); eval stays FP32
+    ema: float = 0.0  # the weights' moving average per step (training.loop.fit); 0: off
 
 
 def spec_augment(x: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> torch.Tensor:
