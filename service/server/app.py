@@ -116,7 +116,8 @@ def _freeze_heap(_: asyncio.Task[None]) -> None:
     collection walks what the requests in flight hold (their tasks, frames, dicts), finds it alive
     and promotes it, so that older collections walk it again. Requests free what they allocate by
     reference counting; a few more objects per request (a traced request's) set off five times as
-    many collections, costing the event loop ~10 µs a request (docs/benchmarks.md, "Tracing")."""
+    many collections, a cost paid on the event loop (docs/benchmarks.md, "Fewer garbage collections
+    and fewer wake-ups")."""
     gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()

@@ -35,17 +35,24 @@ def _first_call_blocks(calls: list[list[float]], release: threading.Event):
     return run
 
 
+async def _blocked_batcher(calls: list[list[float]], release: threading.Event
+                          ) -> tuple[Batcher, asyncio.Task]:
+    """A started batcher of 2-row batches whose instance computes a first one-row request, blocked
+    until `release` is set; and that request's task."""
+    b = _batcher(_first_call_blocks(calls, release), max_batch=2)
+    b.start()
+    first = asyncio.create_task(b.submit({"x": np.ones((1, 3), np.float32)}, 1))
+    while not calls:  # the first batch is computing, and blocked
+        await asyncio.sleep(0.001)
+    return b, first
+
+
 def test_full_batches_are_handed_to_the_busy_instance_before_the_running_batch_ends():
     release = threading.Event()
     calls: list[list[float]] = []
-    run = _first_call_blocks(calls, release)
 
     async def scenario():
-        b = _batcher(run, max_batch=2)
-        b.start()
-        first = asyncio.create_task(b.submit({"x": np.ones((1, 3), np.float32)}, 1))
-        while not calls:  # the first batch is computing, and blocked
-            await asyncio.sleep(0.001)
+        b, first = await _blocked_batcher(calls, release)
         rest = [asyncio.create_task(b.submit({"x": np.full((1, 3), i, np.float32)}, 1))
                 for i in range(2 * HANDED_AHEAD + 1)]
         for _ in range(100):
@@ -70,14 +77,9 @@ def test_a_request_whose_deadline_passes_while_handed_ahead_is_shed_not_computed
     compute thread sheds them instead, and computes the rest of their batch."""
     release = threading.Event()
     calls: list[list[float]] = []
-    run = _first_call_blocks(calls, release)
 
     async def scenario():
-        b = _batcher(run, max_batch=2)
-        b.start()
-        first = asyncio.create_task(b.submit({"x": np.ones((1, 3), np.float32)}, 1))
-        while not calls:
-            await asyncio.sleep(0.001)
+        b, first = await _blocked_batcher(calls, release)
         soon = time.perf_counter() + 0.02
         late = asyncio.create_task(b.submit({"x": np.full((1, 3), 5, np.float32)}, 1, soon))
         patient = asyncio.create_task(b.submit({"x": np.full((1, 3), 7, np.float32)}, 1))

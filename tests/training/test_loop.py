@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from training.images import Recipe
 from training.loop import fit
 
 
-@dataclass(frozen=True)
-class _Recipe:
-    epochs: int = 3
-    lr: float = 0.05
-    batch: int = 16
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    bf16: bool = False
-    ema: float = 0.0
+def _recipe(epochs: int = 3, ema: float = 0.0) -> Recipe:
+    return Recipe(epochs=epochs, lr=0.05, batch=16, weight_decay=0.0, ema=ema)
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,10 +31,10 @@ def test_with_ema_the_kept_weights_are_the_moving_average_of_the_steps() -> None
 
     initial = nn.Linear(4, 2)
     start = initial.weight.detach().clone()
-    plain, _, _ = fit(copy.deepcopy(initial), x, y, validate=lambda m: 0.0, recipe=_Recipe(epochs=1),
+    plain, _, _ = fit(copy.deepcopy(initial), x, y, validate=lambda m: 0.0, recipe=_recipe(epochs=1),
                       seed=1, title="plain")
     model = copy.deepcopy(initial)
-    averaged, history, _ = fit(model, x, y, validate=validate, recipe=_Recipe(epochs=1, ema=0.5), seed=1,
+    averaged, history, _ = fit(model, x, y, validate=validate, recipe=_recipe(epochs=1, ema=0.5), seed=1,
                                title="ema")
     # The same steps as without the average (same seed), but what is validated and kept is the
     # average: not the model being trained, and not its last step's weights.
@@ -61,6 +54,6 @@ def test_without_ema_the_best_epoch_is_kept() -> None:
         seen.append(m.weight.detach().clone())
         return next(scores)
 
-    model, history, _ = fit(nn.Linear(4, 2), x, y, validate=validate, recipe=_Recipe(), seed=0, title="t")
+    model, history, _ = fit(nn.Linear(4, 2), x, y, validate=validate, recipe=_recipe(), seed=0, title="t")
     assert history["val accuracy"] == [0.5, 0.9, 0.7]
     assert torch.equal(model.weight, seen[1]) and not model.training

@@ -16,24 +16,31 @@ from collections.abc import Callable
 from time import perf_counter
 
 import orjson
+from fastapi.routing import APIRoute
 
 from service.auth.gate import Gate
 from service.errors import ServiceError
 from service.observability import metrics
+from service.server.rest import v2
 from service.server.rest.middleware import new_request_id
 from service.server.state import ServiceState
 
 HeadRefusal = Callable[[bytes, float], bytes | None]
 
 
+# The V2 infer routes' own patterns: the route table decides what an infer path is, here as for the
+# router, rather than a second matcher written by hand.
+_INFER_PATHS = [route.path_regex for route in v2.router.routes
+                if isinstance(route, APIRoute) and route.endpoint in (v2.infer, v2.infer_version)]
+
+
 def infer_target(path: bytes) -> tuple[str, str | None] | None:
     """(model, version or None) when `path` is one of the two V2 infer paths, else None."""
-    parts = path.split(b"/")
-    if len(parts) == 5 and parts[4] == b"infer" and parts[1:3] == [b"v2", b"models"] and parts[3]:
-        return parts[3].decode("latin-1"), None
-    if len(parts) == 7 and parts[6] == b"infer" and parts[1:3] == [b"v2", b"models"] \
-            and parts[4] == b"versions" and parts[3] and parts[5]:
-        return parts[3].decode("latin-1"), parts[5].decode("latin-1")
+    text = path.decode("latin-1")
+    for pattern in _INFER_PATHS:
+        if (match := pattern.match(text)) is not None:
+            params = match.groupdict()
+            return params["model"], params.get("version")
     return None
 
 
