@@ -20,7 +20,8 @@ from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import _async as reflection_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
@@ -31,7 +32,7 @@ from service.errors import REJECTION_REASONS, DeadlineExceeded, ModelNotReady, S
 from service.observability import metrics, tracing
 from service.observability.logging import request_id
 from service.server import inference, tls
-from service.server.grpc import codec
+from service.server.grpc import calls, codec
 from service.server.rest import v2
 from service.server.rest.middleware import RequestContext, new_request_id, server_timing, valid_request_id
 from service.server.state import ServiceState
@@ -313,34 +314,28 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def start(state: ServiceState) -> grpc.aio.Server:
+async def start(state: ServiceState) -> calls.Server:
     """Listen on `settings.grpc_port`. With several workers each binds the port with SO_REUSEPORT
     (like their HTTP sockets, see `service.server.workers`); with one, a port in use is an error."""
     settings = state.settings
-    server = grpc.aio.server(interceptors=[AuthInterceptor(Gate.of(state))], options=[
-        ("grpc.max_receive_message_length", settings.max_body_bytes),
-        ("grpc.max_send_message_length", -1),
-        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
-    ])
+    server = calls.Server([AuthInterceptor(Gate.of(state))],
+                          max_receive_message_length=settings.max_body_bytes,
+                          max_header_bytes=settings.max_header_bytes)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(state), server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection_aio.ReflectionServicer(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)),
         server)
     address = _address(settings.host, settings.grpc_port)
     try:
-        credentials = tls.grpc_credentials(settings)
-        port = (server.add_secure_port(address, credentials) if credentials is not None
-                else server.add_insecure_port(address))
-    except RuntimeError as e:  # grpcio raises this when the port cannot be bound
+        await server.listen(settings.host, settings.grpc_port, ssl=tls.grpc_context(settings),
+                            reuse_port=settings.workers > 1)
+    except OSError as e:
         raise OSError(f"cannot listen for gRPC on {address}: {e}") from None
-    if not port:
-        raise OSError(f"cannot listen for gRPC on {address}")
-    await server.start()
     log.info("gRPC listening", extra={"address": address})
     return server
 
 
-async def stop(server: grpc.aio.Server) -> None:
+async def stop(server: calls.Server) -> None:
     """Refuse new RPCs and give those in flight `STOP_GRACE_S` to finish."""
     await server.stop(STOP_GRACE_S)
