@@ -178,6 +178,7 @@ class Call:
         "message",
         "metadata",
         "method",
+        "needed",
         "requests",
         "server",
         "stream",
@@ -194,7 +195,8 @@ class Call:
         self.deadline: float | None = None
         self.encoding = 0  # zlib's wbits for compressed messages; 0: the caller sent none
         self.handler: grpc.RpcMethodHandler | None = None
-        self.inbound = b""  # bytes of a message not yet whole
+        self.inbound = bytearray()  # the start of a message whose end has not arrived
+        self.needed = 0  # how long `inbound` must grow to hold the whole message
         self.message: bytes | None = None  # a unary call's request
         self.requests: asyncio.Queue[bytes | None] | None = None  # a streaming call's requests
         self.task: asyncio.Task[None] | None = None
@@ -206,18 +208,31 @@ class Call:
     # -- the stream (http2.StreamHandler) -------------------------------------------------------------
 
     def received(self, data: bytes) -> None:
+        # The window is given back as data arrives, not as messages are taken: a message larger
+        # than the window must be able to arrive whole (its size is bounded by `max_message`).
+        self.conn.consumed(self.stream, len(data))
         if self.handler is None or self._code is not None:
             return  # failed already: the data is dropped
-        buf = self.inbound + data if self.inbound else data
+        if self.inbound:  # a message began in an earlier frame
+            self.inbound += data
+            if len(self.inbound) < self.needed:
+                return
+            buf: bytes = bytes(self.inbound)
+            self.inbound = bytearray()
+        else:
+            buf = data
         pos, n = 0, len(buf)
-        while n - pos >= 5:
+        while pos < n:
+            if n - pos < 5:
+                self.needed = 5
+                break
             compressed, length = _PREFIX.unpack_from(buf, pos)
             if length > self.server.max_message:
-                self.inbound = b""
                 self.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"Received message larger than max ({length} vs. {self.server.max_message})")
                 return
             if n - pos - 5 < length:
+                self.needed = 5 + length
                 break
             message = buf[pos + 5:pos + 5 + length]
             pos += 5 + length
@@ -225,7 +240,6 @@ class Call:
                 message = self._decompress(message)
                 if message is None:
                     return
-            self.conn.consumed(self.stream, 5 + length)
             if self.requests is not None:
                 self.requests.put_nowait(message)
             elif self.message is None:
@@ -233,7 +247,8 @@ class Call:
             else:
                 self.fail(grpc.StatusCode.UNIMPLEMENTED, "a unary call sent more than one message")
                 return
-        self.inbound = buf[pos:] if pos < n else b""
+        if pos < n:
+            self.inbound = bytearray(buf[pos:])
 
     def ended(self) -> None:
         if self._code is not None or self.handler is None:

@@ -49,6 +49,7 @@ STREAM_WINDOW = 1 << 22
 CONNECTION_WINDOW = 1 << 24
 # The largest frame we accept: fewer, larger DATA frames for large tensors, fewer turns of the parser.
 MAX_FRAME = 1 << 20
+KNOWN_BLOCKS = 64  # header blocks remembered per connection (`Connection._decode`)
 MAX_STREAMS = 1024  # concurrent streams per connection (grpc clients queue calls beyond it)
 
 _FRAME = struct.Struct(">HBBBL")  # length (24 bits, split 16 + 8), type, flags, stream id
@@ -113,7 +114,7 @@ class Stream:
         self.send_window = send_window
         self.unacked = 0  # data consumed since our last WINDOW_UPDATE for this stream
         self.remote_closed = False
-        self.pending = b""  # data the peer's windows do not yet let us send
+        self.pending: bytes | memoryview = b""  # data the peer's windows do not yet let us send
         self.pending_trailers: bytes | None = None
         self.done = False  # our END_STREAM is sent or queued
 
@@ -128,10 +129,13 @@ class Connection(asyncio.Protocol):
         self.max_header_bytes = max_header_bytes
         self.transport: asyncio.Transport | None = None
         self.peer = ""
-        self.buffer = b""
+        self.buffer = bytearray()  # the start of a frame whose end has not arrived
+        self.needed = 0  # how long `buffer` must grow before it holds a whole frame
         self.preface_seen = False
         self.decoder = hpack.Decoder()
         self.decoder.max_header_list_size = max_header_bytes
+        self.table_epoch = 0  # changes whenever a header block changes the decoder's dynamic table
+        self.blocks: dict[bytes, tuple[int, list[tuple[bytes, bytes]]]] = {}  # see `_decode`
         self.streams: dict[int, Stream] = {}
         self.last_stream_id = 0
         self.send_window = DEFAULT_WINDOW
@@ -141,6 +145,7 @@ class Connection(asyncio.Protocol):
         self.continuing: tuple[int, int, bytearray] | None = None  # a header block awaiting CONTINUATION
         self.going_away = False
         self.closed = False
+        self.outbox: list[bytes] = []  # frames written at the end of this turn of the loop (`_write`)
 
     # -- asyncio ------------------------------------------------------------------------------------
 
@@ -165,21 +170,29 @@ class Connection(asyncio.Protocol):
         self.on_lost(self)
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buffer + data if self.buffer else data
-        if not self.preface_seen:
-            if len(buf) < len(PREFACE):
-                if not PREFACE.startswith(buf):
-                    self._fail(PROTOCOL_ERROR, "not HTTP/2")
-                self.buffer = buf
+        if self.buffer:  # a frame began in an earlier read: gather it without copying it each time
+            self.buffer += data
+            if len(self.buffer) < self.needed:
                 return
+            buf: bytes = bytes(self.buffer)
+            self.buffer = bytearray()
+        else:
+            buf = data
+        if not self.preface_seen:
             if not buf.startswith(PREFACE):
-                self._fail(PROTOCOL_ERROR, "not HTTP/2")
+                if len(buf) >= len(PREFACE) or not PREFACE.startswith(buf):
+                    self._fail(PROTOCOL_ERROR, "not HTTP/2")
+                    return
+                self.buffer, self.needed = bytearray(buf), len(PREFACE)
                 return
             self.preface_seen = True
             buf = buf[len(PREFACE):]
         pos, n = 0, len(buf)
         unpack = _FRAME.unpack_from
-        while n - pos >= 9 and not self.closed:
+        while not self.closed:
+            if n - pos < 9:
+                self.needed = 9
+                break
             high, low, kind, flags, stream_id = unpack(buf, pos)
             length = high << 8 | low
             if length > MAX_FRAME:
@@ -187,6 +200,7 @@ class Connection(asyncio.Protocol):
                 return
             end = pos + 9 + length
             if end > n:
+                self.needed = 9 + length
                 break
             payload = buf[pos + 9:end]
             pos = end
@@ -204,7 +218,7 @@ class Connection(asyncio.Protocol):
                 self._settings(flags, payload)
             elif kind == PING:
                 if not flags & ACK:
-                    self.transport.write(frame(PING, ACK, 0, payload))  # type: ignore[union-attr]
+                    self._write(frame(PING, ACK, 0, payload))
             elif kind == RST_STREAM:
                 stream = self.streams.pop(stream_id, None)
                 if stream is not None and stream.handler is not None:
@@ -218,14 +232,15 @@ class Connection(asyncio.Protocol):
             elif kind == PUSH_PROMISE:
                 self._fail(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
             # PRIORITY and unknown frame types are ignored, as RFC 9113 asks.
-        self.buffer = buf[pos:] if pos < n else b""
+        if pos < n and not self.closed:
+            self.buffer = bytearray(buf[pos:])
 
     # -- frames from the peer -----------------------------------------------------------------------
 
     def _data(self, stream_id: int, flags: int, payload: bytes) -> None:
         self.unacked += len(payload)
         if self.unacked >= CONNECTION_WINDOW // 2:
-            self.transport.write(frame(WINDOW_UPDATE, 0, 0, _WORD.pack(self.unacked)))  # type: ignore[union-attr]
+            self._write(frame(WINDOW_UPDATE, 0, 0, _WORD.pack(self.unacked)))
             self.unacked = 0
         if flags & PADDED:
             payload = _unpad(payload)
@@ -271,10 +286,8 @@ class Connection(asyncio.Protocol):
             self._header_block(stream_id, first_flags, bytes(block))
 
     def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
-        try:  # decoded even for a stream refused below: the decoder's table must follow the peer's
-            fields = self.decoder.decode(block, raw=True)
-        except HPACKError as e:
-            self._fail(COMPRESSION_ERROR, f"header block: {e}")
+        fields = self._decode(block)  # even for a stream refused below: the table must follow the peer's
+        if fields is None:
             return
         stream = self.streams.get(stream_id)
         if stream is not None:  # trailers: gRPC clients send none, but they end the stream
@@ -286,13 +299,37 @@ class Connection(asyncio.Protocol):
             return
         self.last_stream_id = stream_id
         if self.going_away or len(self.streams) >= MAX_STREAMS:
-            self.transport.write(frame(RST_STREAM, 0, stream_id, _WORD.pack(REFUSED_STREAM)))  # type: ignore[union-attr]
+            self._write(frame(RST_STREAM, 0, stream_id, _WORD.pack(REFUSED_STREAM)))
             return
         stream = Stream(stream_id, self.peer_initial_window)
         self.streams[stream_id] = stream
         stream.handler = self.opener(self, stream, fields)
         if flags & END_STREAM:
             self._remote_end(stream)
+
+    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]] | None:
+        """The fields of a header block. A client sends the same block for call after call (every
+        field a reference to its dynamic table); while that table is unchanged the same bytes mean
+        the same fields, so a block that changed nothing is remembered with the table's epoch."""
+        known = self.blocks.get(block)
+        if known is not None and known[0] == self.table_epoch:
+            return known[1]
+        table = self.decoder.header_table
+        entries = table.dynamic_entries
+        first, size = entries[0] if entries else None, table.maxsize
+        try:
+            fields = self.decoder.decode(block, raw=True)
+        except HPACKError as e:
+            self._fail(COMPRESSION_ERROR, f"header block: {e}")
+            return None
+        # An insertion puts a new entry first (`first` is still referenced, so it cannot be that one).
+        if (entries[0] if entries else None) is not first or table.maxsize != size:
+            self.table_epoch += 1
+        else:
+            if len(self.blocks) >= KNOWN_BLOCKS:
+                self.blocks.clear()
+            self.blocks[block] = (self.table_epoch, fields)
+        return fields
 
     def _remote_end(self, stream: Stream) -> None:
         stream.remote_closed = True
@@ -344,7 +381,7 @@ class Connection(asyncio.Protocol):
                     return
                 self.peer_max_frame = value
             # The header table size the peer's decoder allows does not matter: we never index.
-        self.transport.write(frame(SETTINGS, ACK, 0))  # type: ignore[union-attr]
+        self._write(frame(SETTINGS, ACK, 0))
         for stream in [s for s in self.streams.values() if s.pending or s.pending_trailers is not None]:
             self._flush(stream)
 
@@ -354,7 +391,7 @@ class Connection(asyncio.Protocol):
         """The owner of `stream` has taken `n` bytes of its data: the peer may send as many more."""
         stream.unacked += n
         if stream.unacked >= STREAM_WINDOW // 2 and not stream.remote_closed and not self.closed:
-            self.transport.write(frame(WINDOW_UPDATE, 0, stream.id, _WORD.pack(stream.unacked)))  # type: ignore[union-attr]
+            self._write(frame(WINDOW_UPDATE, 0, stream.id, _WORD.pack(stream.unacked)))
             stream.unacked = 0
 
     def send(self, stream: Stream, headers: bytes | None, data: bytes, trailers: bytes | None) -> None:
@@ -367,7 +404,7 @@ class Connection(asyncio.Protocol):
             out.append(self._header_frames(stream.id, 0, headers))
         if data:
             if stream.pending:
-                stream.pending += data
+                stream.pending = memoryview(bytes(stream.pending) + data)
             else:
                 self._data_frames(stream, data, out)
         if trailers is not None:
@@ -378,27 +415,43 @@ class Connection(asyncio.Protocol):
                 out.append(self._header_frames(stream.id, END_STREAM, trailers))
                 self._finished(stream, out)
         if out:
-            self.transport.write(b"".join(out))  # type: ignore[union-attr]
+            self._write(b"".join(out))
 
     def reset(self, stream: Stream, code: int = CANCEL) -> None:
         """End `stream` at once (RST_STREAM): our side has given up on it."""
         stream.done = True
         self.streams.pop(stream.id, None)
         if not self.closed:
-            self.transport.write(frame(RST_STREAM, 0, stream.id, _WORD.pack(code)))  # type: ignore[union-attr]
+            self._write(frame(RST_STREAM, 0, stream.id, _WORD.pack(code)))
 
     def go_away(self) -> None:
         """Refuse new streams and close once those open have finished (a graceful shutdown)."""
         if self.closed or self.going_away or self.transport is None:
             return
         self.going_away = True
-        self.transport.write(frame(GOAWAY, 0, 0, _WORD.pack(self.last_stream_id) + _WORD.pack(NO_ERROR)))  # type: ignore[union-attr]
+        self._write(frame(GOAWAY, 0, 0, _WORD.pack(self.last_stream_id) + _WORD.pack(NO_ERROR)))
         if not self.streams:
             self.close()
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
+            self._flush_outbox()
             self.transport.close()
+
+    def _write(self, data: bytes) -> None:
+        """Queue `data` for one write at the end of this turn of the event loop: the answers of a
+        batch, finished together, leave in one system call per connection, not one each."""
+        if self.closed:
+            return
+        if not self.outbox:
+            asyncio.get_running_loop().call_soon(self._flush_outbox)
+        self.outbox.append(data)
+
+    def _flush_outbox(self) -> None:
+        if self.outbox and not self.closed:
+            data = b"".join(self.outbox) if len(self.outbox) > 1 else self.outbox[0]
+            self.outbox.clear()
+            self.transport.write(data)  # type: ignore[union-attr]
 
     def _finished(self, stream: Stream, out: list[bytes]) -> None:
         """Our END_STREAM is on its way; if the peer is still sending, tell it to stop (RFC 9113
@@ -420,19 +473,21 @@ class Connection(asyncio.Protocol):
             parts.append(frame(CONTINUATION, END_HEADERS if last else 0, stream_id, piece))
         return b"".join(parts)
 
-    def _data_frames(self, stream: Stream, data: bytes, out: list[bytes]) -> None:
-        """Frames for as much of `data` as the windows allow; the rest waits in `stream.pending`."""
-        allowed = min(self.send_window, stream.send_window, len(data))
-        if allowed > 0:
+    def _data_frames(self, stream: Stream, data: bytes | memoryview, out: list[bytes]) -> None:
+        """Frames for as much of `data` as the windows allow; the rest waits in `stream.pending`
+        (a view: a large answer sent window by window is not copied each time)."""
+        allowed = max(0, min(self.send_window, stream.send_window, len(data)))
+        if allowed:
             limit = self.peer_max_frame
-            view = memoryview(data)
-            for offset in range(0, allowed, limit):
-                out.append(frame(DATA, 0, stream.id, bytes(view[offset:min(offset + limit, allowed)])))
+            if allowed == len(data) <= limit:
+                out.append(frame(DATA, 0, stream.id, bytes(data)))
+            else:
+                view = memoryview(data)
+                for offset in range(0, allowed, limit):
+                    out.append(frame(DATA, 0, stream.id, bytes(view[offset:min(offset + limit, allowed)])))
             self.send_window -= allowed
             stream.send_window -= allowed
-        else:
-            allowed = 0
-        stream.pending = data[allowed:] if allowed < len(data) else b""
+        stream.pending = memoryview(data)[allowed:] if allowed < len(data) else b""
 
     def _flush(self, stream: Stream) -> None:
         out: list[bytes] = []
@@ -442,13 +497,14 @@ class Connection(asyncio.Protocol):
             out.append(self._header_frames(stream.id, END_STREAM, stream.pending_trailers))
             stream.pending_trailers = None
             self._finished(stream, out)
-        if out and not self.closed:
-            self.transport.write(b"".join(out))  # type: ignore[union-attr]
+        if out:
+            self._write(b"".join(out))
 
     def _fail(self, code: int, why: str) -> None:
         """A connection error: GOAWAY with `code`, then close."""
         log.info("gRPC connection closed: %s", why, extra={"peer": self.peer})
         if self.transport is not None and not self.closed:
+            self._flush_outbox()
             self.transport.write(frame(GOAWAY, 0, 0, _WORD.pack(self.last_stream_id) + _WORD.pack(code)
                                        + why.encode()[:200]))
             self.transport.close()
