@@ -218,11 +218,14 @@ max_tokens = 32
 
 
 def audio_model(
-    repo: Path, name: str = "tiny-audio", sample_rate: int = 8000, duration_s: float = 0.5, **batching
+    repo: Path, name: str = "tiny-audio", sample_rate: int = 8000, duration_s: float = 0.5,
+    echo: bool = False, **batching
 ) -> Path:
-    """waveform [B,N] → |x| → energy in 10 segments → linear → softmax (3 labels)."""
+    """waveform [B,N] → |x| → energy in 10 segments → linear → softmax (3 labels); `echo` adds an
+    output `echo`, the waveform itself (answers as large as their requests)."""
     d = repo / name
     n = round(sample_rate * duration_s)
+    echo_output = f'\n  {{ name = "echo", datatype = "FP32", shape = [-1, {n}] }},' if echo else ""
     _write(
         d,
         f'''name = "{name}"
@@ -231,7 +234,7 @@ labels = ["yes", "no", "silence"]
 inputs = [{{ name = "waveform", datatype = "FP32", shape = [-1, {n}] }}]
 outputs = [
   {{ name = "logits", datatype = "FP32", shape = [-1, 3] }},
-  {{ name = "probabilities", datatype = "FP32", shape = [-1, 3] }},
+  {{ name = "probabilities", datatype = "FP32", shape = [-1, 3] }},{echo_output}
 ]
 
 [audio]
@@ -251,11 +254,15 @@ duration_s = {duration_s}
         helper.make_node("ReduceSum", ["seg", "ax2"], ["features"], keepdims=0),
     ]
     _head(nodes, "features", 10, 3, rng, inits)
+    outputs = _outputs(3)
+    if echo:
+        nodes.append(helper.make_node("Identity", ["waveform"], ["echo"]))
+        outputs.append(helper.make_tensor_value_info("echo", TensorProto.FLOAT, ["batch", n]))
     graph = helper.make_graph(
         nodes,
         name,
         [helper.make_tensor_value_info("waveform", TensorProto.FLOAT, ["batch", n])],
-        _outputs(3),
+        outputs,
         inits,
     )
     _save(graph, d / "1" / "model.onnx")

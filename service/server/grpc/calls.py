@@ -361,10 +361,15 @@ class Call:
                         + http2.literal(b"grpc-message", _percent_encode(self._details)))
         if self._trailing:
             trailers += _metadata_block(self._trailing)
-        data = _PREFIX.pack(0, len(message)) + message if message is not None else b""
-        headers = None if self.answered else _RESPONSE_HEADERS
-        self.answered = True
-        self.conn.send(self.stream, headers, data, trailers)
+        if message is not None:
+            headers = None if self.answered else _RESPONSE_HEADERS
+            self.answered = True
+            self.conn.send(self.stream, headers, _PREFIX.pack(0, len(message)) + message, trailers)
+        elif self.answered:
+            self.conn.send(self.stream, None, b"", trailers)
+        else:  # trailers-only: the status with the response headers, in one HEADERS frame
+            self.answered = True
+            self.conn.send(self.stream, None, b"", _RESPONSE_HEADERS + trailers)
 
     def fail(self, code: grpc.StatusCode, details: str) -> None:
         """End the call with `code` now (before or instead of its handler)."""

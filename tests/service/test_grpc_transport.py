@@ -1,0 +1,152 @@
+"""The gRPC server's HTTP/2 (service/server/grpc/http2.py) against real clients and raw sockets:
+messages larger than every flow-control window in both directions, header blocks the decoder
+remembers, and framing a client gets wrong, which ends that connection and nothing else."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+
+import grpc
+import hpack
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from tests.service import models as m
+from tests.service.conftest import Server, free_port, start_server
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, SETTINGS, GOAWAY, CONTINUATION = 0, 1, 4, 7, 9
+END_HEADERS = 0x4
+SAMPLES = 160_000  # 640 KB of float32 a row: a batch of 8 is over the 4 MiB stream window
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, int]]:
+    d = tmp_path_factory.mktemp("grpc-transport")
+    m.audio_model(d / "models", name="echo", sample_rate=16_000, duration_s=SAMPLES / 16_000, echo=True,
+                  max_batch=8)
+    port = free_port()
+    srv = start_server(d / "models", d / "server.log", "--grpc-port", str(port),
+                       "--max-body-bytes", str(8 * 1024 * 1024))
+    yield srv, port
+    srv.stop()
+
+
+def test_messages_larger_than_the_windows_go_both_ways_whole(server: tuple[Server, int]):
+    x = np.random.default_rng(0).standard_normal((8, SAMPLES)).astype(np.float32)
+    with triton.InferenceServerClient(f"127.0.0.1:{server[1]}") as client:
+        inp = triton.InferInput("waveform", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        for _ in range(2):  # the second on a connection whose windows the first has used
+            result = client.infer("echo", [inp], outputs=[triton.InferRequestedOutput("echo")])
+            np.testing.assert_array_equal(result.as_numpy("echo"), x)
+
+
+def test_each_call_gets_its_own_metadata_when_header_blocks_repeat(server: tuple[Server, int]):
+    request = pb.ModelInferRequest(model_name="echo")
+    request.inputs.add(name="waveform", datatype="FP32", shape=[1, SAMPLES])
+    request.raw_input_contents.append(np.zeros(SAMPLES, np.float32).tobytes())
+    with grpc.insecure_channel(f"127.0.0.1:{server[1]}") as channel:
+        infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        echoed = []
+        for rid in ("first-1", "second-2", "first-1", "second-2", None, None):
+            metadata = (("x-request-id", rid),) if rid else ()
+            _, call = infer.with_call(request, metadata=metadata)
+            echoed.append(dict(call.trailing_metadata())["x-request-id"])
+    assert echoed[:4] == ["first-1", "second-2", "first-1", "second-2"]
+    assert len({*echoed[4:], "first-1", "second-2"}) == 4  # new ids, one per call
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes((kind, flags)) + struct.pack(">I", stream) + payload
+
+
+def _goaway_code(sock: socket.socket) -> int | None:
+    """The error code of the GOAWAY the server sends before it closes (None: closed without one)."""
+    buf = b""
+    sock.settimeout(10)
+    while True:
+        while len(buf) >= 9:
+            length = int.from_bytes(buf[:3], "big")
+            if len(buf) < 9 + length:
+                break
+            kind, payload, buf = buf[3], buf[9:9 + length], buf[9 + length:]
+            if kind == GOAWAY:
+                return struct.unpack(">L", payload[4:8])[0]
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        buf += chunk
+
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(PREFACE + _frame(SETTINGS, 0, 0))
+    return sock
+
+
+def _request_headers() -> bytes:
+    return hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":authority", "x"),
+                                   (":path", "/inference.GRPCInferenceService/ServerLive"),
+                                   ("content-type", "application/grpc"), ("te", "trailers")])
+
+
+@pytest.mark.parametrize("case, code", [
+    ("frame over the size limit", 6),  # FRAME_SIZE_ERROR
+    ("undecodable header block", 9),  # COMPRESSION_ERROR
+    ("header block over the limit", 1),  # PROTOCOL_ERROR
+    ("DATA on a stream never opened", 1),
+    ("header block interrupted", 1),
+])
+def test_framing_errors_end_the_connection_with_goaway_and_the_server_serves_on(
+    server: tuple[Server, int], case: str, code: int
+):
+    sent = {
+        "frame over the size limit": struct.pack(">I", 2**24 - 1)[1:] + bytes((DATA, 0))
+        + struct.pack(">I", 1),
+        "undecodable header block": _frame(HEADERS, END_HEADERS, 1, b"\xff\xff\xff\xff\x0f"),
+        "header block over the limit": _frame(HEADERS, 0, 1, _request_headers())
+        + b"".join(_frame(CONTINUATION, 0, 1, b"\x00" * 16_384) for _ in range(5)),
+        "DATA on a stream never opened": _frame(DATA, 0, 7, b"\x00\x00\x00\x00\x00"),
+        "header block interrupted": _frame(HEADERS, 0, 1, _request_headers()) + _frame(DATA, 0, 1, b"x"),
+    }[case]
+    with _connect(server[1]) as sock:
+        sock.sendall(sent)
+        assert _goaway_code(sock) == code
+    with triton.InferenceServerClient(f"127.0.0.1:{server[1]}") as client:
+        assert client.is_server_live()
+
+
+def test_a_client_that_does_not_speak_http2_is_closed(server: tuple[Server, int]):
+    with socket.create_connection(("127.0.0.1", server[1])) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _goaway_code(sock) == 1
+    with triton.InferenceServerClient(f"127.0.0.1:{server[1]}") as client:
+        assert client.is_server_live()
+
+
+def test_a_call_that_is_not_grpc_is_refused_on_its_stream(server: tuple[Server, int]):
+    headers = hpack.Encoder().encode([(":method", "GET"), (":scheme", "http"), (":authority", "x"),
+                                      (":path", "/inference.GRPCInferenceService/ServerLive")])
+    with _connect(server[1]) as sock:
+        sock.sendall(_frame(HEADERS, END_HEADERS | 0x1, 1, headers))
+        sock.settimeout(10)
+        buf = b""
+        decoder = hpack.Decoder()
+        while True:  # the answer: a trailers-only HEADERS frame on stream 1 with a grpc-status
+            while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+                length = int.from_bytes(buf[:3], "big")
+                kind, stream, payload = buf[3], int.from_bytes(buf[5:9], "big"), buf[9:9 + length]
+                buf = buf[9 + length:]
+                if kind == HEADERS and stream == 1:
+                    fields = dict(decoder.decode(payload))
+                    assert fields["grpc-status"] == str(grpc.StatusCode.UNIMPLEMENTED.value[0])
+                    return
+            chunk = sock.recv(65536)
+            assert chunk, "closed without answering the stream"
+            buf += chunk
