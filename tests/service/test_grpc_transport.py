@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import hpack
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -150,3 +153,38 @@ def test_a_call_that_is_not_grpc_is_refused_on_its_stream(server: tuple[Server, 
             chunk = sock.recv(65536)
             assert chunk, "closed without answering the stream"
             buf += chunk
+
+
+def _metric(url: str, name: str, *labels: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and all(label in line for label in labels))
+
+
+def test_a_call_the_client_cancels_is_cancelled_in_the_server(tmp_path: Path):
+    m.slow_model(tmp_path / "models", width=1024, max_batch=1, queue=16)
+    port = free_port()
+    srv = start_server(tmp_path / "models", tmp_path / "server.log", "--providers", "cpu",
+                       "--grpc-port", str(port))
+    request = pb.ModelInferRequest(model_name="slow")
+    request.inputs.add(name="waveform", datatype="FP32", shape=[1, 1024])
+    request.raw_input_contents.append(np.zeros(1024, np.float32).tobytes())
+    cancelled = ('endpoint="grpc_infer"', 'model="slow"', 'outcome="client_error"')
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+            calls = [infer.future(request) for _ in range(3)]
+            deadline = time.monotonic() + 10
+            while _metric(srv.url, "neuroserve_inflight_requests") < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _metric(srv.url, "neuroserve_requests_total", *cancelled) == 0
+            calls[2].cancel()  # still queued behind the other two: RST_STREAM reaches the server
+            counted = 0.0
+            while counted < 1 and time.monotonic() < deadline:
+                counted = _metric(srv.url, "neuroserve_requests_total", *cancelled)
+            assert counted == 1
+            assert not calls[0].done() or not calls[1].done()  # counted before the others finished
+            for call in calls[:2]:
+                assert len(call.result(timeout=30).raw_output_contents) == 2
+    finally:
+        srv.stop()
