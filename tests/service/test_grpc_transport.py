@@ -16,6 +16,8 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
@@ -23,7 +25,7 @@ from tests.service import models as m
 from tests.service.conftest import Server, free_port, start_server
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, SETTINGS, GOAWAY, CONTINUATION = 0, 1, 4, 7, 9
+DATA, HEADERS, SETTINGS, PING, GOAWAY, CONTINUATION = 0, 1, 4, 6, 7, 9
 END_HEADERS = 0x4
 SAMPLES = 160_000  # 640 KB of float32 a row: a batch of 8 is over the 4 MiB stream window
 
@@ -162,29 +164,70 @@ def _metric(url: str, name: str, *labels: str) -> float:
 
 
 def test_a_call_the_client_cancels_is_cancelled_in_the_server(tmp_path: Path):
-    m.slow_model(tmp_path / "models", width=1024, max_batch=1, queue=16)
+    m.slow_model(tmp_path / "models", width=1536, max_batch=1, queue=16)
     port = free_port()
     srv = start_server(tmp_path / "models", tmp_path / "server.log", "--providers", "cpu",
                        "--grpc-port", str(port))
     request = pb.ModelInferRequest(model_name="slow")
-    request.inputs.add(name="waveform", datatype="FP32", shape=[1, 1024])
-    request.raw_input_contents.append(np.zeros(1024, np.float32).tobytes())
+    request.inputs.add(name="waveform", datatype="FP32", shape=[1, 1536])
+    request.raw_input_contents.append(np.zeros(1536, np.float32).tobytes())
     cancelled = ('endpoint="grpc_infer"', 'model="slow"', 'outcome="client_error"')
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
-            calls = [infer.future(request) for _ in range(3)]
-            deadline = time.monotonic() + 10
-            while _metric(srv.url, "neuroserve_inflight_requests") < 3 and time.monotonic() < deadline:
+            calls = [infer.future(request) for _ in range(4)]
+            deadline = time.monotonic() + 30
+            while _metric(srv.url, "neuroserve_inflight_requests") < 4 and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert _metric(srv.url, "neuroserve_requests_total", *cancelled) == 0
-            calls[2].cancel()  # still queued behind the other two: RST_STREAM reaches the server
-            counted = 0.0
+            # Queued behind three slow ones: its RST_STREAM reaches the server while it waits, and
+            # the server counts it as the caller's (499, client_error), not as served.
+            assert not calls[3].done()
+            calls[3].cancel()
+            counted, deadline = 0.0, time.monotonic() + 30
             while counted < 1 and time.monotonic() < deadline:
                 counted = _metric(srv.url, "neuroserve_requests_total", *cancelled)
-            assert counted == 1
-            assert not calls[0].done() or not calls[1].done()  # counted before the others finished
-            for call in calls[:2]:
+            assert counted == 1, srv.logs()[-2000:]
+            for call in calls[:3]:
                 assert len(call.result(timeout=30).raw_output_contents) == 2
     finally:
         srv.stop()
+
+
+_STREAMS = st.sampled_from([0, 1, 2, 3, 5, 2**31 - 1])
+_WORDS = st.sampled_from([0, 1, 2**14, 2**24, 2**31 - 1, 2**31, 2**32 - 1]) | st.integers(0, 2**32 - 1)
+# Payloads shaped like the fields frames hold (window increments, settings, error codes, padding
+# lengths), as well as any bytes.
+_PAYLOADS = (st.binary(max_size=40)
+             | _WORDS.map(lambda w: w.to_bytes(4, "big"))
+             | st.lists(st.tuples(st.integers(0, 8), _WORDS), max_size=4).map(
+                 lambda pairs: b"".join(k.to_bytes(2, "big") + v.to_bytes(4, "big") for k, v in pairs))
+             | st.tuples(st.integers(0, 255), st.binary(max_size=8)).map(lambda t: bytes((t[0],)) + t[1]))
+_FRAMES = st.lists(st.tuples(st.integers(0, 10), st.sampled_from([0, 1, 4, 5, 8, 0x20, 0x2D, 255]),
+                             _STREAMS, _PAYLOADS), min_size=1, max_size=6)
+
+
+@settings(max_examples=400, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frames=_FRAMES, open_stream=st.booleans())
+def test_any_frames_after_the_preface_never_break_the_server(
+    server: tuple[Server, int], frames: list[tuple[int, int, int, bytes]], open_stream: bool
+):
+    """Whatever frames follow (any type, flags, stream and payload), the connection either answers
+    a PING after them or is closed, and no error escapes the protocol (checked in the log below)."""
+    with _connect(server[1]) as sock:
+        first = _frame(HEADERS, END_HEADERS, 1, _request_headers()) if open_stream else b""
+        sock.sendall(first + b"".join(_frame(*f) for f in frames) + _frame(PING, 0, 0, b"fuzzping"))
+        sock.settimeout(10)
+        buf = b""
+        while chunk := sock.recv(65536):
+            buf += chunk
+            if _frame(PING, 1, 0, b"fuzzping") in buf:
+                break
+
+
+def test_after_the_fuzz_the_server_serves_and_logged_no_protocol_failure(server: tuple[Server, int]):
+    with triton.InferenceServerClient(f"127.0.0.1:{server[1]}") as client:
+        assert client.is_server_live()
+    logs = server[0].logs()
+    assert "Traceback" not in logs and "Fatal error" not in logs, logs[-3000:]

@@ -302,6 +302,9 @@ class Connection(asyncio.Protocol):
             self._write(frame(RST_STREAM, 0, stream_id, _WORD.pack(REFUSED_STREAM)))
             return
         stream = Stream(stream_id, self.peer_initial_window)
+        # Known before the call may answer (at once, if it fails): a request that has ended needs
+        # no RST_STREAM after its answer.
+        stream.remote_closed = bool(flags & END_STREAM)
         self.streams[stream_id] = stream
         stream.handler = self.opener(self, stream, fields)
         if flags & END_STREAM:
