@@ -26,6 +26,7 @@ from pathlib import Path
 from bench.executor import ROOT, base_checkout
 
 POINTS = [(p, c) for p in ("v2-json", "v2-binary") for c in (1, 64)]
+READY_TIMEOUT_S = 120
 
 
 async def _measure(repository: Path, model: str, repeats: int, n: int) -> dict[str, float]:
@@ -64,7 +65,10 @@ async def _measure(repository: Path, model: str, repeats: int, n: int) -> dict[s
 
     out: dict[str, float] = {}
     async with app.router.lifespan_context(app):
+        deadline = time.monotonic() + READY_TIMEOUT_S
         while not app.state.service.ready():
+            if time.monotonic() > deadline:  # e.g. an older ref that cannot read today's config
+                raise RuntimeError(f"{model} not ready after {READY_TIMEOUT_S} s")
             await asyncio.sleep(0.1)
         for protocol, c in POINTS:
             requests = requests_for(w, protocol)

@@ -174,11 +174,10 @@ class Call:
         "deadline",
         "encoding",
         "handler",
-        "inbound",
         "message",
         "metadata",
         "method",
-        "needed",
+        "pieces",
         "requests",
         "server",
         "stream",
@@ -195,8 +194,7 @@ class Call:
         self.deadline: float | None = None
         self.encoding = 0  # zlib's wbits for compressed messages; 0: the caller sent none
         self.handler: grpc.RpcMethodHandler | None = None
-        self.inbound = bytearray()  # the start of a message whose end has not arrived
-        self.needed = 0  # how long `inbound` must grow to hold the whole message
+        self.pieces = http2.Pieces()  # a message begun in an earlier frame
         self.message: bytes | None = None  # a unary call's request
         self.requests: asyncio.Queue[bytes | None] | None = None  # a streaming call's requests
         self.task: asyncio.Task[None] | None = None
@@ -213,18 +211,13 @@ class Call:
         self.conn.consumed(self.stream, len(data))
         if self.handler is None or self._code is not None:
             return  # failed already: the data is dropped
-        if self.inbound:  # a message began in an earlier frame
-            self.inbound += data
-            if len(self.inbound) < self.needed:
-                return
-            buf: bytes = bytes(self.inbound)
-            self.inbound = bytearray()
-        else:
-            buf = data
+        buf = self.pieces.join(data)
+        if buf is None:
+            return
         pos, n = 0, len(buf)
         while pos < n:
             if n - pos < 5:
-                self.needed = 5
+                self.pieces.hold(buf[pos:], 5)
                 break
             compressed, length = _PREFIX.unpack_from(buf, pos)
             if length > self.server.max_message:
@@ -232,7 +225,7 @@ class Call:
                           f"Received message larger than max ({length} vs. {self.server.max_message})")
                 return
             if n - pos - 5 < length:
-                self.needed = 5 + length
+                self.pieces.hold(buf[pos:], 5 + length)
                 break
             message = buf[pos + 5:pos + 5 + length]
             pos += 5 + length
@@ -247,13 +240,11 @@ class Call:
             else:
                 self.fail(grpc.StatusCode.UNIMPLEMENTED, "a unary call sent more than one message")
                 return
-        if pos < n:
-            self.inbound = bytearray(buf[pos:])
 
     def ended(self) -> None:
         if self._code is not None or self.handler is None:
             return
-        if self.inbound:
+        if self.pieces:
             self.fail(grpc.StatusCode.INTERNAL, "the stream ended inside a message")
         elif self.requests is not None:
             self.requests.put_nowait(None)
@@ -309,21 +300,15 @@ class Call:
     async def _serve(self, handler: grpc.RpcMethodHandler) -> None:
         decode: Callable[[bytes], Any] = handler.request_deserializer or (lambda b: b)
         encode: Callable[[Any], bytes] = handler.response_serializer or (lambda m: m)
-        if handler.unary_unary is not None:
+        if not handler.request_streaming:
             try:
                 request = decode(self.message)  # type: ignore[arg-type]
             except Exception:
                 self.fail(grpc.StatusCode.INTERNAL, "Exception deserializing request!")
                 return
             self.message = None
-            response = await handler.unary_unary(request, self)
-            self.finish(encode(response))
-            return
-        if handler.unary_stream is not None:
-            try:
-                request = decode(self.message)  # type: ignore[arg-type]
-            except Exception:
-                self.fail(grpc.StatusCode.INTERNAL, "Exception deserializing request!")
+            if handler.unary_unary is not None:
+                self.finish(encode(await handler.unary_unary(request, self)))
                 return
             answers = handler.unary_stream(request, self)
         elif handler.stream_unary is not None:

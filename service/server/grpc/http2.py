@@ -96,6 +96,34 @@ class StreamHandler(Protocol):
     def reset(self) -> None: ...
 
 
+class Pieces:
+    """The start of a unit (a frame, a message) whose end has not arrived yet. Later pieces are
+    appended in place, so a unit that arrives in many reads is copied once, not once per read."""
+
+    __slots__ = ("held", "needed")
+
+    def __init__(self) -> None:
+        self.held = bytearray()
+        self.needed = 0  # how long `held` must grow to hold the whole unit
+
+    def join(self, data: bytes) -> bytes | None:
+        """What is held followed by `data`; None while that is still shorter than `needed`."""
+        if not self.held:
+            return data
+        self.held += data
+        if len(self.held) < self.needed:
+            return None
+        whole = bytes(self.held)
+        self.held = bytearray()
+        return whole
+
+    def hold(self, rest: bytes, needed: int) -> None:
+        self.held, self.needed = bytearray(rest), needed
+
+    def __bool__(self) -> bool:
+        return bool(self.held)
+
+
 class Stream:
     __slots__ = (
         "done",
@@ -129,8 +157,7 @@ class Connection(asyncio.Protocol):
         self.max_header_bytes = max_header_bytes
         self.transport: asyncio.Transport | None = None
         self.peer = ""
-        self.buffer = bytearray()  # the start of a frame whose end has not arrived
-        self.needed = 0  # how long `buffer` must grow before it holds a whole frame
+        self.pieces = Pieces()  # a frame begun in an earlier read
         self.preface_seen = False
         self.decoder = hpack.Decoder()
         self.decoder.max_header_list_size = max_header_bytes
@@ -169,21 +196,26 @@ class Connection(asyncio.Protocol):
                 stream.handler.reset()
         self.on_lost(self)
 
+    def pause_writing(self) -> None:
+        # A peer that does not read what we write (answers, PING and SETTINGS acknowledgements)
+        # is not read either until it has caught up: what waits for it stays bounded.
+        self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        if not self.closed:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
     def data_received(self, data: bytes) -> None:
-        if self.buffer:  # a frame began in an earlier read: gather it without copying it each time
-            self.buffer += data
-            if len(self.buffer) < self.needed:
-                return
-            buf: bytes = bytes(self.buffer)
-            self.buffer = bytearray()
-        else:
-            buf = data
+        joined = self.pieces.join(data)
+        if joined is None:
+            return
+        buf = joined
         if not self.preface_seen:
             if not buf.startswith(PREFACE):
                 if len(buf) >= len(PREFACE) or not PREFACE.startswith(buf):
                     self._fail(PROTOCOL_ERROR, "not HTTP/2")
                     return
-                self.buffer, self.needed = bytearray(buf), len(PREFACE)
+                self.pieces.hold(buf, len(PREFACE))
                 return
             self.preface_seen = True
             buf = buf[len(PREFACE):]
@@ -191,7 +223,7 @@ class Connection(asyncio.Protocol):
         unpack = _FRAME.unpack_from
         while not self.closed:
             if n - pos < 9:
-                self.needed = 9
+                self.pieces.hold(buf[pos:], 9)
                 break
             high, low, kind, flags, stream_id = unpack(buf, pos)
             length = high << 8 | low
@@ -200,7 +232,7 @@ class Connection(asyncio.Protocol):
                 return
             end = pos + 9 + length
             if end > n:
-                self.needed = 9 + length
+                self.pieces.hold(buf[pos:], 9 + length)
                 break
             payload = buf[pos + 9:end]
             pos = end
@@ -232,8 +264,6 @@ class Connection(asyncio.Protocol):
             elif kind == PUSH_PROMISE:
                 self._fail(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
             # PRIORITY and unknown frame types are ignored, as RFC 9113 asks.
-        if pos < n and not self.closed:
-            self.buffer = bytearray(buf[pos:])
 
     # -- frames from the peer -----------------------------------------------------------------------
 
