@@ -25,7 +25,7 @@ from tests.service import models as m
 from tests.service.conftest import Server, free_port, start_server
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, SETTINGS, PING, GOAWAY, CONTINUATION = 0, 1, 4, 6, 7, 9
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, CONTINUATION = 0, 1, 3, 4, 6, 7, 9
 END_HEADERS = 0x4
 SAMPLES = 160_000  # 640 KB of float32 a row: a batch of 8 is over the 4 MiB stream window
 
@@ -123,6 +123,23 @@ def test_framing_errors_end_the_connection_with_goaway_and_the_server_serves_on(
     with _connect(server[1]) as sock:
         sock.sendall(sent)
         assert _goaway_code(sock) == code
+    with triton.InferenceServerClient(f"127.0.0.1:{server[1]}") as client:
+        assert client.is_server_live()
+
+
+@pytest.mark.parametrize("flood", ["pings", "rapid reset"])
+def test_a_flood_of_control_frames_ends_the_connection(server: tuple[Server, int], flood: str):
+    """A PING flood, or streams opened and reset at once by the thousand (CVE-2023-44487), get
+    ENHANCE_YOUR_CALM; a client's few PINGs and cancels a second stay far below the limit."""
+    if flood == "pings":
+        frames = b"".join(_frame(PING, 0, 0, i.to_bytes(8, "big")) for i in range(3000))
+    else:
+        cancel = b"\0\0\0\x08"  # CANCEL
+        frames = b"".join(_frame(HEADERS, END_HEADERS, i, _request_headers())
+                          + _frame(RST_STREAM, 0, i, cancel) for i in range(1, 6001, 2))
+    with _connect(server[1]) as sock:
+        sock.sendall(frames)
+        assert _goaway_code(sock) == 11  # ENHANCE_YOUR_CALM
     with triton.InferenceServerClient(f"127.0.0.1:{server[1]}") as client:
         assert client.is_server_live()
 

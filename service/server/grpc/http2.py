@@ -21,6 +21,7 @@ import asyncio
 import logging
 import struct
 from collections.abc import Callable, Iterable
+from time import monotonic
 from typing import Protocol
 
 import hpack
@@ -37,6 +38,7 @@ PADDED = 0x8
 PRIORITY_FLAG = 0x20
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
 STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 5, 6, 7, 8, 9
+ENHANCE_YOUR_CALM = 11
 SETTINGS_HEADER_TABLE_SIZE, SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_INITIAL_WINDOW_SIZE = 1, 3, 4
 SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE = 5, 6
 
@@ -51,6 +53,10 @@ CONNECTION_WINDOW = 1 << 24
 MAX_FRAME = 1 << 20
 KNOWN_BLOCKS = 64  # header blocks remembered per connection (`Connection._decode`)
 MAX_STREAMS = 1024  # concurrent streams per connection (grpc clients queue calls beyond it)
+# PING, SETTINGS and RST_STREAM frames a connection may send in a second. Each costs us work and
+# answers nothing; clients send a few a second (keep-alive, flow-control probes, a cancel). A flood
+# of them — "rapid reset" (CVE-2023-44487) is one — ends the connection.
+MAX_CONTROL_FRAMES_PER_S = 1000
 
 _FRAME = struct.Struct(">HBBBL")  # length (24 bits, split 16 + 8), type, flags, stream id
 _SETTING = struct.Struct(">HL")
@@ -172,6 +178,7 @@ class Connection(asyncio.Protocol):
         self.continuing: tuple[int, int, bytearray] | None = None  # a header block awaiting CONTINUATION
         self.going_away = False
         self.closed = False
+        self.control_since, self.control_frames = 0.0, 0  # see `_calm`
         self.outbox: list[bytes] = []  # frames written at the end of this turn of the loop (`_write`)
 
     # -- asyncio ------------------------------------------------------------------------------------
@@ -247,11 +254,14 @@ class Connection(asyncio.Protocol):
             elif kind == WINDOW_UPDATE:
                 self._window_update(stream_id, payload)
             elif kind == SETTINGS:
-                self._settings(flags, payload)
+                if self._calm():
+                    self._settings(flags, payload)
             elif kind == PING:
-                if not flags & ACK:
+                if not flags & ACK and self._calm():
                     self._write(frame(PING, ACK, 0, payload))
             elif kind == RST_STREAM:
+                if not self._calm():
+                    return
                 stream = self.streams.pop(stream_id, None)
                 if stream is not None and stream.handler is not None:
                     stream.handler.reset()
@@ -339,6 +349,17 @@ class Connection(asyncio.Protocol):
         stream.handler = self.opener(self, stream, fields)
         if flags & END_STREAM:
             self._remote_end(stream)
+
+    def _calm(self) -> bool:
+        """Count a control frame; False (and the connection ended) when they come too fast."""
+        now = monotonic()
+        if now - self.control_since >= 1.0:
+            self.control_since, self.control_frames = now, 0
+        self.control_frames += 1
+        if self.control_frames > MAX_CONTROL_FRAMES_PER_S:
+            self._fail(ENHANCE_YOUR_CALM, "too many control frames")
+            return False
+        return True
 
     def _decode(self, block: bytes) -> list[tuple[bytes, bytes]] | None:
         """The fields of a header block. A client sends the same block for call after call (every
