@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +30,17 @@ def fp32_graph(model: str, seed: int) -> Path:
     """Where training keeps a model's FP32 graph (not shipped): to re-quantize or benchmark it
     without retraining."""
     return cache_dir() / f"{model}-seed{seed}-fp32.onnx"
+
+
+PROJECT_MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def keep_fp32_graph(source: Path, model: str, seed: int, models: Path) -> None:
+    """Keep `source` as `fp32_graph(model, seed)` when the run wrote the project's own `models/`:
+    a run into another repository (an experiment) must not replace the graph the shipped model was
+    made from, which `python -m training evaluate --alternatives` compares against."""
+    if models.resolve() == PROJECT_MODELS:
+        shutil.copyfile(source, fp32_graph(model, seed))
 
 
 def sha256(path: Path) -> str:

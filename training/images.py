@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from torch import nn
 from service.codecs.image import to_pixels
 from service.core.model_config import Batching, ImagePreprocessing, ModelConfig, TensorSpec
 from training import report, zoo
-from training.data_cache import fp32_graph
+from training.data_cache import keep_fp32_graph
 from training.export import WithProbabilities, check_parity, cpu_session, export, onnx_predict
 from training.image_data import ImageData, load_digits, load_fashion
 from training.loop import fit
@@ -371,7 +370,7 @@ def main(args: argparse.Namespace) -> None:
         fp32_ev, fp32_predicted, parity_text = measure(cnn, fp32_path, data, test_pixels,
                                                        f"{data.name} CNN (FP32 graph)")
         if not args.fast:
-            shutil.copyfile(fp32_path, fp32_graph(data.name, args.seed))
+            keep_fp32_graph(fp32_path, data.name, args.seed, args.models)
         quantized = quantize(fp32_path, onnx_path, data, test_pixels, fp32_predicted, args.seed)
         ev = quantized.evaluation
         if not args.fast and ev.accuracy < spec.bar:

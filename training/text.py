@@ -16,7 +16,6 @@ import copy
 import hashlib
 import io
 import math
-import shutil
 import tarfile
 import tempfile
 import time
@@ -37,7 +36,7 @@ from training.bert import (
     minilm_config,
     minilm_file,
 )
-from training.data_cache import DataMissing, cache_dir, cached_arrays, fp32_graph
+from training.data_cache import DataMissing, cache_dir, cached_arrays, keep_fp32_graph
 from training.export import WithProbabilities, check_parity, cpu_session, export
 from training.fetch import ARCHIVES, archive_path
 from training.nets import parameter_count
@@ -329,7 +328,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"parity FP32 graph vs PyTorch on {parity.samples} test sentences in padded batches: "
               f"max |Δlogit| {parity.max_abs_logit_diff:.2e}, argmax agreement {parity.argmax_agreement:.2%}")
         if not args.fast:
-            shutil.copyfile(fp32_path, fp32_graph(MODEL_NAME, args.seed))
+            keep_fp32_graph(fp32_path, MODEL_NAME, args.seed, args.models)
         served_path = model_dir / "1" / "model.onnx"
         quantize_weights_int8(fp32_path, served_path)
         fp32_bytes, served_bytes = fp32_path.stat().st_size, served_path.stat().st_size
