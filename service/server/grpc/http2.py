@@ -131,6 +131,8 @@ class Pieces:
 
 
 class Stream:
+    """One request/response exchange: its flow-control windows and what waits for them."""
+
     __slots__ = (
         "done",
         "handler",
@@ -157,6 +159,8 @@ Opener = Callable[["Connection", Stream, list[tuple[bytes, bytes]]], StreamHandl
 
 
 class Connection(asyncio.Protocol):
+    """One client connection: frames in, streams opened through `opener`, frames out."""
+
     def __init__(self, opener: Opener, max_header_bytes: int, on_lost: Callable[[Connection], None]) -> None:
         self.opener = opener
         self.on_lost = on_lost
