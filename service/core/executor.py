@@ -35,6 +35,9 @@ log = logging.getLogger("neuroserve.executor")
 
 # How often the executor looks for catalog changes to publish (a version switching, loading).
 PUBLISH_INTERVAL_S = 0.02
+# The catalog is sent again this often when nothing has changed: a front-end that missed an update
+# or applied an older one last (a snapshot published while it was connecting) catches up.
+REPUBLISH_S = 1.0
 # The ORT threads need the GIL briefly around each batch; see `service.server.app`.
 GIL_SWITCH_INTERVAL_S = 0.0005
 
@@ -129,10 +132,11 @@ class ExecutorServer:
         log.info("executor ready", extra={"models": len(self.executor.catalog.models)})
 
     async def _publish_changes(self) -> None:
+        sent = 0.0
         while True:
             signature = _signature(self.executor.catalog)
-            if signature != self._published:
-                self._published = signature
+            if signature != self._published or perf_counter() - sent >= REPUBLISH_S:
+                self._published, sent = signature, perf_counter()
                 await self.events.send(wire.encode(self.executor.catalog.snapshot()))
             await asyncio.sleep(PUBLISH_INTERVAL_S)
 

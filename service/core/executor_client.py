@@ -33,6 +33,9 @@ from service.observability.logging import request_id
 from service.settings import Settings
 
 log = logging.getLogger("neuroserve.executor")
+# How long a front-end that has just connected waits for the executor's catalog before it leaves it
+# to the executor's repeated snapshots.
+SNAPSHOT_TIMEOUT_S = 5.0
 
 
 def _executor_gone() -> ModelNotReady:
@@ -83,6 +86,7 @@ class RemoteExecutor:
         self._pending: dict[int, asyncio.Future[tuple[wire.Reply, list[Any]]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._loaded = asyncio.Event()
+        self._applied: bytes | None = None  # the published snapshot `catalog` was built from
 
     async def start(self) -> None:
         """Connect (the executor may not be up yet: ZeroMQ connects when it is)."""
@@ -191,12 +195,19 @@ class RemoteExecutor:
     async def _snapshots(self) -> None:
         while True:
             data = await self.events.recv()
-            await self._apply(wire.decode_snapshot(data))
+            # The executor repeats its catalog every second (`REPUBLISH_S`); only what differs from
+            # the catalog applied last is built again.
+            if data != self._applied:
+                await self._apply(wire.decode_snapshot(data))
+                self._applied = data
+            elif not self.catalog.loading and self.connected:
+                self._loaded.set()
 
     async def _apply(self, snapshot: dict[str, Any]) -> None:
         self.catalog = Catalog.from_snapshot(
             Path(self.settings.model_repository), snapshot, self._batcher,
             self.settings.max_text_chars, previous=self.catalog)
+        self._applied = None
         if not self.catalog.loading and self.connected:
             self._loaded.set()
 
@@ -209,14 +220,17 @@ class RemoteExecutor:
                 self.connected = True
                 log.info("connected to the model executor")
                 try:
-                    await self._apply(await self._control("snapshot"))
+                    await self._apply(await asyncio.wait_for(self._control("snapshot"), SNAPSHOT_TIMEOUT_S))
                 except errors.ServiceError as e:
                     log.warning("no catalog from the executor yet: %s", e.message)
+                except TimeoutError:  # the executor's next repeated snapshot will do
+                    log.warning("no catalog from the executor yet: no answer in %s s", SNAPSHOT_TIMEOUT_S)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 if self.connected:
                     log.error("the model executor went away; answering 503 until it is back")
                 self.connected = False
                 self.catalog.loading = True  # not ready until the executor has loaded again
+                self._applied = None
                 self._fail_pending()
 
 

@@ -295,3 +295,39 @@ def test_one_executor_per_gpu_serves_as_one(repo: Path, tmp_path: Path):
         assert versions_seen(server.url, "img", 20) == Counter({"2": 20})
     finally:
         assert server.stop() == 0, server.logs()
+
+
+def test_the_executor_repeats_its_catalog_for_front_ends_that_missed_it(repo: Path, tmp_path: Path):
+    """A front-end connecting while the executor publishes can miss an update, or apply an older one
+    after the answer to its own request; the executor therefore sends its unchanged catalog again
+    every `REPUBLISH_S`, which a subscriber that connects late receives like any update."""
+    import json
+
+    import zmq
+
+    from service.core import wire
+    from service.core.executor import REPUBLISH_S
+
+    server = start_server(repo, tmp_path / "server.log", "--workers", "2")
+    try:
+        started = next(json.loads(line) for line in server.logs().splitlines()
+                       if '"executor starting"' in line)
+        events = started["address"].replace("executor.sock", "catalog.sock")
+        context = zmq.Context()
+        sub = context.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.setsockopt(zmq.RCVTIMEO, 5000)
+        sub.connect(events)  # the models loaded long ago: nothing changes from here on
+        try:
+            first = sub.recv()
+            t0 = time.monotonic()
+            second = sub.recv()
+            waited = time.monotonic() - t0
+        finally:
+            context.destroy(linger=0)
+        assert first == second
+        assert 0.5 * REPUBLISH_S <= waited <= 2 * REPUBLISH_S
+        snapshot = wire.decode_snapshot(second)
+        assert not snapshot["loading"] and {m["name"] for m in snapshot["models"]} == {"img", "tiny-text"}
+    finally:
+        assert server.stop() == 0, server.logs()
