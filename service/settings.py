@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     grpc_port: int = Field(
         8001, ge=0, le=65535, description="TCP port of the V2 gRPC API (0: no gRPC server)"
     )
+    grpc_max_connection_age_s: float = Field(
+        0.0, ge=0,
+        description="Send GOAWAY on a gRPC connection this long after it opened (calls in flight "
+                    "finish; clients reconnect, through a layer-4 balancer possibly to another "
+                    "replica). 0: never",
+    )
     workers: int = Field(1, ge=1, description="HTTP/gRPC front-end processes")
     executor: Literal["auto", "in-process", "process"] = Field(
         "auto", description="Where the models run: in-process (the front-end's own, only with one "

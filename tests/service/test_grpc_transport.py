@@ -248,3 +248,28 @@ def test_after_the_fuzz_the_server_serves_and_logged_no_protocol_failure(server:
         assert client.is_server_live()
     logs = server[0].logs()
     assert "Traceback" not in logs and "Fatal error" not in logs, logs[-3000:]
+
+
+def test_connections_past_their_max_age_are_sent_away_and_calls_go_on(tmp_path: Path):
+    m.audio_model(tmp_path / "models", name="echo", echo=True)
+    port = free_port()
+    srv = start_server(tmp_path / "models", tmp_path / "server.log", "--grpc-port", str(port),
+                       "--grpc-max-connection-age-s", "0.5")
+    try:
+        with _connect(port) as sock:  # an idle connection: GOAWAY NO_ERROR, then closed
+            t0 = time.monotonic()
+            assert _goaway_code(sock) == 0
+            assert 0.4 <= time.monotonic() - t0 <= 5
+        x = np.ones((1, 4000), np.float32)
+        inp = triton.InferInput("waveform", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        answered = 0
+        with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
+            end = time.monotonic() + 2.5  # five connection lifetimes, calls back to back
+            while time.monotonic() < end:
+                out = client.infer("echo", [inp], outputs=[triton.InferRequestedOutput("echo")])
+                np.testing.assert_array_equal(out.as_numpy("echo"), x)
+                answered += 1
+        assert answered > 50
+    finally:
+        srv.stop()

@@ -53,8 +53,10 @@ class Server:
     """The registry of method handlers and interceptors, the listening socket, the connections."""
 
     def __init__(self, interceptors: Sequence[grpc.aio.ServerInterceptor] = (), *,
-                 max_receive_message_length: int, max_header_bytes: int = 65_536) -> None:
+                 max_receive_message_length: int, max_header_bytes: int = 65_536,
+                 max_connection_age_s: float = 0.0) -> None:
         self.interceptors = tuple(interceptors)
+        self.max_connection_age_s = max_connection_age_s
         self.max_message = max_receive_message_length
         self.max_header_bytes = max_header_bytes
         self.methods: dict[str, grpc.RpcMethodHandler] = {}
@@ -99,7 +101,8 @@ class Server:
             await self.listener.wait_closed()
 
     def _connection(self) -> http2.Connection:
-        conn = http2.Connection(self._open, self.max_header_bytes, self.connections.discard)
+        conn = http2.Connection(self._open, self.max_header_bytes, self.connections.discard,
+                                self.max_connection_age_s)
         self.connections.add(conn)
         return conn
 

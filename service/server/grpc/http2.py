@@ -161,8 +161,10 @@ Opener = Callable[["Connection", Stream, list[tuple[bytes, bytes]]], StreamHandl
 class Connection(asyncio.Protocol):
     """One client connection: frames in, streams opened through `opener`, frames out."""
 
-    def __init__(self, opener: Opener, max_header_bytes: int, on_lost: Callable[[Connection], None]) -> None:
+    def __init__(self, opener: Opener, max_header_bytes: int, on_lost: Callable[[Connection], None],
+                 max_age_s: float = 0.0) -> None:
         self.opener = opener
+        self.max_age_s = max_age_s
         self.on_lost = on_lost
         self.max_header_bytes = max_header_bytes
         self.transport: asyncio.Transport | None = None
@@ -183,6 +185,7 @@ class Connection(asyncio.Protocol):
         self.going_away = False
         self.closed = False
         self.control_since, self.control_frames = 0.0, 0  # see `_calm`
+        self.aging: asyncio.TimerHandle | None = None  # the GOAWAY at `max_age_s`
         self.outbox: list[bytes] = []  # frames written at the end of this turn of the loop (`_write`)
 
     # -- asyncio ------------------------------------------------------------------------------------
@@ -198,9 +201,13 @@ class Connection(asyncio.Protocol):
             (SETTINGS_MAX_FRAME_SIZE, MAX_FRAME), (SETTINGS_MAX_HEADER_LIST_SIZE, self.max_header_bytes)))
         transport.write(frame(SETTINGS, 0, 0, settings)
                         + frame(WINDOW_UPDATE, 0, 0, _WORD.pack(CONNECTION_WINDOW - DEFAULT_WINDOW)))
+        if self.max_age_s:
+            self.aging = asyncio.get_running_loop().call_later(self.max_age_s, self.go_away)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.aging is not None:
+            self.aging.cancel()
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             if stream.handler is not None:

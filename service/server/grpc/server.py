@@ -320,7 +320,8 @@ async def start(state: ServiceState) -> calls.Server:
     settings = state.settings
     server = calls.Server([AuthInterceptor(Gate.of(state))],
                           max_receive_message_length=settings.max_body_bytes,
-                          max_header_bytes=settings.max_header_bytes)
+                          max_header_bytes=settings.max_header_bytes,
+                          max_connection_age_s=settings.grpc_max_connection_age_s)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(state), server)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection_aio.ReflectionServicer(
