@@ -92,6 +92,11 @@ REJECTIONS = Counter(
     ["model", "reason"])
 PREDICTIONS = Counter(
     "neuroserve_predictions", "Predictions by top-1 label", ["model", "version", "label"])
+GRPC_GOAWAYS = Counter(
+    "neuroserve_grpc_goaway",
+    "GOAWAY frames sent on gRPC connections, by reason (no_error: shutdown or max age; otherwise "
+    "the client's framing error: protocol_error, frame_size_error, compression_error, "
+    "flow_control_error, enhance_your_calm)", ["reason"])
 TRACE_EXPORTER_RESTARTS = Counter(
     "neuroserve_trace_exporter_restarts",
     "Times a front-end restarted its span exporter process after it died (tracing on)")
@@ -103,6 +108,8 @@ QUEUE_DEPTH = Gauge(
 INFLIGHT = Gauge(
     "neuroserve_inflight_requests", "Requests accepted by a batcher and not yet answered (sum over workers)",
     ["model", "version"], multiprocess_mode="livesum")
+GRPC_CONNECTIONS = Gauge(
+    "neuroserve_grpc_connections", "Open gRPC (HTTP/2) connections", multiprocess_mode="livesum")
 MODEL_STATE = Gauge(
     "neuroserve_model_state", "1 for the model version's current state (max over workers)",
     ["model", "version", "state"], multiprocess_mode="livemax")

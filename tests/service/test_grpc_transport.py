@@ -177,7 +177,7 @@ def test_a_call_that_is_not_grpc_is_refused_on_its_stream(server: tuple[Server, 
 def _metric(url: str, name: str, *labels: str) -> float:
     text = httpx.get(f"{url}/metrics").text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") and all(label in line for label in labels))
+               if line.startswith((name + "{", name + " ")) and all(label in line for label in labels))
 
 
 def test_a_call_the_client_cancels_is_cancelled_in_the_server(tmp_path: Path):
@@ -273,3 +273,14 @@ def test_connections_past_their_max_age_are_sent_away_and_calls_go_on(tmp_path: 
         assert answered > 50
     finally:
         srv.stop()
+
+
+def test_connections_and_goaways_are_counted(server: tuple[Server, int]):
+    """After the framing errors and floods above: each reason counted; open connections gauged."""
+    srv, port = server
+    goaways = {reason: _metric(srv.url, "neuroserve_grpc_goaway_total", f'reason="{reason}"')
+               for reason in ("protocol_error", "frame_size_error", "compression_error", "enhance_your_calm")}
+    assert all(n >= 1 for n in goaways.values()), goaways
+    with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
+        assert client.is_server_live()
+        assert _metric(srv.url, "neuroserve_grpc_connections") >= 1

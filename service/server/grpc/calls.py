@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
+from service.observability import metrics
 from service.server.grpc import http2
 
 log = logging.getLogger("neuroserve.grpc")
@@ -101,10 +102,18 @@ class Server:
             await self.listener.wait_closed()
 
     def _connection(self) -> http2.Connection:
-        conn = http2.Connection(self._open, self.max_header_bytes, self.connections.discard,
+        return http2.Connection(self._open, self.max_header_bytes, self._made_or_lost,
                                 self.max_connection_age_s)
-        self.connections.add(conn)
-        return conn
+
+    def _made_or_lost(self, conn: http2.Connection, made: bool) -> None:
+        # Counted from connection_made, not from this factory: a TLS handshake that fails never
+        # makes (or loses) its connection.
+        if made:
+            self.connections.add(conn)
+            metrics.GRPC_CONNECTIONS.inc()
+        else:
+            self.connections.discard(conn)
+            metrics.GRPC_CONNECTIONS.dec()
 
     # -- a new stream -------------------------------------------------------------------------------
 

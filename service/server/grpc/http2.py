@@ -27,6 +27,8 @@ from typing import Protocol
 import hpack
 from hpack.exceptions import HPACKError
 
+from service.observability import metrics
+
 log = logging.getLogger("neuroserve.grpc")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -39,6 +41,9 @@ PRIORITY_FLAG = 0x20
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
 STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 5, 6, 7, 8, 9
 ENHANCE_YOUR_CALM = 11
+ERROR_NAMES = {NO_ERROR: "no_error", PROTOCOL_ERROR: "protocol_error", INTERNAL_ERROR: "internal_error",
+               FLOW_CONTROL_ERROR: "flow_control_error", FRAME_SIZE_ERROR: "frame_size_error",
+               COMPRESSION_ERROR: "compression_error", ENHANCE_YOUR_CALM: "enhance_your_calm"}
 SETTINGS_HEADER_TABLE_SIZE, SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_INITIAL_WINDOW_SIZE = 1, 3, 4
 SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE = 5, 6
 
@@ -161,11 +166,11 @@ Opener = Callable[["Connection", Stream, list[tuple[bytes, bytes]]], StreamHandl
 class Connection(asyncio.Protocol):
     """One client connection: frames in, streams opened through `opener`, frames out."""
 
-    def __init__(self, opener: Opener, max_header_bytes: int, on_lost: Callable[[Connection], None],
+    def __init__(self, opener: Opener, max_header_bytes: int, on_change: Callable[[Connection, bool], None],
                  max_age_s: float = 0.0) -> None:
         self.opener = opener
         self.max_age_s = max_age_s
-        self.on_lost = on_lost
+        self.on_change = on_change  # (self, True) once made, (self, False) once lost
         self.max_header_bytes = max_header_bytes
         self.transport: asyncio.Transport | None = None
         self.peer = ""
@@ -192,6 +197,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport
+        self.on_change(self, True)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             family = "ipv6" if ":" in str(peer[0]) else "ipv4"
@@ -212,7 +218,7 @@ class Connection(asyncio.Protocol):
         for stream in streams.values():
             if stream.handler is not None:
                 stream.handler.reset()
-        self.on_lost(self)
+        self.on_change(self, False)
 
     def pause_writing(self) -> None:
         # A peer that does not read what we write (answers, PING and SETTINGS acknowledgements)
@@ -494,6 +500,7 @@ class Connection(asyncio.Protocol):
         if self.closed or self.going_away or self.transport is None:
             return
         self.going_away = True
+        metrics.GRPC_GOAWAYS.labels(ERROR_NAMES[NO_ERROR]).inc()
         self._write(frame(GOAWAY, 0, 0, _WORD.pack(self.last_stream_id) + _WORD.pack(NO_ERROR)))
         if not self.streams:
             self.close()
@@ -569,6 +576,7 @@ class Connection(asyncio.Protocol):
         """A connection error: GOAWAY with `code`, then close."""
         log.info("gRPC connection closed: %s", why, extra={"peer": self.peer})
         if self.transport is not None and not self.closed:
+            metrics.GRPC_GOAWAYS.labels(ERROR_NAMES[code]).inc()
             self._flush_outbox()
             self.transport.write(frame(GOAWAY, 0, 0, _WORD.pack(self.last_stream_id) + _WORD.pack(code)
                                        + why.encode()[:200]))
