@@ -95,7 +95,7 @@ class Server:
         while self.calls and monotonic() < end:
             await asyncio.sleep(0.02)
         for call in list(self.calls):
-            call.cancel()
+            call.reset()
         for conn in list(self.connections):
             conn.close()
         if self.listener is not None:
@@ -265,15 +265,13 @@ class Call:
         else:
             self.start()
 
-    def reset(self) -> None:
-        """The peer reset the stream or the connection is gone: the handler is cancelled."""
-        self.cancel()
-
     def start(self) -> None:
         self.server.calls.add(self)
         self.task = asyncio.get_running_loop().create_task(self._run())
 
-    def cancel(self) -> None:
+    def reset(self) -> None:
+        """The peer reset the stream, the connection is gone or the server stops: the handler is
+        cancelled."""
         if self.task is not None and not self.task.done():
             self.task.cancel()
         if self.requests is not None:
@@ -345,9 +343,14 @@ class Call:
     # -- answers ------------------------------------------------------------------------------------
 
     def write(self, message: bytes) -> None:
-        headers = None if self.answered else _RESPONSE_HEADERS
+        self.conn.send(self.stream, self._headers(), _PREFIX.pack(0, len(message)) + message, None)
+
+    def _headers(self) -> bytes | None:
+        """The response headers if this is the call's first answer (they go once)."""
+        if self.answered:
+            return None
         self.answered = True
-        self.conn.send(self.stream, headers, _PREFIX.pack(0, len(message)) + message, None)
+        return _RESPONSE_HEADERS
 
     def finish(self, message: bytes | None = None) -> None:
         """End the call: `message` (a unary answer) if any, then the status in the trailers."""
@@ -359,14 +362,9 @@ class Call:
         if self._trailing:
             trailers += _metadata_block(self._trailing)
         if message is not None:
-            headers = None if self.answered else _RESPONSE_HEADERS
-            self.answered = True
-            self.conn.send(self.stream, headers, _PREFIX.pack(0, len(message)) + message, trailers)
-        elif self.answered:
-            self.conn.send(self.stream, None, b"", trailers)
-        else:  # trailers-only: the status with the response headers, in one HEADERS frame
-            self.answered = True
-            self.conn.send(self.stream, None, b"", _RESPONSE_HEADERS + trailers)
+            self.conn.send(self.stream, self._headers(), _PREFIX.pack(0, len(message)) + message, trailers)
+        else:  # with no answer sent yet, "trailers-only": the headers and the status in one frame
+            self.conn.send(self.stream, None, b"", (self._headers() or b"") + trailers)
 
     def fail(self, code: grpc.StatusCode, details: str) -> None:
         """End the call with `code` now (before or instead of its handler)."""

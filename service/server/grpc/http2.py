@@ -419,10 +419,7 @@ class Connection(asyncio.Protocol):
             if self.send_window > MAX_WINDOW:
                 self._fail(FLOW_CONTROL_ERROR, "connection window over 2^31-1")
                 return
-            for stream in [s for s in self.streams.values() if s.pending or s.pending_trailers is not None]:
-                self._flush(stream)
-                if self.send_window <= 0:
-                    break
+            self._flush_waiting()
             return
         stream = self.streams.get(stream_id)
         if stream is not None:
@@ -453,8 +450,7 @@ class Connection(asyncio.Protocol):
                 self.peer_max_frame = value
             # The header table size the peer's decoder allows does not matter: we never index.
         self._write(frame(SETTINGS, ACK, 0))
-        for stream in [s for s in self.streams.values() if s.pending or s.pending_trailers is not None]:
-            self._flush(stream)
+        self._flush_waiting()
 
     # -- to the peer --------------------------------------------------------------------------------
 
@@ -500,8 +496,7 @@ class Connection(asyncio.Protocol):
         if self.closed or self.going_away or self.transport is None:
             return
         self.going_away = True
-        metrics.GRPC_GOAWAYS.labels(ERROR_NAMES[NO_ERROR]).inc()
-        self._write(frame(GOAWAY, 0, 0, _WORD.pack(self.last_stream_id) + _WORD.pack(NO_ERROR)))
+        self._write(self._goaway(NO_ERROR))
         if not self.streams:
             self.close()
 
@@ -561,6 +556,13 @@ class Connection(asyncio.Protocol):
             stream.send_window -= allowed
         stream.pending = memoryview(data)[allowed:] if allowed < len(data) else b""
 
+    def _flush_waiting(self) -> None:
+        """Send what streams hold back, now that a window has grown."""
+        for stream in [s for s in self.streams.values() if s.pending or s.pending_trailers is not None]:
+            if self.send_window <= 0:
+                break
+            self._flush(stream)
+
     def _flush(self, stream: Stream) -> None:
         out: list[bytes] = []
         data, stream.pending = stream.pending, b""
@@ -576,12 +578,15 @@ class Connection(asyncio.Protocol):
         """A connection error: GOAWAY with `code`, then close."""
         log.info("gRPC connection closed: %s", why, extra={"peer": self.peer})
         if self.transport is not None and not self.closed:
-            metrics.GRPC_GOAWAYS.labels(ERROR_NAMES[code]).inc()
             self._flush_outbox()
-            self.transport.write(frame(GOAWAY, 0, 0, _WORD.pack(self.last_stream_id) + _WORD.pack(code)
-                                       + why.encode()[:200]))
+            self.transport.write(self._goaway(code, why.encode()[:200]))
             self.transport.close()
         self.closed = True
+
+
+    def _goaway(self, code: int, debug: bytes = b"") -> bytes:
+        metrics.GRPC_GOAWAYS.labels(ERROR_NAMES[code]).inc()
+        return frame(GOAWAY, 0, 0, _WORD.pack(self.last_stream_id) + _WORD.pack(code) + debug)
 
 
 def _unpad(payload: bytes) -> bytes | None:
