@@ -20,7 +20,8 @@ or when its expected wait passes `max_queue_wait`: the rows ahead of it, those b
 included, times the measured compute time per row, or the batches ahead of it times the time
 between batches while rows waited throughout, whichever is longer (an event loop busy with requests
 can hold batches back), and at least the age of the oldest request ahead of it.
-A latency bound, so the queue never holds more work than it can start within that time. Requests
+A latency bound, so the queue never holds more work than it can start within that time. Rows
+admitted from requests' heads count as queued until their requests are (`reserve`). Requests
 carry a priority class (higher first): the rows ahead of a request are those of its class and
 above, so lower classes are refused first, and a request admitted into a queue over its bounds
 evicts the newest requests of the lowest classes below its own (429) until the queue is within
@@ -67,6 +68,10 @@ log = logging.getLogger("neuroserve.batching")
 HANDED_AHEAD = 2
 # How long the recent peak of concurrent requests is remembered (see `_expected_arrivals`).
 PEAK_WINDOW_S = 1.0
+# How long rows admitted from requests' heads count as ahead of later requests before they are
+# queued (`reserve`): a few turns of a busy event loop; a reservation never consumed (the request
+# failed before it was queued) is forgotten with the others after it.
+RESERVATION_S = 0.05
 
 RunFn = Callable[[int, dict[str, np.ndarray]], Sequence[np.ndarray]]
 # Called with (merged inputs, outputs) of every batch, in the compute thread.
@@ -177,6 +182,8 @@ class Batcher:
         self._backlogged = False  # rows were left waiting when the last batch was dispatched
         self._class_rows: dict[int, int] = {}  # queued rows by priority class
         self._assigned_rows = 0  # rows handed to the compute threads and not finished
+        self._reserved_rows = 0  # rows admitted from heads (`reserve`) and not queued yet
+        self._reserved_since = 0.0
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._scheduler: asyncio.Task[None] | None = None
@@ -263,7 +270,7 @@ class Batcher:
 
         Cheap enough to ask from a request's head, before its body is read or decoded: a request
         whose class is at most `priority` (its key's bound) would be refused as well."""
-        ahead = self._rows_ahead(priority)
+        ahead = self._rows_ahead(priority) + self._reserved()
         policy = self.policy
         if ahead + rows > policy.max_queue_size:
             return QueueFull(f"queue full ({self._queued_rows} of {policy.max_queue_size} rows waiting)",
@@ -278,6 +285,21 @@ class Batcher:
                                  f"max_queue_wait_ms {policy.max_queue_wait_s * 1000:g}",
                                  headers={"Retry-After": str(self._retry_after())})
         return None
+
+    def reserve(self, rows: int = 1) -> None:
+        """Count `rows` admitted from a request's head as ahead of later requests until the request
+        is queued. A busy event loop reads hundreds of heads in one turn before any of their
+        requests reaches the queue: without this, all of them were admitted against the same queue,
+        and most were then refused after their bodies had been read and decoded."""
+        now = perf_counter()
+        if now - self._reserved_since > RESERVATION_S:
+            self._reserved_rows, self._reserved_since = 0, now
+        self._reserved_rows += rows
+
+    def _reserved(self) -> int:
+        if self._reserved_rows and perf_counter() - self._reserved_since > RESERVATION_S:
+            self._reserved_rows = 0
+        return self._reserved_rows
 
     def _oldest_age(self, priority: int) -> float:
         """How long the oldest queued request of class `priority` or above has waited."""
@@ -327,6 +349,8 @@ class Batcher:
     ) -> BatchResult:
         if self._closing or self._scheduler is None:
             raise ModelNotReady("model version is unloading")
+        if self._reserved_rows:  # its own reservation, if its head made one
+            self._reserved_rows = max(0, self._reserved_rows - rows)
         refused = self.refusal(rows, priority)
         if refused is not None:
             raise refused

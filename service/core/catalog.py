@@ -57,6 +57,10 @@ class Submitter(Protocol):
         would refuse it (None where that is known only once it arrives)."""
         ...
 
+    def reserve(self, rows: int = 1) -> None:
+        """Count `rows` that a request's head was admitted with as queued, until they are."""
+        ...
+
 
 @dataclass(eq=False)
 class ModelVersion:

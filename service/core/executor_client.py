@@ -72,6 +72,9 @@ class RemoteBatcher:
         """The queue is in the executor process, which decides when the request arrives there."""
         return None
 
+    def reserve(self, rows: int = 1) -> None:
+        return None
+
 
 class RemoteExecutor:
     def __init__(self, settings: Settings, address: Address,

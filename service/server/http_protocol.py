@@ -19,6 +19,13 @@ It also guards the reading of requests, which uvicorn's httptools protocol leave
   trickling connections (slowloris) were held open for good, each a file descriptor and a task.
 - Malformed framing (a bad request line, `Content-Length: abc`, two lengths) gets the service's
   JSON 400 with an `X-Request-ID`, not uvicorn's plain-text one.
+- A V2 infer POST that arrives whole in one read, on a connection between requests, while its
+  model's queue refuses (`head_refusal`), is answered by `_refuse_whole` before uvicorn's parser
+  callbacks run: under overload most requests are refused, and each refusal's CPU is taken from
+  the requests being served. Through the callbacks a refusal cost the worker 35 µs with 2,000
+  connections; whole, 23 µs (docs/benchmarks.md, "Refusing whole"). Only a message that httptools
+  itself finds complete and alone in the read, framed by one Content-Length, is answered so;
+  anything else takes the ordinary path, which refuses it from its head as before.
 - On shutdown (after SIGTERM's grace period), a connection that is between requests is not closed
   at once: a request may already be on its way. It gets `IDLE_CLOSE_S` to begin one, which is
   answered with `Connection: close`; a connection that has not begun a request by then is closed.
@@ -42,10 +49,24 @@ from service.settings import Settings
 
 IDLE_CLOSE_S = 0.5
 
-# Set by the app (service.server.rest.shedding.refuser): the whole 429 response for a POST to a
-# path whose model's queue refuses it from the head, or None. Such a request's body is read by the
-# parser and dropped, and the response goes out without an ASGI task.
-head_refusal: Callable[[bytes, float], bytes | None] | None = None
+# Set by the app (service.server.rest.shedding.refuser), for a POST to a path: the whole 429
+# response when its model's queue refuses it from the head (its body is read by the parser and
+# dropped, and the response goes out without an ASGI task); True when the queue admits it (and
+# counts it ahead of later requests until it is queued: the request's scope then carries
+# ADMITTED_AT_HEAD, so the route does not judge it again); None when it is not for a queue here.
+head_refusal: Callable[[bytes, float], bytes | bool | None] | None = None
+ADMITTED_AT_HEAD = "neuroserve.admitted_at_head"
+
+
+class _OneMessage:
+    """httptools with a single callback: whether a read holds exactly one whole request."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.complete = 0
+
+    def on_message_complete(self) -> None:
+        self.complete += 1
 
 
 class _HeadTooLarge(Exception):
@@ -82,7 +103,8 @@ class _JoinedWrites:
 
     def write_now(self, data: bytes) -> None:
         """Write at once (after anything joined so far): for an answer that is the turn's only one."""
-        self._flush()
+        if self._pending:
+            self._flush()
         if not self._transport.is_closing():
             self._transport.write(data)
 
@@ -109,6 +131,11 @@ class HttpProtocol(HttpToolsProtocol):
         self._waiting_since = self.loop.time()  # for a head: its first byte; for a body: the last read
         self._started = 0.0  # perf_counter() when the current head began
         self._refused: bytes | None = None  # the response to send once the request's body is read
+        # `head_refusal`'s answer for the request being read when `_refuse_whole` asked already
+        # (True: admitted, False: not judged), or None.
+        self._asked: bool | None = None
+        self._whole: _OneMessage | None = None  # made on the first request refused whole
+        self._answered_at = float("-inf")  # loop.time() when a request refused whole was answered
         # One timer per connection, re-armed as it fires, rather than one per request.
         self._read_timer = self.loop.call_later(self._read_timeout_s, self._check_read_time)
 
@@ -117,6 +144,10 @@ class HttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if head_refusal is not None and data.startswith(b"POST ") and not self._reading_head \
+                and not self._reading_body and (self.cycle is None or self.cycle.response_complete) \
+                and not self.pipeline and not self._shutting_down and self._refuse_whole(data):
+            return
         heads_begun = self._heads_begun
         super().data_received(data)
         if self._reading_body:
@@ -158,12 +189,17 @@ class HttpProtocol(HttpToolsProtocol):
         self._reading_body = True
         self._waiting_since = self.loop.time()
         refuse = head_refusal
-        if refuse is not None and not self._shutting_down and self.parser.get_method() == b"POST" \
+        decision, self._asked = self._asked, None
+        if refuse is not None and decision is None and not self._shutting_down \
+                and self.parser.get_method() == b"POST" \
                 and (self.cycle is None or self.cycle.response_complete) and not self.pipeline:
-            self._refused = refuse(httptools.parse_url(self.url).path, self._started)
-            if self._refused is not None:
+            decision = refuse(httptools.parse_url(self.url).path, self._started)
+            if isinstance(decision, bytes):
+                self._refused = decision
                 return  # no cycle, no task: the body is dropped and the response sent when it ends
         super().on_headers_complete()
+        if decision is True and self.cycle is not None:
+            self.scope[ADMITTED_AT_HEAD] = True  # type: ignore[literal-required]
         if self._shutting_down and self.cycle is not None:
             self.cycle.keep_alive = False
 
@@ -204,6 +240,57 @@ class HttpProtocol(HttpToolsProtocol):
                 self.on_response_complete()  # keep-alive timer, reading resumed: as after any answer
             return
         super().on_message_complete()
+
+    def _refuse_whole(self, data: bytes) -> bool:
+        """Answer the request in `data` with `head_refusal`'s response when `data` is exactly one
+        whole request and its model's queue refuses it; False (nothing done) leaves it to the
+        ordinary path."""
+        head_end = data.find(b"\r\n\r\n")
+        line_end = data.find(b"\r\n")
+        if head_end < 0 or head_end > self._max_head_bytes or not data.startswith(b" HTTP/1.1", line_end - 9):
+            return False
+        # Framed by one Content-Length, and nothing in the head that changes what follows it.
+        head = data[:head_end].lower()
+        start = head.find(b"\r\ncontent-length:")
+        stop = head.find(b"\r\n", start + 17)
+        length = head[start + 17:stop if stop >= 0 else head_end].strip()
+        if start < 0 or head.count(b"content-length") != 1 or not length.isdigit() \
+                or head_end + 4 + int(length) != len(data) or b"transfer-encoding" in head \
+                or b"\r\nconnection:" in head or b"\r\nexpect:" in head or b"\r\nupgrade:" in head:
+            return False
+        # And a message httptools parses whole, as the ordinary path's parser will.
+        whole = self._whole or _OneMessage()
+        whole.complete = 0
+        try:
+            whole.parser.feed_data(data)
+        except httptools.HttpParserError:
+            whole.complete = -1
+        if whole.complete != 1:
+            self._whole = None  # its parser is mid-message or failed: a new one next time
+            return False  # the ordinary path answers it (a 400)
+        self._whole = whole
+        response = head_refusal(data[5:line_end - 9].partition(b"?")[0], perf_counter())  # type: ignore[misc]
+        if not isinstance(response, bytes):
+            self._asked = response is True  # the ordinary path need not ask again
+            return False
+        self._heads_begun += 1
+        self.server_state.total_requests += 1
+        self.transport.write_now(response)  # type: ignore[attr-defined]
+        # Idle again. Re-arming uvicorn's keep-alive timer as after any answer cost about a fifth
+        # of such a refusal; the timer, when it fires, looks at when the connection last answered.
+        self._answered_at = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
+        return True
+
+    def timeout_keep_alive_handler(self) -> None:
+        idle = self.loop.time() - self._answered_at
+        if idle < self.timeout_keep_alive:
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive - idle,
+                                                                self.timeout_keep_alive_handler)
+            return
+        super().timeout_keep_alive_handler()
 
     def _check_read_time(self) -> None:
         if self.transport.is_closing():

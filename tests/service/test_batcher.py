@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from service.core.batching import HANDED_AHEAD, Batcher, BatchPolicy, InputLayout
+from service.core.batching import HANDED_AHEAD, RESERVATION_S, Batcher, BatchPolicy, InputLayout
 from service.errors import DeadlineExceeded, PayloadTooLarge, QueueFull
 from service.observability.metrics import ModelMetrics
 from service.observability.stats import Stats
@@ -294,6 +294,42 @@ def test_a_request_expected_to_wait_past_max_queue_wait_is_refused_with_retry_af
     assert [isinstance(r, QueueFull) for r in results] == [False] * 3 + [True] * 3
     refused = results[3]
     assert "expected queue wait" in refused.message and int(refused.headers["Retry-After"]) >= 1
+
+
+def test_rows_admitted_from_heads_count_ahead_until_queued_or_forgotten():
+    """Heads admitted in one turn of the event loop, before any of their requests is queued, are
+    judged against each other; a reservation is consumed when its request is queued and forgotten
+    after RESERVATION_S (its request failed before it was queued)."""
+    async def scenario():
+        b, release, calls = _blocking_batcher(max_batch=1, queue=3)
+        b.start()
+        first = asyncio.create_task(b.submit(_row(0), 1))
+        await _until_computing(calls)
+        admitted = 0
+        for _ in range(10):  # heads read in one turn: nothing queued meanwhile
+            if b.refusal(1, 0) is not None:
+                break
+            b.reserve(1)
+            admitted += 1
+        reserved_full = b.refusal(1, 0)
+        queued = [asyncio.create_task(b.submit(_row(i), 1)) for i in range(1, admitted + 1)]
+        await asyncio.sleep(0.01)
+        left = b.queued_rows  # the others were handed to the busy instance (HANDED_AHEAD)
+        consumed = b.refusal(1, 0)  # the reservations were consumed as their requests queued
+        b.reserve(3 - left)  # heads whose requests never reach the queue
+        held = b.refusal(1, 0)
+        await asyncio.sleep(RESERVATION_S + 0.01)
+        forgotten = b.refusal(1, 0)
+        release.set()
+        results = await asyncio.gather(first, *queued)
+        await b.close()
+        return admitted, reserved_full, left, consumed, held, forgotten, results
+
+    admitted, reserved_full, left, consumed, held, forgotten, results = asyncio.run(scenario())
+    assert admitted == 3 and isinstance(reserved_full, QueueFull)  # 3 rows fit the queue
+    assert left == 3 - HANDED_AHEAD and consumed is None
+    assert isinstance(held, QueueFull) and forgotten is None
+    assert len(results) == 4  # every admitted request was computed
 
 
 def test_higher_priority_classes_are_batched_first():

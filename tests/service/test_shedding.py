@@ -4,6 +4,8 @@ priority class is served before lower ones (service.core.batching)."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -104,3 +106,99 @@ def test_without_keys_a_full_queue_refuses_from_the_head_and_keeps_the_connectio
         assert int(r.headers["retry-after"]) >= 1 and r.headers["x-request-id"]
         assert r.json()["code"] == "queue_full" and "connection" not in r.headers  # kept alive
     assert f'neuroserve_rejections_total{{model="slow",reason="queue_full"}} {len(refused)}.0' in metrics
+
+
+def _read_response(sock: socket.socket, buffer: bytearray) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response (Content-Length framed) from `sock`; bytes after it stay in `buffer`."""
+    while b"\r\n\r\n" not in buffer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before a whole head: {bytes(buffer)!r}")
+        buffer += chunk
+    head, _, _ = bytes(buffer).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    end = len(head) + 4 + int(headers["content-length"])
+    while len(buffer) < end:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before a whole body")
+        buffer += chunk
+    body = bytes(buffer[len(head) + 4:end])
+    del buffer[:end]
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_refusals_from_the_head_keep_the_framing_of_every_way_a_request_arrives(tmp_path: Path):
+    """While a model's queue refuses, V2 requests are refused from their heads however their bytes
+    arrive (whole in one write, two in one write, split in two, or malformed), each counted once,
+    and the request being computed is answered."""
+    repo = tmp_path / "models"
+    # Most of a second of compute a row: once one row was measured, a request arriving while
+    # another computes expects to wait that long, over the 100 ms bound.
+    width = 3072
+    m.slow_model(repo, width=width, max_batch=1, delay_ms=0.0, queue=8, wait_ms=100)
+    server = start_server(repo, tmp_path / "server.log", "--providers", "cpu")
+    path = "/v2/models/slow/infer"
+    body = orjson.dumps({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, width],
+                                     "data": [0.0] * width}]})
+    request = (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    host, port = server.host_port.split(":")
+    address = (host, int(port))
+    queue_full = threading.Event()
+    refused: list[tuple[int, dict[str, str], bytes]] = []
+
+    def probe() -> None:
+        queue_full.wait(30)
+        with socket.create_connection(address, timeout=30) as sock:
+            buffer = bytearray()
+            sock.sendall(request)  # whole, in one write
+            refused.append(_read_response(sock, buffer))
+            sock.sendall(request + request)  # two in one write
+            refused.append(_read_response(sock, buffer))
+            refused.append(_read_response(sock, buffer))
+            sock.sendall(request[:40])  # split inside the head
+            time.sleep(0.05)
+            sock.sendall(request[40:])
+            refused.append(_read_response(sock, buffer))
+            split = request.index(b"\r\n\r\n") + 100
+            sock.sendall(request[:split])  # split inside the body
+            time.sleep(0.05)
+            sock.sendall(request[split:])
+            refused.append(_read_response(sock, buffer))
+        with socket.create_connection(address, timeout=30) as sock:
+            buffer = bytearray()
+            sock.sendall(request.replace(b"Host: t\r\n", b"Host t\r\n"))  # whole, malformed
+            refused.append(_read_response(sock, buffer))
+            assert sock.recv(1) == b""  # closed after the 400
+
+    async def held() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            measured = await c.post(f"{server.url}{path}", content=body)  # a row's compute time
+            computing = asyncio.create_task(c.post(f"{server.url}{path}", content=body))
+            await asyncio.sleep(0.1)
+            queue_full.set()
+            return [measured.status_code, (await computing).status_code]
+
+    try:
+        thread = threading.Thread(target=probe)
+        thread.start()
+        statuses = asyncio.run(held())
+        thread.join(timeout=60)
+        metrics = httpx.get(f"{server.url}/metrics").text
+    finally:
+        server.stop()
+    assert statuses == [200, 200]  # nothing accepted is lost
+    codes = [status for status, _, _ in refused]
+    assert codes == [429, 429, 429, 429, 429, 400], codes
+    for _, headers, reply in refused[:5]:
+        assert orjson.loads(reply)["code"] == "queue_full"
+        assert int(headers["retry-after"]) >= 1 and headers["x-request-id"]
+        assert "connection" not in headers  # kept alive
+    assert orjson.loads(refused[5][2])["code"] == "bad_request" and refused[5][1]["x-request-id"]
+    assert 'neuroserve_rejections_total{model="slow",reason="queue_full"} 5.0' in metrics
+    counted = [line for line in metrics.splitlines()
+               if line.startswith("neuroserve_request_duration_seconds_count{") and 'model="slow"' in line
+               and 'code="429"' in line]
+    assert len(counted) == 1 and counted[0].endswith(" 5.0"), counted

@@ -4,6 +4,10 @@ spent on it, only a prepared 429. A refusal in the route cost the event loop eno
 took the worker's time from the requests it could serve (docs/benchmarks.md, "Overload: shedding by
 expected wait").
 
+A request the queue admits from its head has its row reserved there until it is queued
+(`Batcher.reserve`), so the hundreds of heads a busy event loop reads in one turn are judged
+against each other, not each against the same queue; the route then does not judge it again.
+
 Only where nothing else must be decided first: no API keys and no anonymous rate (a key's 401, 403
 or quota, and its priority class, come before the queue's answer; those requests are refused by
 the route, `service.server.rest.common.refuse_early`), the server not draining, the model's queue
@@ -25,7 +29,7 @@ from service.server.rest import v2
 from service.server.rest.middleware import new_request_id
 from service.server.state import ServiceState
 
-HeadRefusal = Callable[[bytes, float], bytes | None]
+HeadRefusal = Callable[[bytes, float], bytes | bool | None]
 
 
 # The V2 infer routes' own patterns: the route table decides what an infer path is, here as for the
@@ -34,19 +38,32 @@ _INFER_PATHS = [route.path_regex for route in v2.router.routes
                 if isinstance(route, APIRoute) and route.endpoint in (v2.infer, v2.infer_version)]
 
 
+_targets: dict[bytes, tuple[str, str | None] | None] = {}
+
+
 def infer_target(path: bytes) -> tuple[str, str | None] | None:
     """(model, version or None) when `path` is one of the two V2 infer paths, else None."""
+    try:
+        return _targets[path]  # under overload the same few paths arrive thousands of times a second
+    except KeyError:
+        pass
     text = path.decode("latin-1")
+    target = None
     for pattern in _INFER_PATHS:
         if (match := pattern.match(text)) is not None:
             params = match.groupdict()
-            return params["model"], params.get("version")
-    return None
+            target = params["model"], params.get("version")
+            break
+    if len(_targets) >= 1024:  # paths come from clients
+        _targets.clear()
+    _targets[path] = target
+    return target
 
 
 def refuser(state: ServiceState, gate: Gate) -> HeadRefusal:
-    """`refuse(path, started)`: the whole 429 response for a POST to `path` whose head began at
-    `started` (`perf_counter`), or None to let the app answer it."""
+    """`refuse(path, started)` for a POST to `path` whose head began at `started` (`perf_counter`):
+    the whole 429 response; True when admitted (its row reserved in the queue); None to let the
+    app decide."""
 
     def refuse(path: bytes, started: float) -> bytes | None:
         if not gate.open_infer or state.draining:
@@ -57,11 +74,13 @@ def refuser(state: ServiceState, gate: Gate) -> HeadRefusal:
         model, version = target
         try:
             mv = state.model(model, version)
-            refused = mv.serving_batcher(version is not None).refusal(1, 0)
+            batcher = mv.serving_batcher(version is not None)
         except ServiceError:
             return None  # not found, not ready: the route says so
+        refused = batcher.refusal(1, 0)
         if refused is None:
-            return None
+            batcher.reserve(1)
+            return True
         metrics.reject(model, "queue_full")
         if mv.metrics is not None:
             mv.metrics.request("v2_infer", 429, perf_counter() - started)
