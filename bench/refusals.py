@@ -9,7 +9,9 @@ no such switch), pinned to CPU 0 with `wrk` on the others; `wrk` sends fashion-m
 requests over `--connections` keep-alive connections. Reported per variant and connection count:
 the median over rounds of refusals a second and of the server's CPU time per refusal (its
 `/proc/<pid>/stat` user + system time over the run, divided by the requests `wrk` counted). The
-variants (this working tree, and REF from `git archive`) take turns within each round.
+variants (this working tree, and REF from `git archive`) take turns within each round. `--bare` adds
+the floor: a uvloop protocol that feeds httptools and writes a fixed 429 for every request, nothing
+else.
 """
 
 from __future__ import annotations
@@ -37,6 +39,31 @@ ALWAYS_REFUSE = (
     " headers={'Retry-After': '1'})\n"
     "batching.Batcher.refusal = refusal\n"
 )
+
+
+# The least a Python server on uvloop and httptools does per refused request.
+BARE = """
+import asyncio, sys, httptools, uvloop
+REFUSED = (b"HTTP/1.1 429 Too Many Requests\\r\\ncontent-type: application/json\\r\\n"
+           b"retry-after: 1\\r\\ncontent-length: 21\\r\\n\\r\\n{\\"code\\":\\"queue_full\\"}")
+READY = b"HTTP/1.1 200 OK\\r\\ncontent-length: 0\\r\\n\\r\\n"  # for the readiness probe
+class Refuse(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.parser = transport, httptools.HttpRequestParser(self)
+    def data_received(self, data):
+        self.parser.feed_data(data)
+    def on_message_complete(self):
+        self.transport.write(REFUSED if self.parser.get_method() == b"POST" else READY)
+async def main(port):
+    await asyncio.get_running_loop().create_server(Refuse, "127.0.0.1", port, backlog=4096)
+    await asyncio.Event().wait()
+uvloop.run(main(int(sys.argv[1])))
+"""
+
+
+def start_bare() -> Server:
+    port = free_port()
+    return _start("bare", [sys.executable, "-c", BARE, str(port)], port, {}, None, "/v2/health/ready", 60)
 
 
 def start_refusing(code: Path, repository: Path) -> Server:
@@ -70,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--server-cpus", default="0")
+    parser.add_argument("--bare", action="store_true", help="also measure the bare uvloop + httptools floor")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     server_cpus = set(parse_cpus(args.server_cpus))
@@ -81,10 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     connections = [int(c) for c in args.connections.split(",")]
     runs: dict[str, dict[int, list[dict]]] = {}
     with base_checkout(args.base or "HEAD") as base_code:
-        variants = [("this", ROOT)] + ([(args.base, base_code)] if args.base else [])
+        variants: list[tuple[str, Path | None]] = [("this", ROOT)]
+        variants += [(args.base, base_code)] if args.base else []
+        variants += [("bare", None)] if args.bare else []
         for round_ in range(args.rounds):
             for name, code in variants:
-                server = start_refusing(code, args.repository)
+                server = start_bare() if code is None else start_refusing(code, args.repository)
                 try:
                     pin([server.proc.pid], args.server_cpus)
                     for c in connections:

@@ -22,8 +22,8 @@ It also guards the reading of requests, which uvicorn's httptools protocol leave
 - A V2 infer POST that arrives whole in one read, on a connection between requests, while its
   model's queue refuses (`head_refusal`), is answered by `_refuse_whole` before uvicorn's parser
   callbacks run: under overload most requests are refused, and each refusal's CPU is taken from
-  the requests being served. Through the callbacks a refusal cost the worker 35 µs with 2,000
-  connections; whole, 23 µs (docs/benchmarks.md, "Refusing whole"). Only a message that httptools
+  the requests being served. Through the callbacks a refusal cost the worker 43 µs with 2,000
+  connections; whole, 25 µs (docs/benchmarks.md, "Refusing whole"). Only a message that httptools
   itself finds complete and alone in the read, framed by one Content-Length, is answered so;
   anything else takes the ordinary path, which refuses it from its head as before.
 - On shutdown (after SIGTERM's grace period), a connection that is between requests is not closed
