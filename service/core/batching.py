@@ -349,7 +349,9 @@ class Batcher:
     ) -> BatchResult:
         if self._closing or self._scheduler is None:
             raise ModelNotReady("model version is unloading")
-        if self._reserved_rows:  # its own reservation, if its head made one
+        if self._reserved_rows:
+            # Its own reservation when its head made one; one that made none (gRPC, API keys) can
+            # only leave the count too low, never too high.
             self._reserved_rows = max(0, self._reserved_rows - rows)
         refused = self.refusal(rows, priority)
         if refused is not None:
