@@ -127,6 +127,7 @@ def serve(settings: Settings) -> int:
         "access_log": False,  # the service writes its own access line, with request id and model
         "server_header": False,
         "backlog": 2048,
+        "timeout_keep_alive": settings.keep_alive_s,
         "timeout_graceful_shutdown": int(settings.drain_timeout_s) + 5,
         **tls.uvicorn_options(settings),
     }

@@ -142,6 +142,10 @@ class Settings(BaseSettings):
         30.0, gt=0,
         description="Longest wait for a request's line and headers, or between reads of its body (408)",
     )
+    keep_alive_s: float = Field(
+        5.0, gt=0, description="How long an idle HTTP/1.1 connection is kept open between requests (set "
+        "it above the idle timeout of a load balancer in front, which must close first)",
+    )
     default_timeout_ms: float = Field(
         0.0, ge=0, description="Deadline for requests that set none (0: no deadline)"
     )

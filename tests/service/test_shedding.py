@@ -202,3 +202,58 @@ def test_refusals_from_the_head_keep_the_framing_of_every_way_a_request_arrives(
                if line.startswith("neuroserve_request_duration_seconds_count{") and 'model="slow"' in line
                and 'code="429"' in line]
     assert len(counted) == 1 and counted[0].endswith(" 5.0"), counted
+
+
+def test_a_connection_refused_whole_is_kept_alive_from_its_last_answer(tmp_path: Path):
+    """A request refused whole does not re-arm the keep-alive timer; the timer, when it fires,
+    counts from the connection's last answer: still open past the deadline the answer before set,
+    closed once idle for --keep-alive-s."""
+    repo = tmp_path / "models"
+    width = 3072
+    m.slow_model(repo, width=width, max_batch=1, delay_ms=0.0, queue=8, wait_ms=100)
+    server = start_server(repo, tmp_path / "server.log", "--providers", "cpu", "--keep-alive-s", "1")
+    host, port = server.host_port.split(":")
+    path = "/v2/models/slow/infer"
+    body = orjson.dumps({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, width],
+                                     "data": [0.0] * width}]})
+    refused_request = (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    probe = b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n"
+    computing = threading.Event()
+    seen: dict[str, object] = {}
+
+    def client() -> None:
+        computing.wait(30)
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            buffer = bytearray()
+            sock.sendall(probe)  # answered: the keep-alive timer is armed for 1 s from now
+            seen["first"] = _read_response(sock, buffer)[0]
+            time.sleep(0.3)
+            sock.sendall(refused_request)  # refused whole while the row computes
+            seen["refused"] = _read_response(sock, buffer)[0]
+            time.sleep(0.9)  # past the first answer's deadline, 0.9 s after the refusal
+            sock.sendall(probe)
+            seen["after_deadline"] = _read_response(sock, buffer)[0]
+            answered = time.monotonic()
+            sock.settimeout(5)
+            seen["closed"] = sock.recv(1) == b""
+            seen["idle_s"] = time.monotonic() - answered
+
+    async def held() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            measured = await c.post(f"{server.url}{path}", content=body)  # a row's compute time
+            busy = asyncio.create_task(c.post(f"{server.url}{path}", content=body))
+            await asyncio.sleep(0.1)
+            computing.set()
+            return [measured.status_code, (await busy).status_code]
+
+    try:
+        thread = threading.Thread(target=client)
+        thread.start()
+        statuses = asyncio.run(held())
+        thread.join(timeout=60)
+    finally:
+        server.stop()
+    assert statuses == [200, 200]
+    assert seen["first"] == 200 and seen["refused"] == 429 and seen["after_deadline"] == 200, seen
+    assert seen["closed"] and 0.8 <= seen["idle_s"] <= 2.5, seen
