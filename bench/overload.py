@@ -3,15 +3,16 @@
     python -m bench.overload --repository models --model fashion-mnist --base REF [--ref REF2]
 
 For this working tree (or REF2) and for REF (their `service/` from `git archive`, run with this
-venv, on the same models), each with one worker: capacity is the closed-loop throughput of `wrk`
-(32 connections); then `wrk` with `paced.lua` offers `factor` × capacity for `--duration` seconds
-(V2 JSON, one image a request): `--connections` keep-alive connections, each pausing an exponential
-think time between an answer and its next request, its mean set so that the connections together
-send at the asked rate. With think times long beside the answers this is open loop enough (a slow
-answer delays only its own connection's next request), and `wrk` is C: on this 2-core machine a
-Python client could not send 4× beside the server (tried: three uvloop processes sent 4,700 of
-10,000 requests a second, lagging seconds behind schedule), and Debian's `hey -q` ticks all its
-workers in step, sending bursts. `offered_rps` is what was sent, not what was asked for.
+venv, on the same models), each with one worker (or `--workers`): capacity is the closed-loop
+throughput of `wrk` (32 connections); then `wrk` with `paced.lua` offers `factor` × capacity for
+`--duration` seconds (V2 JSON, one image a request): `--connections` keep-alive connections, each
+pausing an exponential think time between an answer and its next request, its mean set so that the
+connections together send at the asked rate. With think times long beside the answers this is open
+loop enough (a slow answer delays only its own connection's next request), and `wrk` is C: on this
+2-core machine a Python client could not send 4× beside the server (tried: three uvloop processes
+sent 4,700 of 10,000 requests a second, lagging seconds behind schedule), and Debian's `hey -q`
+ticks all its workers in step, sending bursts. `offered_rps` is what was sent, not what was asked
+for.
 
 Reported per point: offered rate, goodput (200s a second) as a share of capacity, refusals (non-2xx:
 429 here) and socket errors, the latency of every answer as `wrk` saw it (refusals included), and
@@ -84,10 +85,11 @@ def pin(pids: list[int], cpus: str) -> None:
 
 
 def run_variant(code: Path, repository: Path, model: str, factors: list[float], duration_s: float,
-                capacity_s: float, connections: int, server_cpus: str | None = None) -> dict:
+                capacity_s: float, connections: int, server_cpus: str | None = None,
+                workers: int = 1) -> dict:
     w = load_workload(repository / model)
     request = requests_for(w, "v2-json")[0]
-    server = start(code, repository, 1)
+    server = start(code, repository, workers)
     try:
         if server_cpus is not None:
             pin([server.proc.pid, *server.worker_pids()], server_cpus)
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity-duration", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=2000, help="wrk's connections when paced")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--workers", type=int, default=1, help="the server's --workers (more than one: "
+                        "an executor process besides them)")
     parser.add_argument("--server-cpus", help="taskset CPU list for the server (e.g. 0); wrk and this "
                         "process get the others, so the generator's work does not take the server's")
     args = parser.parse_args(argv)
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, others)  # wrk, started from here, inherits it
     factors = [float(f) for f in args.factors.split(",")]
     result: dict = {"command": "python -m bench.overload " + " ".join(argv or sys.argv[1:]),
-                    "model": args.model, "workers": 1, "server_cpus": args.server_cpus,
+                    "model": args.model, "workers": args.workers, "server_cpus": args.server_cpus,
                     "variants": {}}
     variants: list[tuple[str, Path | None]] = [(args.ref, None) if args.ref else ("this", ROOT)]
     if args.base:
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, code in variants:
         print(f"{name}:", flush=True)
         knobs = (args.repository, args.model, factors, args.duration, args.capacity_duration,
-                 args.connections, args.server_cpus)
+                 args.connections, args.server_cpus, args.workers)
         if code is None:
             with base_checkout(name) as base_code:
                 result["variants"][name] = run_variant(base_code, *knobs)

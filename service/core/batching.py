@@ -270,11 +270,21 @@ class Batcher:
 
         Cheap enough to ask from a request's head, before its body is read or decoded: a request
         whose class is at most `priority` (its key's bound) would be refused as well."""
+        return self._judge(rows, priority)[0]
+
+    def refusing_for(self, rows: int = 1, priority: int = 0) -> float:
+        """Seconds for which such a request would still be refused if nothing more arrived (0: it
+        would be admitted now): what an executor process tells the front-ends, which then refuse
+        from requests' heads meanwhile (`service.core.executor_client`)."""
+        return self._judge(rows, priority)[1]
+
+    def _judge(self, rows: int, priority: int) -> tuple[QueueFull | None, float]:
         ahead = self._rows_ahead(priority) + self._reserved()
         policy = self.policy
         if ahead + rows > policy.max_queue_size:
+            excess = (ahead + rows - policy.max_queue_size) * self._row_seconds / policy.instances
             return QueueFull(f"queue full ({self._queued_rows} of {policy.max_queue_size} rows waiting)",
-                             headers={"Retry-After": str(self._retry_after())})
+                             headers={"Retry-After": str(self._retry_after())}), excess
         if policy.max_queue_wait_s > 0:
             # At least as long as the oldest request ahead has already waited: when the event loop,
             # not the queue, holds batches back, rows say little and that age says it (as CoDel
@@ -283,8 +293,9 @@ class Batcher:
             if wait > policy.max_queue_wait_s:
                 return QueueFull(f"expected queue wait {wait * 1000:.0f} ms exceeds "
                                  f"max_queue_wait_ms {policy.max_queue_wait_s * 1000:g}",
-                                 headers={"Retry-After": str(self._retry_after())})
-        return None
+                                 headers={"Retry-After": str(self._retry_after())}), \
+                    wait - policy.max_queue_wait_s
+        return None, 0.0
 
     def reserve(self, rows: int = 1) -> None:
         """Count `rows` admitted from a request's head as ahead of later requests until the request

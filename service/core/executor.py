@@ -174,13 +174,16 @@ class ExecutorServer:
         trace = tracing.RequestTrace(None, perf_counter()) if m.traced else None
         tracing.current.set(trace)
         submit = batcher.submit_many if m.many else batcher.submit
-        result = await submit(inputs, m.rows, deadline, priority=m.priority)
+        try:
+            result = await submit(inputs, m.rows, deadline, priority=m.priority)
+        except errors.QueueFull as e:
+            return wire.Reply(m.id, failure=failure(e), refusing_s=batcher.refusing_for()), []
         metas, out = wire.tensors(result.outputs)
         batches = [(enqueued, b.start, b.end, b.failed, b.attributes)
                    for enqueued, b in trace.batches] if trace is not None else []
         return wire.Reply(m.id, version=result.version, queue_s=result.queue_s, compute_s=result.compute_s,
                           batch_rows=result.batch_rows, calls=result.calls, outputs=metas,
-                          batches=batches), out
+                          batches=batches, refusing_s=batcher.refusing_for()), out
 
     async def _control(self, m: wire.Control) -> Any:
         if m.op == "snapshot":

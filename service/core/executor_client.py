@@ -4,6 +4,11 @@ The catalog is a mirror of the executor's, rebuilt from the snapshots it publish
 switch reaches every front-end within one publish interval. Each ready version's `batcher` is a
 `RemoteBatcher` that sends the request's tensors to the executor and waits for the reply.
 
+Every inference reply says how long the model's queue will still refuse a row (`Batcher.refusing_for`);
+the front-end refuses from requests' heads meanwhile, at most `REFUSING_HOLD_S` past the reply (a
+request then goes through and brings the next word). Without this, with several workers every
+refused request was read, decoded and sent to the executor to be refused there.
+
 If the executor process dies, the DEALER socket reports the disconnection at once: the front-end
 turns not-ready, every request waiting on the executor gets 503 (never hangs), and new ones get 503
 until the restarted executor has loaded its models again.
@@ -36,6 +41,9 @@ log = logging.getLogger("neuroserve.executor")
 # How long a front-end that has just connected waits for the executor's catalog before it leaves it
 # to the executor's repeated snapshots.
 SNAPSHOT_TIMEOUT_S = 5.0
+# The longest a front-end refuses a model's requests on the word of one reply; while it does, no
+# request reaches the executor to say the queue has room again.
+REFUSING_HOLD_S = 0.05
 
 
 def _executor_gone() -> ModelNotReady:
@@ -68,12 +76,26 @@ class RemoteBatcher:
                           priority: int = 0) -> BatchResult:
         return await self.client.infer(self, inputs, rows, deadline, many=True, priority=priority)
 
-    def refusal(self, rows: int = 1, priority: int = 0) -> None:
-        """The queue is in the executor process, which decides when the request arrives there."""
-        return None
+    def refusal(self, rows: int = 1, priority: int = 0) -> errors.QueueFull | None:
+        """A refusal while the executor's last reply for this model said its queue refuses a row of
+        class 0 (it decides everything else when the request arrives there)."""
+        if priority > 0:
+            return None
+        return _refusing(self.client, self.model)
 
     def reserve(self, rows: int = 1) -> None:
         return None
+
+
+def _refusing(client: RemoteExecutor, model: str) -> errors.QueueFull | None:
+    until = client.refusing_until.get(model)
+    if until is None:
+        return None
+    left = until - perf_counter()
+    if left <= 0:
+        return None
+    return errors.QueueFull(f"the model's queue is refusing for another {left * 1000:.0f} ms",
+                            headers={"Retry-After": "1"})
 
 
 class RemoteExecutor:
@@ -90,6 +112,8 @@ class RemoteExecutor:
         self._tasks: list[asyncio.Task[None]] = []
         self._loaded = asyncio.Event()
         self._applied: bytes | None = None  # the published snapshot `catalog` was built from
+        # perf_counter() until which a model's queue refuses rows of class 0, from the last reply.
+        self.refusing_until: dict[str, float] = {}
 
     async def start(self) -> None:
         """Connect (the executor may not be up yet: ZeroMQ connects when it is)."""
@@ -134,7 +158,13 @@ class RemoteExecutor:
         trace = tracing.current.get() if tracing.enabled else None
         message = wire.Infer(0, target.model, target.version, target.pinned, many, rows, timeout,
                              request_id.get(), metas, traced=trace is not None, priority=priority)
-        reply, out = await self._call(message, frames)
+        reply, out = await self._call(message, frames, check=False)
+        if reply.refusing_s > 0:
+            self.refusing_until[target.model] = perf_counter() + min(reply.refusing_s, REFUSING_HOLD_S)
+        else:
+            self.refusing_until.pop(target.model, None)
+        if reply.failure is not None:
+            raise_failure(reply.failure)
         if trace is not None:
             tracing.enqueued(trace, now)
             for enqueued, start, end, failed, attributes in reply.batches:
@@ -158,8 +188,9 @@ class RemoteExecutor:
         reply, _ = await self._call(wire.Control(0, op, model, version), [])
         return reply.body
 
-    async def _call(self, message: wire.Infer | wire.Control,
-                    frames: list[Any]) -> tuple[wire.Reply, list[Any]]:
+    async def _call(self, message: wire.Infer | wire.Control, frames: list[Any],
+                    check: bool = True) -> tuple[wire.Reply, list[Any]]:
+        """Send `message` and wait for its reply; `check`: raise the failure it carries."""
         message.id = next(self._ids)
         future: asyncio.Future[tuple[wire.Reply, list[Any]]] = asyncio.get_running_loop().create_future()
         self._pending[message.id] = future
@@ -172,7 +203,7 @@ class RemoteExecutor:
             reply, out = await future
         finally:
             self._pending.pop(message.id, None)
-        if reply.failure is not None:
+        if check and reply.failure is not None:
             raise_failure(reply.failure)
         return reply, out
 
@@ -249,6 +280,13 @@ class GroupBatcher(RemoteBatcher):
 
     def pin(self) -> GroupBatcher:
         return GroupBatcher(self.group, self.model, self.version, pinned=True)
+
+    def refusal(self, rows: int = 1, priority: int = 0) -> errors.QueueFull | None:
+        """A refusal only while every executor of the group refuses: the request goes to any."""
+        if priority > 0:
+            return None
+        refusals = [_refusing(member, self.model) for member in self.group.members]
+        return refusals[0] if all(refusals) else None
 
 
 class ExecutorGroup:

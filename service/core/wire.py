@@ -84,6 +84,9 @@ class Reply(msgspec.Struct, array_like=True):
     body: Any = None  # a control operation's answer (JSON-like)
     # For a traced request: (enqueued, start, end, failed, attributes) of each batch that computed it.
     batches: list[tuple[float, float, float, bool, dict[str, Any]]] = []
+    # For an inference: how long the model's queue will still refuse a row of class 0 (0: it
+    # admits now); front-ends refuse from requests' heads meanwhile (`Batcher.refusing_for`).
+    refusing_s: float = 0.0
 
 
 Request = Infer | Control

@@ -257,3 +257,59 @@ def test_a_connection_refused_whole_is_kept_alive_from_its_last_answer(tmp_path:
     assert statuses == [200, 200]
     assert seen["first"] == 200 and seen["refused"] == 429 and seen["after_deadline"] == 200, seen
     assert seen["closed"] and 0.8 <= seen["idle_s"] <= 2.5, seen
+
+
+def test_with_several_workers_a_worker_refuses_from_heads_on_the_executors_word(tmp_path: Path):
+    """With --workers 2 the queue is in the executor process. A request it refuses tells the worker
+    for how long the queue refuses; the worker's next request is refused from its head (no route
+    ran: no Server-Timing), and once the queue has room requests reach it again."""
+    repo = tmp_path / "models"
+    width = 3072
+    m.slow_model(repo, width=width, max_batch=1, delay_ms=0.0, queue=8, wait_ms=100)
+    server = start_server(repo, tmp_path / "server.log", "--providers", "cpu", "--workers", "2")
+    host, port = server.host_port.split(":")
+    path = "/v2/models/slow/infer"
+    body = orjson.dumps({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, width],
+                                     "data": [0.0] * width}]})
+    request = (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    computing = threading.Event()
+    done = threading.Event()
+    answers: list[tuple[int, dict[str, str], bytes]] = []
+
+    def client() -> None:
+        computing.wait(30)
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            buffer = bytearray()
+            for _ in range(3):  # refused by the executor, then by this worker from the head
+                sock.sendall(request)
+                answers.append(_read_response(sock, buffer))
+            done.wait(30)
+            time.sleep(0.2)  # the queue is empty: the worker's hold has lapsed
+            sock.sendall(request)
+            answers.append(_read_response(sock, buffer))
+
+    async def held() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            measured = await c.post(f"{server.url}{path}", content=body)  # a row's compute time
+            busy = asyncio.create_task(c.post(f"{server.url}{path}", content=body))
+            await asyncio.sleep(0.1)
+            computing.set()
+            status = (await busy).status_code
+            done.set()
+            return [measured.status_code, status]
+
+    try:
+        thread = threading.Thread(target=client)
+        thread.start()
+        statuses = asyncio.run(held())
+        thread.join(timeout=60)
+    finally:
+        server.stop()
+    assert statuses == [200, 200]
+    codes = [status for status, _, _ in answers]
+    assert codes == [429, 429, 429, 200], codes
+    assert "server-timing" in answers[0][1]  # the executor refused it, through the route
+    for _, headers, reply in answers[1:3]:  # the worker refused them from their heads
+        assert "server-timing" not in headers and int(headers["retry-after"]) >= 1
+        assert orjson.loads(reply)["code"] == "queue_full"

@@ -46,8 +46,9 @@ READ_REFUSED_BODY_BYTES = 64 * 1024
 async def refuse_early(request: Request, mv: ModelVersion, pinned: bool = False) -> None:
     """Refuse, before the body is decoded, a request the model's queue would refuse anyway: full, or
     expected to wait longer than `max_queue_wait_ms` even at the highest class its key allows.
-    (With several workers the queue is in the executor process, which decides on arrival.) A request
-    the HTTP protocol admitted from its head was judged already, with the requests read beside it."""
+    (With several workers the queue is in the executor process, which decides on arrival; the worker
+    refuses only while the executor's last reply said the queue refuses.) A request the HTTP protocol
+    admitted from its head was judged already, with the requests read beside it."""
     if request.scope.get(ADMITTED_AT_HEAD):
         return
     refused = mv.serving_batcher(pinned).refusal(1, priority_ceiling.get())

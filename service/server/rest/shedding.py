@@ -10,8 +10,9 @@ against each other, not each against the same queue; the route then does not jud
 
 Only where nothing else must be decided first: no API keys and no anonymous rate (a key's 401, 403
 or quota, and its priority class, come before the queue's answer; those requests are refused by
-the route, `service.server.rest.common.refuse_early`), the server not draining, the model's queue
-in this process (with several workers the executor process decides).
+the route, `service.server.rest.common.refuse_early`), the server not draining. With several
+workers the queue is in the executor process: a worker refuses from the head while the executor's
+last reply for the model said its queue refuses (`service.core.executor_client`).
 """
 
 from __future__ import annotations
