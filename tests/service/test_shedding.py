@@ -7,6 +7,7 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -129,28 +130,59 @@ def _read_response(sock: socket.socket, buffer: bytearray) -> tuple[int, dict[st
     return int(lines[0].split()[1]), headers, body
 
 
+BUSY_WIDTH = 3072
+BUSY_PATH = "/v2/models/slow/infer"
+BUSY_BODY = orjson.dumps({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, BUSY_WIDTH],
+                                      "data": [0.0] * BUSY_WIDTH}]})
+BUSY_REQUEST = (f"POST {BUSY_PATH} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(BUSY_BODY)}\r\n\r\n").encode() + BUSY_BODY
+
+
+def _while_busy(tmp_path: Path, client: Callable[[tuple[str, int], threading.Event], None],
+                *args: str) -> tuple[list[int], str]:
+    """Serve one model whose row takes most of a second to compute (server options `args`): once
+    one row was measured, a request arriving while another computes expects to wait that long, over
+    its 100 ms bound, and is refused. Run `client(address, finished)` in a thread once a row
+    computes; `finished` is set when that row's request is answered. The statuses of the measuring
+    and the computing requests, and the server's metrics at the end."""
+    repo = tmp_path / "models"
+    m.slow_model(repo, width=BUSY_WIDTH, max_batch=1, delay_ms=0.0, queue=8, wait_ms=100)
+    server = start_server(repo, tmp_path / "server.log", "--providers", "cpu", *args)
+    host, port = server.host_port.split(":")
+    computing, finished = threading.Event(), threading.Event()
+
+    def run() -> None:
+        computing.wait(30)
+        client((host, int(port)), finished)
+
+    async def hold() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            measured = await c.post(f"{server.url}{BUSY_PATH}", content=BUSY_BODY)
+            busy = asyncio.create_task(c.post(f"{server.url}{BUSY_PATH}", content=BUSY_BODY))
+            await asyncio.sleep(0.1)
+            computing.set()
+            status = (await busy).status_code
+            finished.set()
+            return [measured.status_code, status]
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        statuses = asyncio.run(hold())
+        thread.join(timeout=60)
+        return statuses, httpx.get(f"{server.url}/metrics").text
+    finally:
+        server.stop()
+
+
 def test_refusals_from_the_head_keep_the_framing_of_every_way_a_request_arrives(tmp_path: Path):
     """While a model's queue refuses, V2 requests are refused from their heads however their bytes
     arrive (whole in one write, two in one write, split in two, or malformed), each counted once,
     and the request being computed is answered."""
-    repo = tmp_path / "models"
-    # Most of a second of compute a row: once one row was measured, a request arriving while
-    # another computes expects to wait that long, over the 100 ms bound.
-    width = 3072
-    m.slow_model(repo, width=width, max_batch=1, delay_ms=0.0, queue=8, wait_ms=100)
-    server = start_server(repo, tmp_path / "server.log", "--providers", "cpu")
-    path = "/v2/models/slow/infer"
-    body = orjson.dumps({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, width],
-                                     "data": [0.0] * width}]})
-    request = (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-    host, port = server.host_port.split(":")
-    address = (host, int(port))
-    queue_full = threading.Event()
+    request = BUSY_REQUEST
     refused: list[tuple[int, dict[str, str], bytes]] = []
 
-    def probe() -> None:
-        queue_full.wait(30)
+    def probe(address: tuple[str, int], _: threading.Event) -> None:
         with socket.create_connection(address, timeout=30) as sock:
             buffer = bytearray()
             sock.sendall(request)  # whole, in one write
@@ -173,22 +205,7 @@ def test_refusals_from_the_head_keep_the_framing_of_every_way_a_request_arrives(
             refused.append(_read_response(sock, buffer))
             assert sock.recv(1) == b""  # closed after the 400
 
-    async def held() -> list[int]:
-        async with httpx.AsyncClient(timeout=60) as c:
-            measured = await c.post(f"{server.url}{path}", content=body)  # a row's compute time
-            computing = asyncio.create_task(c.post(f"{server.url}{path}", content=body))
-            await asyncio.sleep(0.1)
-            queue_full.set()
-            return [measured.status_code, (await computing).status_code]
-
-    try:
-        thread = threading.Thread(target=probe)
-        thread.start()
-        statuses = asyncio.run(held())
-        thread.join(timeout=60)
-        metrics = httpx.get(f"{server.url}/metrics").text
-    finally:
-        server.stop()
+    statuses, metrics = _while_busy(tmp_path, probe)
     assert statuses == [200, 200]  # nothing accepted is lost
     codes = [status for status, _, _ in refused]
     assert codes == [429, 429, 429, 429, 429, 400], codes
@@ -208,28 +225,16 @@ def test_a_connection_refused_whole_is_kept_alive_from_its_last_answer(tmp_path:
     """A request refused whole does not re-arm the keep-alive timer; the timer, when it fires,
     counts from the connection's last answer: still open past the deadline the answer before set,
     closed once idle for --keep-alive-s."""
-    repo = tmp_path / "models"
-    width = 3072
-    m.slow_model(repo, width=width, max_batch=1, delay_ms=0.0, queue=8, wait_ms=100)
-    server = start_server(repo, tmp_path / "server.log", "--providers", "cpu", "--keep-alive-s", "1")
-    host, port = server.host_port.split(":")
-    path = "/v2/models/slow/infer"
-    body = orjson.dumps({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, width],
-                                     "data": [0.0] * width}]})
-    refused_request = (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                       f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     probe = b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n"
-    computing = threading.Event()
     seen: dict[str, object] = {}
 
-    def client() -> None:
-        computing.wait(30)
-        with socket.create_connection((host, int(port)), timeout=30) as sock:
+    def client(address: tuple[str, int], _: threading.Event) -> None:
+        with socket.create_connection(address, timeout=30) as sock:
             buffer = bytearray()
             sock.sendall(probe)  # answered: the keep-alive timer is armed for 1 s from now
             seen["first"] = _read_response(sock, buffer)[0]
             time.sleep(0.3)
-            sock.sendall(refused_request)  # refused whole while the row computes
+            sock.sendall(BUSY_REQUEST)  # refused whole while the row computes
             seen["refused"] = _read_response(sock, buffer)[0]
             time.sleep(0.9)  # past the first answer's deadline, 0.9 s after the refusal
             sock.sendall(probe)
@@ -239,21 +244,7 @@ def test_a_connection_refused_whole_is_kept_alive_from_its_last_answer(tmp_path:
             seen["closed"] = sock.recv(1) == b""
             seen["idle_s"] = time.monotonic() - answered
 
-    async def held() -> list[int]:
-        async with httpx.AsyncClient(timeout=60) as c:
-            measured = await c.post(f"{server.url}{path}", content=body)  # a row's compute time
-            busy = asyncio.create_task(c.post(f"{server.url}{path}", content=body))
-            await asyncio.sleep(0.1)
-            computing.set()
-            return [measured.status_code, (await busy).status_code]
-
-    try:
-        thread = threading.Thread(target=client)
-        thread.start()
-        statuses = asyncio.run(held())
-        thread.join(timeout=60)
-    finally:
-        server.stop()
+    statuses, _ = _while_busy(tmp_path, client, "--keep-alive-s", "1")
     assert statuses == [200, 200]
     assert seen["first"] == 200 and seen["refused"] == 429 and seen["after_deadline"] == 200, seen
     assert seen["closed"] and 0.8 <= seen["idle_s"] <= 2.5, seen
@@ -263,49 +254,20 @@ def test_with_several_workers_a_worker_refuses_from_heads_on_the_executors_word(
     """With --workers 2 the queue is in the executor process. A request it refuses tells the worker
     for how long the queue refuses; the worker's next request is refused from its head (no route
     ran: no Server-Timing), and once the queue has room requests reach it again."""
-    repo = tmp_path / "models"
-    width = 3072
-    m.slow_model(repo, width=width, max_batch=1, delay_ms=0.0, queue=8, wait_ms=100)
-    server = start_server(repo, tmp_path / "server.log", "--providers", "cpu", "--workers", "2")
-    host, port = server.host_port.split(":")
-    path = "/v2/models/slow/infer"
-    body = orjson.dumps({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, width],
-                                     "data": [0.0] * width}]})
-    request = (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-    computing = threading.Event()
-    done = threading.Event()
     answers: list[tuple[int, dict[str, str], bytes]] = []
 
-    def client() -> None:
-        computing.wait(30)
-        with socket.create_connection((host, int(port)), timeout=30) as sock:
+    def client(address: tuple[str, int], finished: threading.Event) -> None:
+        with socket.create_connection(address, timeout=30) as sock:
             buffer = bytearray()
             for _ in range(3):  # refused by the executor, then by this worker from the head
-                sock.sendall(request)
+                sock.sendall(BUSY_REQUEST)
                 answers.append(_read_response(sock, buffer))
-            done.wait(30)
-            time.sleep(0.2)  # the queue is empty: the worker's hold has lapsed
-            sock.sendall(request)
+            finished.wait(30)
+            time.sleep(0.2)  # the queue is empty, the worker's hold has lapsed
+            sock.sendall(BUSY_REQUEST)
             answers.append(_read_response(sock, buffer))
 
-    async def held() -> list[int]:
-        async with httpx.AsyncClient(timeout=60) as c:
-            measured = await c.post(f"{server.url}{path}", content=body)  # a row's compute time
-            busy = asyncio.create_task(c.post(f"{server.url}{path}", content=body))
-            await asyncio.sleep(0.1)
-            computing.set()
-            status = (await busy).status_code
-            done.set()
-            return [measured.status_code, status]
-
-    try:
-        thread = threading.Thread(target=client)
-        thread.start()
-        statuses = asyncio.run(held())
-        thread.join(timeout=60)
-    finally:
-        server.stop()
+    statuses, _ = _while_busy(tmp_path, client, "--workers", "2")
     assert statuses == [200, 200]
     codes = [status for status, _, _ in answers]
     assert codes == [429, 429, 429, 200], codes
