@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from scipy import ndimage
 from sklearn.model_selection import train_test_split
 
 from training.data_cache import cached_arrays, verified
@@ -117,3 +119,34 @@ def load_digits() -> ImageData:
     )
 
 
+def mnist_style(digit: np.ndarray) -> np.ndarray:
+    """An 8×8 digit (0..16, ink high) drawn as MNIST was prepared: its ink's bounding box scaled to
+    fit 20×20 keeping the aspect ratio (anti-aliased), then centred by its centre of mass in a 28×28
+    frame; white on black, uint8."""
+    img = np.uint8(np.round(digit * 255 / 16))
+    rows, cols = np.flatnonzero(img.any(1)), np.flatnonzero(img.any(0))
+    ink = Image.fromarray(img[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+    scale = 20 / max(ink.size)
+    w, h = max(1, round(ink.width * scale)), max(1, round(ink.height * scale))
+    box = np.asarray(ink.resize((w, h), Image.Resampling.LANCZOS), dtype=np.float64)
+    frame = np.zeros((28, 28), dtype=np.float64)
+    top, left = (28 - h) // 2, (28 - w) // 2
+    frame[top:top + h, left:left + w] = box
+    cy, cx = ndimage.center_of_mass(frame)
+    shifted = ndimage.shift(frame, (13.5 - cy, 13.5 - cx), order=1, mode="constant")
+    return np.uint8(np.clip(np.round(shifted), 0, 255))
+
+
+def thumbnail(img: np.ndarray) -> np.ndarray:
+    """A 28×28 digit (uint8, ink high) as an 8×8 thumbnail of its ink, 0..16 as `mnist_style` takes:
+    the ink's bounding box padded to a square, then averaged down (a low-resolution scan)."""
+    rows, cols = np.flatnonzero(img.any(1)), np.flatnonzero(img.any(0))
+    if not len(rows):
+        return np.zeros((8, 8))
+    ink = img[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    side = max(ink.shape)
+    square = np.zeros((side, side), dtype=np.uint8)
+    top, left = (side - ink.shape[0]) // 2, (side - ink.shape[1]) // 2
+    square[top:top + ink.shape[0], left:left + ink.shape[1]] = ink
+    small = np.asarray(Image.fromarray(square).resize((8, 8), Image.Resampling.BOX), dtype=np.float64)
+    return np.round(small * 16 / 255)

@@ -28,7 +28,7 @@ from service.core.model_config import Batching, ImagePreprocessing, ModelConfig,
 from training import report, zoo
 from training.data_cache import keep_fp32_graph
 from training.export import WithProbabilities, check_parity, cpu_session, export, onnx_predict
-from training.image_data import ImageData, load_digits, load_fashion
+from training.image_data import ImageData, load_digits, load_fashion, mnist_style, thumbnail
 from training.loop import fit
 from training.nets import conv_bn, parameter_count
 from training.quantize import quantize_static_int8
@@ -127,8 +127,11 @@ class Augment:
     aspect: float = 0.0  # widths scaled by a factor log-uniform in [1 / (1 + aspect), 1 + aspect]
     blur: float = 0.0  # share of images blurred by a Gaussian, then stretched back to a peak of 255
     blur_sigma: tuple[float, float] = (0.6, 1.4)  # the Gaussian's standard deviation, uniform, pixels
+    lowres: float = 0.0  # share of images redrawn from an 8×8 thumbnail of their ink (a coarse scan)
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.lowres:
+            x = self._lowres(x, gen)
         if self.thicken or self.thin:
             x = self._thickness(x, gen)
         warp = self.rotate or self.scale or self.elastic or self.aspect
@@ -178,6 +181,16 @@ class Augment:
         img = img * (255 / img.amax((1, 2, 3), keepdim=True).clamp(min=1))
         out = x.clone()
         out[chosen] = img.round().clamp(0, 255).to(x.dtype)
+        return out
+
+    def _lowres(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """A share of the images seen at 8×8 and drawn again as MNIST was prepared."""
+        chosen = (torch.rand(len(x), generator=gen) < self.lowres).nonzero().flatten().tolist()
+        if not chosen:
+            return x
+        out = x.clone()
+        for i in chosen:
+            out[i, 0] = torch.from_numpy(mnist_style(thumbnail(x[i, 0].numpy())))
         return out
 
     def _thickness(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -34,7 +34,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 from PIL import Image
-from scipy import ndimage, optimize
+from scipy import optimize
 
 from service.codecs.image import to_pixels
 from service.codecs.text import TextEncoder, aggregate
@@ -42,6 +42,7 @@ from service.core.model_config import ModelConfig
 from training import text
 from training.data_cache import DataMissing, cached_arrays, sha256
 from training.fetch import ARCHIVES, archive_path
+from training.image_data import mnist_style
 
 # ------------------------------------------------------------------------------- evaluation sets
 
@@ -124,24 +125,6 @@ def _uci_digits() -> dict[str, np.ndarray]:
     with gzip.open(path, "rt") as f:
         data = np.loadtxt(f, delimiter=",")
     return {"x": data[:, :64].reshape(-1, 8, 8), "y": data[:, 64].astype(np.int64)}
-
-
-def mnist_style(digit: np.ndarray) -> np.ndarray:
-    """An 8×8 digit (0..16, ink high) drawn as MNIST was prepared: its ink's bounding box scaled to
-    fit 20×20 keeping the aspect ratio (anti-aliased), then centred by its centre of mass in a 28×28
-    frame; white on black, uint8."""
-    img = np.uint8(np.round(digit * 255 / 16))
-    rows, cols = np.flatnonzero(img.any(1)), np.flatnonzero(img.any(0))
-    ink = Image.fromarray(img[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
-    scale = 20 / max(ink.size)
-    w, h = max(1, round(ink.width * scale)), max(1, round(ink.height * scale))
-    box = np.asarray(ink.resize((w, h), Image.Resampling.LANCZOS), dtype=np.float64)
-    frame = np.zeros((28, 28), dtype=np.float64)
-    top, left = (28 - h) // 2, (28 - w) // 2
-    frame[top:top + h, left:left + w] = box
-    cy, cx = ndimage.center_of_mass(frame)
-    shifted = ndimage.shift(frame, (13.5 - cy, 13.5 - cx), order=1, mode="constant")
-    return np.uint8(np.clip(np.round(shifted), 0, 255))
 
 
 def uci_digits(model: ModelConfig, *, black_on_white: bool) -> EvalSet:

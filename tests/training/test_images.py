@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from PIL import Image
 
 from service.codecs.image import to_pixels
@@ -115,3 +116,20 @@ def test_fast_training_trains_exports_and_checks_parity(tmp_path: Path, command:
     assert int8_weights(model_dir / "1" / "model.onnx") >= 6
     # The smoke test writes only into the directory it was given.
     assert (zoo_file.read_bytes() if zoo_file.exists() else None) == zoo_before
+
+
+def test_a_low_resolution_copy_is_an_8x8_thumbnail_of_the_ink_drawn_again_as_mnist_was():
+    from training.image_data import mnist_style, thumbnail
+    from training.images import Augment
+
+    digit = np.zeros((28, 28), np.uint8)
+    digit[4:24, 13:15] = 255  # a "1": 20 rows tall, 2 columns wide
+    small = thumbnail(digit)
+    assert small.shape == (8, 8) and 0 < small.max() <= 16 and small.min() == 0
+    # The square around the ink keeps the stroke narrow: only the middle columns hold ink.
+    assert set(np.flatnonzero(small.any(0)).tolist()) <= {3, 4} and small.any(1).all()
+    batch = torch.from_numpy(np.stack([digit, digit[::-1].T.copy()]))[:, None]
+    seen = Augment(shift=0.0, lowres=1.0)(batch, torch.Generator().manual_seed(0))
+    for image, out in zip(batch, seen, strict=True):
+        assert np.array_equal(out[0].numpy(), mnist_style(thumbnail(image[0].numpy())))
+    assert torch.equal(Augment(shift=0.0, lowres=0.0)(batch, torch.Generator()), batch)
