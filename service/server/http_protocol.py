@@ -23,9 +23,9 @@ It also guards the reading of requests, which uvicorn's httptools protocol leave
   model's queue refuses (`head_refusal`), is answered by `_refuse_whole` before uvicorn's parser
   callbacks run: under overload most requests are refused, and each refusal's CPU is taken from
   the requests being served. Through the callbacks a refusal cost the worker 43 µs with 2,000
-  connections; whole, 25 µs (docs/benchmarks.md, "Refusing whole"). Only a message that httptools
-  itself finds complete and alone in the read, framed by one Content-Length, is answered so;
-  anything else takes the ordinary path, which refuses it from its head as before.
+  connections; whole, 25 µs (docs/benchmarks.md, "Refusing whole"). Only a message that a second
+  httptools parser finds begun and complete alone in the read, keeping the connection open, is
+  answered so; anything else takes the ordinary path, which refuses it from its head as before.
 - On shutdown (after SIGTERM's grace period), a connection that is between requests is not closed
   at once: a request may already be on its way. It gets `IDLE_CLOSE_S` to begin one, which is
   answered with `Connection: close`; a connection that has not begun a request by then is closed.
@@ -59,11 +59,14 @@ ADMITTED_AT_HEAD = "neuroserve.admitted_at_head"
 
 
 class _OneMessage:
-    """httptools with a single callback: whether a read holds exactly one whole request."""
+    """httptools with two callbacks: whether a read holds exactly one whole request."""
 
     def __init__(self) -> None:
         self.parser = httptools.HttpRequestParser(self)
-        self.complete = 0
+        self.begun = self.complete = 0
+
+    def on_message_begin(self) -> None:
+        self.begun += 1
 
     def on_message_complete(self) -> None:
         self.complete += 1
@@ -237,6 +240,9 @@ class HttpProtocol(HttpToolsProtocol):
             response, self._refused = self._refused, None
             if not self.transport.is_closing():
                 self.transport.write_now(response)  # type: ignore[attr-defined]
+                if not self.parser.should_keep_alive():  # the client said Connection: close
+                    self.transport.close()
+                    return
                 self.on_response_complete()  # keep-alive timer, reading resumed: as after any answer
             return
         super().on_message_complete()
@@ -249,25 +255,18 @@ class HttpProtocol(HttpToolsProtocol):
         line_end = data.find(b"\r\n")
         if head_end < 0 or head_end > self._max_head_bytes or not data.startswith(b" HTTP/1.1", line_end - 9):
             return False
-        # Framed by one Content-Length, and nothing in the head that changes what follows it.
-        head = data[:head_end].lower()
-        start = head.find(b"\r\ncontent-length:")
-        stop = head.find(b"\r\n", start + 17)
-        length = head[start + 17:stop if stop >= 0 else head_end].strip()
-        if start < 0 or head.count(b"content-length") != 1 or not length.isdigit() \
-                or head_end + 4 + int(length) != len(data) or b"transfer-encoding" in head \
-                or b"\r\nconnection:" in head or b"\r\nexpect:" in head or b"\r\nupgrade:" in head:
-            return False
-        # And a message httptools parses whole, as the ordinary path's parser will.
+        # Framed as httptools frames it for the ordinary path's parser: one message, begun and
+        # complete in this read, after which the connection stays open for the next.
         whole = self._whole or _OneMessage()
-        whole.complete = 0
+        whole.begun = whole.complete = 0
         try:
             whole.parser.feed_data(data)
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             whole.complete = -1
-        if whole.complete != 1:
-            self._whole = None  # its parser is mid-message or failed: a new one next time
-            return False  # the ordinary path answers it (a 400)
+        if whole.begun != 1 or whole.complete != 1 or not whole.parser.should_keep_alive() \
+                or whole.parser.should_upgrade():
+            self._whole = None  # its parser may be mid-message or failed: a new one next time
+            return False  # the ordinary path answers it (a 400, or the same 429)
         self._whole = whole
         response = head_refusal(data[5:line_end - 9].partition(b"?")[0], perf_counter())  # type: ignore[misc]
         if not isinstance(response, bytes):

@@ -177,8 +177,8 @@ def _while_busy(tmp_path: Path, client: Callable[[tuple[str, int], threading.Eve
 
 def test_refusals_from_the_head_keep_the_framing_of_every_way_a_request_arrives(tmp_path: Path):
     """While a model's queue refuses, V2 requests are refused from their heads however their bytes
-    arrive (whole in one write, two in one write, split in two, or malformed), each counted once,
-    and the request being computed is answered."""
+    arrive (whole in one write, two in one write, split in two, asking to close, or malformed),
+    each counted once, and the request being computed is answered."""
     request = BUSY_REQUEST
     refused: list[tuple[int, dict[str, str], bytes]] = []
 
@@ -201,6 +201,11 @@ def test_refusals_from_the_head_keep_the_framing_of_every_way_a_request_arrives(
             refused.append(_read_response(sock, buffer))
         with socket.create_connection(address, timeout=30) as sock:
             buffer = bytearray()
+            sock.sendall(request.replace(b"Host: t\r\n", b"Host: t\r\nConnection: close\r\n"))
+            refused.append(_read_response(sock, buffer))
+            assert sock.recv(1) == b""  # closed, as the client asked
+        with socket.create_connection(address, timeout=30) as sock:
+            buffer = bytearray()
             sock.sendall(request.replace(b"Host: t\r\n", b"Host t\r\n"))  # whole, malformed
             refused.append(_read_response(sock, buffer))
             assert sock.recv(1) == b""  # closed after the 400
@@ -208,17 +213,17 @@ def test_refusals_from_the_head_keep_the_framing_of_every_way_a_request_arrives(
     statuses, metrics = _while_busy(tmp_path, probe)
     assert statuses == [200, 200]  # nothing accepted is lost
     codes = [status for status, _, _ in refused]
-    assert codes == [429, 429, 429, 429, 429, 400], codes
+    assert codes == [429, 429, 429, 429, 429, 429, 400], codes
     for _, headers, reply in refused[:5]:
         assert orjson.loads(reply)["code"] == "queue_full"
         assert int(headers["retry-after"]) >= 1 and headers["x-request-id"]
         assert "connection" not in headers  # kept alive
-    assert orjson.loads(refused[5][2])["code"] == "bad_request" and refused[5][1]["x-request-id"]
-    assert 'neuroserve_rejections_total{model="slow",reason="queue_full"} 5.0' in metrics
+    assert orjson.loads(refused[6][2])["code"] == "bad_request" and refused[6][1]["x-request-id"]
+    assert 'neuroserve_rejections_total{model="slow",reason="queue_full"} 6.0' in metrics
     counted = [line for line in metrics.splitlines()
                if line.startswith("neuroserve_request_duration_seconds_count{") and 'model="slow"' in line
                and 'code="429"' in line]
-    assert len(counted) == 1 and counted[0].endswith(" 5.0"), counted
+    assert len(counted) == 1 and counted[0].endswith(" 6.0"), counted
 
 
 def test_a_connection_refused_whole_is_kept_alive_from_its_last_answer(tmp_path: Path):
