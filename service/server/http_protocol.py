@@ -22,8 +22,8 @@ It also guards the reading of requests, which uvicorn's httptools protocol leave
 - A V2 infer POST that arrives whole in one read, on a connection between requests, while its
   model's queue refuses (`head_refusal`), is answered by `_refuse_whole` before uvicorn's parser
   callbacks run: under overload most requests are refused, and each refusal's CPU is taken from
-  the requests being served. Through the callbacks a refusal cost the worker 43 µs with 2,000
-  connections; whole, 25 µs (docs/benchmarks.md, "Refusing whole"). Only a message that a second
+  the requests being served. Through the callbacks a refusal cost the worker 27 µs with 2,000
+  connections; whole, 14 µs (docs/benchmarks.md, "Refusing whole"). Only a message that a second
   httptools parser finds begun and complete alone in the read, keeping the connection open, is
   answered so; anything else takes the ordinary path, which refuses it from its head as before.
 - On shutdown (after SIGTERM's grace period), a connection that is between requests is not closed
