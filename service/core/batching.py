@@ -270,32 +270,38 @@ class Batcher:
 
         Cheap enough to ask from a request's head, before its body is read or decoded: a request
         whose class is at most `priority` (its key's bound) would be refused as well."""
-        return self._judge(rows, priority)[0]
+        judged = self._judge(rows, priority)
+        if judged is None:
+            return None
+        wait, _ = judged
+        policy = self.policy
+        message = (f"queue full ({self._queued_rows} of {policy.max_queue_size} rows waiting)" if wait is None
+                   else f"expected queue wait {wait * 1000:.0f} ms exceeds "
+                        f"max_queue_wait_ms {policy.max_queue_wait_s * 1000:g}")
+        return QueueFull(message, headers={"Retry-After": str(self._retry_after())})
 
     def refusing_for(self, rows: int = 1, priority: int = 0) -> float:
         """Seconds for which such a request would still be refused if nothing more arrived (0: it
         would be admitted now): what an executor process tells the front-ends, which then refuse
         from requests' heads meanwhile (`service.core.executor_client`)."""
-        return self._judge(rows, priority)[1]
+        judged = self._judge(rows, priority)
+        return 0.0 if judged is None else judged[1]
 
-    def _judge(self, rows: int, priority: int) -> tuple[QueueFull | None, float]:
+    def _judge(self, rows: int, priority: int) -> tuple[float | None, float] | None:
+        """None if such a request would be admitted; else (its expected wait, None when the queue is
+        full of rows, and the seconds it would still be refused for)."""
         ahead = self._rows_ahead(priority) + self._reserved()
         policy = self.policy
         if ahead + rows > policy.max_queue_size:
-            excess = (ahead + rows - policy.max_queue_size) * self._row_seconds / policy.instances
-            return QueueFull(f"queue full ({self._queued_rows} of {policy.max_queue_size} rows waiting)",
-                             headers={"Retry-After": str(self._retry_after())}), excess
+            return None, (ahead + rows - policy.max_queue_size) * self._row_seconds / policy.instances
         if policy.max_queue_wait_s > 0:
             # At least as long as the oldest request ahead has already waited: when the event loop,
             # not the queue, holds batches back, rows say little and that age says it (as CoDel
             # judges a queue by how long its packets stay).
             wait = max(self._expected_wait(ahead), self._oldest_age(priority))
             if wait > policy.max_queue_wait_s:
-                return QueueFull(f"expected queue wait {wait * 1000:.0f} ms exceeds "
-                                 f"max_queue_wait_ms {policy.max_queue_wait_s * 1000:g}",
-                                 headers={"Retry-After": str(self._retry_after())}), \
-                    wait - policy.max_queue_wait_s
-        return None, 0.0
+                return wait, wait - policy.max_queue_wait_s
+        return None
 
     def reserve(self, rows: int = 1) -> None:
         """Count `rows` admitted from a request's head as ahead of later requests until the request
