@@ -16,8 +16,10 @@ for.
 
 Reported per point: offered rate, goodput (200s a second) as a share of capacity, refusals (non-2xx:
 429 here) and socket errors, the latency of every answer as `wrk` saw it (refusals included), and
-from the server's Prometheus histograms the end-to-end time of the admitted (200) requests and the
-queue time (bucket bounds 25, 50, 100, 250 ms: percentiles interpolated within them).
+the server's own time for each admitted (200) request, from its `Server-Timing` total counted by
+`paced.lua` in 0.5 ms steps, against the bound the model sets (its `max_queue_wait_ms` and the mean
+compute time of a batch), and from the server's Prometheus histograms the same time and the queue
+time (percentiles interpolated within their buckets).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from bench.executor import base_checkout, start
 from bench.load import closed_loop, write_manifest, wrk_result
 from bench.servers import HOST
 from bench.workloads import Request, load_workload, requests_for
+from service.core.model_config import load_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PACED_LUA = Path(__file__).with_name("paced.lua")
@@ -55,13 +58,40 @@ def paced(port: int, request: Request, *, rate: float, duration_s: float, connec
     raw = wrk_result(proc)
     duration = raw["duration_us"] / 1e6
     ok = raw["requests"] - raw["status"]
+    admitted, queued = admitted_timings(proc.stdout, "counts"), admitted_timings(proc.stdout, "queued")
     return {
         "asked_rps": rate, "connections": connections, "think_ms": think_ms, "duration_s": duration,
         "sent": raw["requests"], "offered_rps": raw["requests"] / duration, "ok": ok,
         "goodput_rps": ok / duration, "refused": raw["status"],
         "socket_errors": raw["connect"] + raw["read"] + raw["write"] + raw["timeout"],
         "all_p50_ms": raw["p50_us"] / 1e3, "all_p99_ms": raw["p99_us"] / 1e3,
+        "admitted_timed": admitted[-1][1] if admitted else 0,
+        "admitted_p50_ms": server_metrics.quantile(dict(admitted), 0.5),
+        "admitted_p99_ms": server_metrics.quantile(dict(admitted), 0.99),
+        "admitted_queue_p50_ms": server_metrics.quantile(dict(queued), 0.5),
+        "admitted_queue_p99_ms": server_metrics.quantile(dict(queued), 0.99),
+        "admitted_over": {f"{ms:g}": admitted[-1][1] - at_most(admitted, ms) for ms in (100, 110, 125, 150)}
+        if admitted else {},
     }
+
+
+def at_most(cumulative: list[tuple[float, float]], ms: float) -> float:
+    """Answers counted at or under `ms`."""
+    return max((n for le, n in cumulative if le <= ms), default=0)
+
+
+def admitted_timings(stdout: str, key: str) -> list[tuple[float, float]]:
+    """Cumulative counts (upper bound in ms, answers) of the 200s' `Server-Timing` totals
+    (`counts`) or queue times (`queued`) that `paced.lua` counted in steps."""
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("WRKADMITTED ")), None)
+    if line is None:
+        return []
+    raw = json.loads(line[len("WRKADMITTED "):])
+    step, total, cumulative = raw["step_ms"], 0, []
+    for index, n in sorted((int(k), v) for k, v in raw[key].items()):
+        total += n
+        cumulative.append(((index + 1) * step, total))
+    return cumulative
 
 
 def admitted_durations(text: str | None, model: str) -> dict[float, float]:
@@ -78,6 +108,17 @@ def admitted_durations(text: str | None, model: str) -> dict[float, float]:
     return buckets
 
 
+def wait_bound_s(text: str | None, model: str) -> float:
+    """The queue's admission bound when scraped (`neuroserve_queue_wait_bound_seconds`; NaN if the
+    server has none)."""
+    for family in text_string_to_metric_families(text or ""):
+        if family.name == "neuroserve_queue_wait_bound_seconds":
+            for s in family.samples:
+                if s.labels.get("model") == model:
+                    return s.value
+    return math.nan
+
+
 def pin(pids: list[int], cpus: str) -> None:
     """Every thread of `pids` onto `cpus` (`taskset -a`: threads started since inherit it)."""
     for pid in pids:
@@ -89,6 +130,7 @@ def run_variant(code: Path, repository: Path, model: str, factors: list[float], 
                 workers: int = 1) -> dict:
     w = load_workload(repository / model)
     request = requests_for(w, "v2-json")[0]
+    max_queue_wait_ms = load_model_config(repository / model).batching.max_queue_wait_ms
     server = start(code, repository, workers)
     try:
         if server_cpus is not None:
@@ -104,18 +146,24 @@ def run_variant(code: Path, repository: Path, model: str, factors: list[float], 
                           connections=connections)
             text = server_metrics.scrape(server.base_url)
             after, admitted_after = server_metrics.parse(text), admitted_durations(text, model)
-            queue = server_metrics.delta(before, after, model).get("queue_s", {})
+            observed = server_metrics.delta(before, after, model)
+            queue = observed.get("queue_s", {})
+            # The bar: admitted p99 within the model's max_queue_wait_ms and one batch's compute.
+            bound_ms = max_queue_wait_ms + observed.get("compute_s", {}).get("mean", math.nan) * 1000
             admitted = {le: c - admitted_before.get(le, 0.0) for le, c in admitted_after.items()}
             point.update(factor=factor, goodput_share=point["goodput_rps"] / capacity["rps"],
                          server_admitted_p50_ms=server_metrics.quantile(admitted, 0.5) * 1000,
                          server_admitted_p99_ms=server_metrics.quantile(admitted, 0.99) * 1000,
                          server_queue_p50_ms=queue.get("p50", math.nan) * 1000,
-                         server_queue_p99_ms=queue.get("p99", math.nan) * 1000)
+                         server_queue_p99_ms=queue.get("p99", math.nan) * 1000,
+                         max_queue_wait_ms=max_queue_wait_ms, admitted_bound_ms=bound_ms,
+                         admission_bound_ms_after=wait_bound_s(text, model) * 1000)
             points.append(point)
             print(f"  {factor:g}x: offered {point['offered_rps']:.0f}/s, "
                   f"goodput {point['goodput_rps']:.0f}/s "
                   f"({point['goodput_share']:.0%}), refused {point['refused']}, socket errors "
-                  f"{point['socket_errors']}, admitted p99 {point['server_admitted_p99_ms']:.1f} ms, "
+                  f"{point['socket_errors']}, admitted p99 {point['admitted_p99_ms']:.1f} ms (bound "
+                  f"{bound_ms:.1f} ms; histogram {point['server_admitted_p99_ms']:.1f} ms), "
                   f"queue p99 {point['server_queue_p99_ms']:.1f} ms", flush=True)
         return {"capacity_rps": capacity["rps"], "capacity_p99_ms": capacity["p99_ms"],
                 "capacity_refused": capacity["errors_status"], "points": points}

@@ -19,8 +19,11 @@ request is refused (429 with `Retry-After`) when the rows queued ahead of it pas
 or when its expected wait passes `max_queue_wait`: the rows ahead of it, those being computed
 included, times the measured compute time per row, or the batches ahead of it times the time
 between batches while rows waited throughout, whichever is longer (an event loop busy with requests
-can hold batches back), and at least the age of the oldest request ahead of it.
-A latency bound, so the queue never holds more work than it can start within that time. Rows
+can hold batches back), plus twice how late the loop takes computed batches back, and at least the
+age of the oldest request ahead of it.
+A latency bound, so the queue never holds more work than it can start within that time; and
+meant for the whole time an admitted request spends in the service, not only its queue, so the
+bound is scaled down while answered requests come out over it (`_answered`). Rows
 admitted from requests' heads count as queued until their requests are (`reserve`). Requests
 carry a priority class (higher first): the rows ahead of a request are those of its class and
 above, so lower classes are refused first, and a request admitted into a queue over its bounds
@@ -72,6 +75,12 @@ PEAK_WINDOW_S = 1.0
 # queued (`reserve`): a few turns of a busy event loop; a reservation never consumed (the request
 # failed before it was queued) is forgotten with the others after it.
 RESERVATION_S = 0.05
+# The admission bound's feedback (`_answered`): the share of answered requests whose time in the
+# service, their batch's compute aside, may exceed `max_queue_wait`, so that its 99th percentile
+# stays within it; how far one answer moves the scale; the lowest scale.
+OVER_SHARE = 0.005
+SCALE_STEP = 0.01
+MIN_SCALE = 0.5
 
 RunFn = Callable[[int, dict[str, np.ndarray]], Sequence[np.ndarray]]
 # Called with (merged inputs, outputs) of every batch, in the compute thread.
@@ -178,12 +187,15 @@ class Batcher:
         # Moving average of the time between batches while rows were waiting throughout: how fast
         # the queue drains, whatever limits it (compute, or an event loop busy with requests).
         self._cycle_seconds = 0.0
+        self._loop_lag = 0.0  # moving average of how late the event loop takes a computed batch back
         self._last_dispatch = 0.0
         self._backlogged = False  # rows were left waiting when the last batch was dispatched
         self._class_rows: dict[int, int] = {}  # queued rows by priority class
         self._assigned_rows = 0  # rows handed to the compute threads and not finished
         self._reserved_rows = 0  # rows admitted from heads (`reserve`) and not queued yet
         self._reserved_since = 0.0
+        # `max_queue_wait` times this is what admission compares expected waits with (`_answered`).
+        self._wait_scale = 1.0
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._scheduler: asyncio.Task[None] | None = None
@@ -234,17 +246,42 @@ class Batcher:
 
     async def submit(
         self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None = None, *,
-        priority: int = 0,
+        priority: int = 0, arrived: float | None = None,
     ) -> BatchResult:
         """Queue `rows` rows (arrays with the batch axis first) and wait for their outputs.
 
         `deadline` is a `time.perf_counter()` value; a request still queued then is shed (504).
-        `priority`: the request's class (higher: batched first, shed last).
+        `priority`: the request's class (higher: batched first, shed last). `arrived`: when the
+        service had the whole request (`perf_counter`, this machine's monotonic clock), so that
+        admission learns how long admitted requests really take (`_answered`).
         """
         if not 0 < rows <= self.policy.max_batch_size:
             # Such a request could never be scheduled; callers split larger inputs.
             raise InvalidInput(f"{rows} rows; a batch holds 1 to {self.policy.max_batch_size}")
-        return await self._enqueue(inputs, rows, deadline, monitored=True, priority=priority)
+        result = await self._enqueue(inputs, rows, deadline, monitored=True, priority=priority)
+        if arrived is not None and self.policy.max_queue_wait_s > 0:
+            self._answered(perf_counter() - arrived - result.compute_s)
+        return result
+
+    def _answered(self, waited: float) -> None:
+        """Feedback from an answered request that `waited` seconds in the service, from having it
+        whole to its answer, besides its batch's compute: decoding it, its queue, and the event
+        loop's turns before and after. The queue's estimate sees only the queue, and an event loop
+        busy with far more requests than it serves (overload) adds tens of milliseconds around it,
+        so the bound that admission uses is scaled by stochastic quantile tracking: down by almost
+        `SCALE_STEP` for each answer over `max_queue_wait`, up by `SCALE_STEP * OVER_SHARE` for
+        each within it, which settles where `OVER_SHARE` of the answers are over. Without overload
+        every answer is within the bound and the scale returns to 1 after some thousand answers.
+        Never below `MIN_SCALE`: what admitting fewer cannot shorten (a large body's decoding)
+        must not close the queue."""
+        over = waited > self.policy.max_queue_wait_s
+        scale = self._wait_scale + SCALE_STEP * (OVER_SHARE - over)
+        self._wait_scale = MIN_SCALE if scale < MIN_SCALE else 1.0 if scale > 1.0 else scale
+
+    @property
+    def wait_bound_s(self) -> float:
+        """The expected queue wait over which a request is refused now (0: no such bound)."""
+        return self.policy.max_queue_wait_s * self._wait_scale
 
     async def submit_many(
         self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None = None, *,
@@ -275,9 +312,14 @@ class Batcher:
             return None
         wait, _ = judged
         policy = self.policy
-        message = (f"queue full ({self._queued_rows} of {policy.max_queue_size} rows waiting)" if wait is None
-                   else f"expected queue wait {wait * 1000:.0f} ms exceeds "
-                        f"max_queue_wait_ms {policy.max_queue_wait_s * 1000:g}")
+        if wait is None:
+            message = f"queue full ({self._queued_rows} of {policy.max_queue_size} rows waiting)"
+        else:
+            bound = f"max_queue_wait_ms {policy.max_queue_wait_s * 1000:g}"
+            if self._wait_scale < 1.0:
+                bound = (f"{self.wait_bound_s * 1000:.0f} ms ({bound}, lowered while admitted requests "
+                         "take longer than it)")
+            message = f"expected queue wait {wait * 1000:.0f} ms exceeds {bound}"
         return QueueFull(message, headers={"Retry-After": str(self._retry_after())})
 
     def refusing_for(self, rows: int = 1, priority: int = 0) -> float:
@@ -299,8 +341,9 @@ class Batcher:
             # not the queue, holds batches back, rows say little and that age says it (as CoDel
             # judges a queue by how long its packets stay).
             wait = max(self._expected_wait(ahead), self._oldest_age(priority))
-            if wait > policy.max_queue_wait_s:
-                return wait, wait - policy.max_queue_wait_s
+            bound = policy.max_queue_wait_s * self._wait_scale
+            if wait > bound:
+                return wait, wait - bound
         return None
 
     def reserve(self, rows: int = 1) -> None:
@@ -332,18 +375,19 @@ class Batcher:
         return sum(n for cls, n in self._class_rows.items() if cls >= priority)
 
     def _expected_wait(self, queued_rows: int) -> float:
-        """Seconds until `queued_rows` more rows, and those being computed, have been computed: at
-        the slower of the compute rate and the rate batches were last seen to leave the queue."""
+        """Seconds until `queued_rows` more rows, and those being computed, have been computed (at
+        the slower of the compute rate and the rate batches were last seen to leave the queue) and
+        their answers are on their way: the event loop's lag, twice."""
         computing = (queued_rows + self._assigned_rows) * self._row_seconds / self.policy.instances
         # Per batch, not per row: when the event loop is what holds batches back, a batch leaves
         # as late whatever its size, and more rows only make it fuller.
         batches = sum(self._jobs) + queued_rows // self.policy.max_batch_size
-        return max(computing, batches * self._cycle_seconds)
+        return max(computing, batches * self._cycle_seconds) + 2 * self._loop_lag
 
     def _over_bounds(self) -> bool:
         policy = self.policy
         return self._queued_rows > policy.max_queue_size or (
-            policy.max_queue_wait_s > 0 and self._expected_wait(self._queued_rows) > policy.max_queue_wait_s)
+            policy.max_queue_wait_s > 0 and self._expected_wait(self._queued_rows) > self.wait_bound_s)
 
     def _evict_below(self, priority: int) -> None:
         """While the queue is over its bounds, refuse the newest requests of the lowest classes below
@@ -654,6 +698,12 @@ class Batcher:
         infer_s = sum(seconds for _, seconds in calls)
         largest = max((n for n, _ in calls), default=rows)
         end = perf_counter()
+        # How late the event loop took the batch back: its requests' tasks resume a turn later
+        # still, so a queued request expects about twice this besides its queue (`_expected_wait`).
+        lag = max(0.0, end - (start + input_s + infer_s + output_s))
+        # Up at once, down slowly: when overload begins, the queue must not fill on the lag of
+        # a quiet loop before an average has caught up.
+        self._loop_lag = lag if lag > self._loop_lag else 0.9 * self._loop_lag + 0.1 * lag
         if tracing.enabled:
             self._trace(batch, results, start, start + input_s + infer_s + output_s, rows, padding,
                         len(calls), instance)
@@ -674,6 +724,8 @@ class Batcher:
         # What a row costs the instance, merge and split included: what the queue waits for.
         per_row = (input_s + infer_s + output_s) / rows
         self._row_seconds = 0.9 * self._row_seconds + 0.1 * per_row if self._row_seconds else per_row
+        if self.policy.max_queue_wait_s > 0:
+            self.metrics.wait_bound.set(self.wait_bound_s)
         for call_rows, seconds in calls:
             self.metrics.compute.observe(seconds)
             self.metrics.batch_size.observe(call_rows)

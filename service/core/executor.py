@@ -173,9 +173,12 @@ class ExecutorServer:
         request_id.set(m.request_id)
         trace = tracing.RequestTrace(None, perf_counter()) if m.traced else None
         tracing.current.set(trace)
-        submit = batcher.submit_many if m.many else batcher.submit
         try:
-            result = await submit(inputs, m.rows, deadline, priority=m.priority)
+            if m.many:
+                result = await batcher.submit_many(inputs, m.rows, deadline, priority=m.priority)
+            else:
+                result = await batcher.submit(inputs, m.rows, deadline, priority=m.priority,
+                                              arrived=m.arrived if m.arrived >= 0 else None)
         except errors.QueueFull as e:
             return wire.Reply(m.id, failure=failure(e), refusing_s=batcher.refusing_for()), []
         metas, out = wire.tensors(result.outputs)

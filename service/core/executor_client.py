@@ -69,8 +69,9 @@ class RemoteBatcher:
         return RemoteBatcher(self.client, self.model, self.version, pinned=True)
 
     async def submit(self, inputs: dict[str, Any], rows: int, deadline: float | None = None, *,
-                     priority: int = 0) -> BatchResult:
-        return await self.client.infer(self, inputs, rows, deadline, many=False, priority=priority)
+                     priority: int = 0, arrived: float | None = None) -> BatchResult:
+        return await self.client.infer(self, inputs, rows, deadline, many=False, priority=priority,
+                                       arrived=arrived)
 
     async def submit_many(self, inputs: dict[str, Any], rows: int, deadline: float | None = None, *,
                           priority: int = 0) -> BatchResult:
@@ -149,7 +150,7 @@ class RemoteExecutor:
     # -- requests -----------------------------------------------------------------------------------
 
     async def infer(self, target: RemoteBatcher, inputs: dict[str, Any], rows: int, deadline: float | None,
-                    *, many: bool, priority: int = 0) -> BatchResult:
+                    *, many: bool, priority: int = 0, arrived: float | None = None) -> BatchResult:
         if not self.connected:
             raise _executor_gone()
         metas, frames = wire.tensors(inputs)
@@ -157,7 +158,8 @@ class RemoteExecutor:
         timeout = -1.0 if deadline is None else max(0.0, deadline - now)
         trace = tracing.current.get() if tracing.enabled else None
         message = wire.Infer(0, target.model, target.version, target.pinned, many, rows, timeout,
-                             request_id.get(), metas, traced=trace is not None, priority=priority)
+                             request_id.get(), metas, traced=trace is not None, priority=priority,
+                             arrived=-1.0 if arrived is None else arrived)
         reply, out = await self._call(message, frames, check=False)
         if reply.refusing_s > 0:
             self.refusing_until[target.model] = perf_counter() + min(reply.refusing_s, REFUSING_HOLD_S)

@@ -8,6 +8,7 @@ memory and CPU with a `pid` label.
 
 from __future__ import annotations
 
+import functools
 import os
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
@@ -108,6 +109,11 @@ QUEUE_DEPTH = Gauge(
 INFLIGHT = Gauge(
     "neuroserve_inflight_requests", "Requests accepted by a batcher and not yet answered (sum over workers)",
     ["model", "version"], multiprocess_mode="livesum")
+QUEUE_WAIT_BOUND = Gauge(
+    "neuroserve_queue_wait_bound_seconds",
+    "Expected queue wait over which a request is refused now: max_queue_wait_ms, lowered while "
+    "admitted requests take longer than it (min over processes)",
+    ["model", "version"], multiprocess_mode="livemin")
 GRPC_CONNECTIONS = Gauge(
     "neuroserve_grpc_connections", "Open gRPC (HTTP/2) connections", multiprocess_mode="livesum")
 MODEL_STATE = Gauge(
@@ -208,6 +214,11 @@ class ModelMetrics:
         # Per (endpoint, status): the duration and count children, and when each duration bucket
         # may next take an exemplar.
         self._requests: dict[tuple[str, int], tuple[Histogram, Counter, list[float]]] = {}
+
+    @functools.cached_property
+    def wait_bound(self) -> Gauge:
+        """Made where a batcher sets it: a front-end's child would report 0 beside the executor's."""
+        return QUEUE_WAIT_BOUND.labels(self.model, self.version)
 
     def request(self, endpoint: str, status: int, seconds: float, trace_id: str | None = None) -> None:
         """Count a finished request; `trace_id` (an exported trace) becomes the duration's exemplar,

@@ -30,17 +30,18 @@ class InferResult:
 
 
 async def infer(mv: ModelVersion, req: InferRequest, deadline: float | None, *,
-                pinned: bool = False) -> InferResult:
+                pinned: bool = False, arrived: float | None = None) -> InferResult:
     """Check `req` against the model, queue it on the version's batcher and select its outputs.
 
     `deadline` is a `time.perf_counter()` value (None: none); `pinned`: the caller named the
     version, so no other may answer. The request's priority class is its `parameters.priority`
-    bounded by its key's (`service.auth.gate.priority_of`). Raises `ServiceError`s only."""
+    bounded by its key's (`service.auth.gate.priority_of`); `arrived`: when it reached the service
+    (`perf_counter`), for the queue's admission bound. Raises `ServiceError`s only."""
     config = mv.config
     codec.check_outputs(req, config)
     feeds, rows = codec.to_feeds(req, config, mv.model.text)
     result = await mv.serving_batcher(pinned).submit(feeds, rows, deadline,
-                                                     priority=priority_of(req.priority))
+                                                     priority=priority_of(req.priority), arrived=arrived)
     selected = codec.select_outputs(req, result.outputs, mv.model.labels)
     # The version that computed it: a reload may have switched versions since `mv` was looked up.
     return InferResult(mv.name, result.version or str(mv.version), selected, result.queue_s,

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from service.core.batching import HANDED_AHEAD, RESERVATION_S, Batcher, BatchPolicy, InputLayout
+from service.core.batching import HANDED_AHEAD, MIN_SCALE, RESERVATION_S, Batcher, BatchPolicy, InputLayout
 from service.errors import DeadlineExceeded, PayloadTooLarge, QueueFull
 from service.observability.metrics import ModelMetrics
 from service.observability.stats import Stats
@@ -294,6 +294,66 @@ def test_a_request_expected_to_wait_past_max_queue_wait_is_refused_with_retry_af
     assert [isinstance(r, QueueFull) for r in results] == [False] * 3 + [True] * 3
     refused = results[3]
     assert "expected queue wait" in refused.message and int(refused.headers["Retry-After"]) >= 1
+
+
+def test_answers_slower_than_max_queue_wait_lower_the_admission_bound_and_faster_ones_raise_it():
+    """Admission bounds the whole time an admitted request spends in the service: answers that
+    arrived long before they were queued (a busy event loop, a slow read) lower the bound the
+    expected queue wait is judged against, and answers within it raise it again."""
+    def run(instance, feeds):
+        time.sleep(0.02 * len(feeds["x"]))  # 20 ms a row
+        return [feeds["x"][:, :1]]
+
+    async def scenario():
+        policy = BatchPolicy(1, 0.0, 64, 1, max_queue_wait_s=0.05)
+        b = Batcher(run, ["y"], [InputLayout("x")], policy, ModelMetrics("batcher-test", "1", "CPU"), Stats())
+        b.start()
+        untouched = b.wait_bound_s
+        for i in range(60):  # each had waited 200 ms before its batcher saw it
+            await b.submit(_row(i), 1, arrived=time.perf_counter() - 0.2)
+        lowered = b.wait_bound_s
+        results = await asyncio.gather(*(b.submit(_row(i), 1) for i in range(6)), return_exceptions=True)
+        await b.submit(_row(0), 1, arrived=time.perf_counter())  # within the bound
+        raised = b.wait_bound_s
+        await b.close()
+        return untouched, lowered, results, raised
+
+    untouched, lowered, results, raised = asyncio.run(scenario())
+    assert untouched == 0.05
+    # 60 answers over the bound would take it to about 0.4 of itself; it stops at half.
+    assert lowered == pytest.approx(0.05 * MIN_SCALE)
+    # Rows ahead × 20 ms against 25 ms: only the first two are admitted (50 ms: three).
+    assert [isinstance(r, QueueFull) for r in results] == [False] * 2 + [True] * 4
+    assert "lowered while admitted requests take longer" in results[2].message
+    assert raised > lowered
+
+
+def test_a_busy_event_loop_counts_in_the_expected_wait():
+    """A batch the event loop takes back late (here: the loop blocked for 40 ms while a 10 ms batch
+    computes) makes its requests wait past their queue; the next request expects that lag twice
+    (the batch's return and its own task's turn) and is refused against a 50 ms bound although
+    nothing is queued or computing."""
+    def run(instance, feeds):
+        time.sleep(0.01)
+        return [feeds["x"][:, :1]]
+
+    async def scenario():
+        policy = BatchPolicy(1, 0.0, 64, 1, max_queue_wait_s=0.05)
+        b = Batcher(run, ["y"], [InputLayout("x")], policy, ModelMetrics("batcher-test", "1", "CPU"), Stats())
+        b.start()
+        await b.submit(_row(0), 1)
+        quiet = b.refusal(1, 0)
+        late = asyncio.create_task(b.submit(_row(1), 1))
+        await asyncio.sleep(0)  # the batch is handed to its thread
+        time.sleep(0.04)  # the event loop busy elsewhere meanwhile
+        await late
+        busy = b.refusal(1, 0)
+        await b.close()
+        return quiet, busy
+
+    quiet, busy = asyncio.run(scenario())
+    assert quiet is None
+    assert isinstance(busy, QueueFull) and "expected queue wait" in busy.message
 
 
 def test_rows_admitted_from_heads_count_ahead_until_queued_or_forgotten():

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import orjson
+import pytest
 
 from service.auth.keys import create_key, parse_scopes
 from tests.service import models as m
@@ -280,3 +281,61 @@ def test_with_several_workers_a_worker_refuses_from_heads_on_the_executors_word(
     for _, headers, reply in answers[1:3]:  # the worker refused them from their heads
         assert "server-timing" not in headers and int(headers["retry-after"]) >= 1
         assert orjson.loads(reply)["code"] == "queue_full"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_answers_slower_than_the_bound_lower_it_and_slow_uploads_do_not(tmp_path: Path, workers: int):
+    """Each answer's time from the whole request to its answer, its compute aside, is fed back to
+    the model's queue (in the executor process with several workers). A batch held for more rows
+    (`max_queue_delay_ms` 300 while more requests are expected) makes answers slower than the
+    100 ms bound, and the queue lowers its bound; a body that trickles in for 300 ms does not: an
+    upload is the client's time, which admitting fewer would not save."""
+    repo = tmp_path / "models"
+    width = 256
+    m.slow_model(repo, width=width, max_batch=4, delay_ms=300.0, queue=64, wait_ms=100)
+    server = start_server(repo, tmp_path / "server.log", "--providers", "cpu", "--workers", str(workers))
+    host, port = server.host_port.split(":")
+    url = f"{server.url}/v2/models/slow/infer"
+    body = orjson.dumps({"inputs": [{"name": "waveform", "datatype": "FP32", "shape": [1, width],
+                                     "data": [0.0] * width}]})
+    head = (f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+
+    async def held_batches(c: httpx.AsyncClient) -> list[int]:
+        """Eight at once (the recent peak), then three: their batch waits for the five expected."""
+        await asyncio.gather(*(c.post(url, content=body) for _ in range(8)))
+        return [r.status_code for r in await asyncio.gather(*(c.post(url, content=body) for _ in range(3)))]
+
+    async def rounds() -> list[int]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=16)) as c:
+            return [code for _ in range(3) for code in await held_batches(c)]
+
+    try:
+        first = httpx.post(url, content=body, timeout=30)
+        untouched = _gauge(httpx.get(f"{server.url}/metrics").text)
+        uploads = []
+        for _ in range(3):
+            with socket.create_connection((host, int(port)), timeout=30) as sock:
+                sock.sendall(head)
+                time.sleep(0.3)
+                sock.sendall(body)
+                uploads.append(_read_response(sock, bytearray())[0])
+        after_uploads = _gauge(httpx.get(f"{server.url}/metrics").text)
+        held = asyncio.run(rounds())
+        lowered = _gauge(httpx.get(f"{server.url}/metrics").text)
+    finally:
+        server.stop()
+    assert first.status_code == 200 and uploads == [200] * 3
+    # A request may find the held batch's oldest over the bound and be refused (429), not more.
+    assert set(held) <= {200, 429} and held.count(200) >= 6, held
+    assert untouched == 0.1 and after_uploads == 0.1
+    # Each answer held 300 ms lowers the bound by about 1 ms; the gauge is set when a batch ends,
+    # before its own answers are fed back, so the last held batch may not show yet.
+    assert 0.05 <= lowered <= 0.1 - 0.0009 * (held.count(200) - 3), (lowered, held)
+
+
+def _gauge(metrics: str) -> float:
+    """The slow model's `neuroserve_queue_wait_bound_seconds`."""
+    line = next(ln for ln in metrics.splitlines()
+                if ln.startswith('neuroserve_queue_wait_bound_seconds{') and 'model="slow"' in ln)
+    return float(line.rsplit(" ", 1)[1])

@@ -212,7 +212,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             ctx.admitted = True
             req = codec.decode_infer(request)
             result = await inference.infer(mv, req, self._deadline(ctx.start, req.timeout_s, remaining_s),
-                                           pinned=bool(request.model_version))
+                                           pinned=bool(request.model_version), arrived=ctx.start)
             ctx.timed(result.queue_s, result.compute_s, result.batch_rows)
             response = codec.encode_infer(result, request.id)
             status = 200

@@ -18,6 +18,7 @@ import asyncio
 import functools
 import math
 from collections.abc import Callable
+from time import perf_counter
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
@@ -215,6 +216,7 @@ async def classify_text(request: Request, model: str, top_k: TopK = TOP_K_DEFAUL
     assert text is not None
     settings = state_of(request).settings
     encoded = text.windows(await text_inputs(request), max_tokens=settings.max_text_tokens)
+    received = perf_counter()  # a slow upload is the client's time, not the queue's to make up
     refused = [e for e in encoded if isinstance(e, ServiceError)]
     if refused and not partial:
         raise refused[0]
@@ -226,7 +228,7 @@ async def classify_text(request: Request, model: str, top_k: TopK = TOP_K_DEFAUL
     async def compute(windows: np.ndarray) -> Any:
         feeds = text.window_feeds(windows)
         if len(windows) <= max_rows:  # batches with other requests' rows
-            return await batcher.submit(feeds, len(windows), until, priority=priority)
+            return await batcher.submit(feeds, len(windows), until, priority=priority, arrived=received)
         return await batcher.submit_many(feeds, len(windows), until, priority=priority)
 
     readable = [e for e in encoded if not isinstance(e, ServiceError)]
@@ -325,13 +327,14 @@ async def _off_loop_if_large(fn: Callable[[bytes], T], data: bytes) -> T:
 
 async def _classify(request: Request, mv: ModelVersion, ctx: RequestContext,
                     rows: list[dict[str, np.ndarray]], top_k: int, min_probability: float | None) -> Response:
+    received = perf_counter()  # its uploads read and decoded
     state = state_of(request)
     until = deadline(request, state)
     batcher = mv.serving_batcher()
     ctx.rows = len(rows)
     priority = priority_ceiling.get()  # a task request has no parameters: its key's class
-    results = await asyncio.gather(*(batcher.submit(feeds, 1, until, priority=priority) for feeds in rows),
-                                   return_exceptions=True)
+    results = await asyncio.gather(*(batcher.submit(feeds, 1, until, priority=priority, arrived=received)
+                                     for feeds in rows), return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException):
             raise r

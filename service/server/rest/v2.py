@@ -3,6 +3,7 @@ classification, statistics, model configuration and model repository."""
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import Any
 
 import orjson
@@ -259,11 +260,12 @@ async def infer_request(request: Request, model: str, version: str | None) -> Re
     state = state_of(request)
     headers = request.headers
     body = await admission.read_infer_body(request, mv.config.batching.max_batch_size)
+    received = perf_counter()  # a slow upload is the client's time, not the queue's to make up
     body = codec.decompress(body, headers.get("content-encoding"), state.settings.max_body_bytes)
     req = codec.decode_request(body, headers.get(codec.HEADER_LENGTH))
     ctx.rows = admission.rows_of(req)
     result = await inference.infer(mv, req, deadline(request, state, req.timeout_s),
-                                   pinned=version is not None)
+                                   pinned=version is not None, arrived=received)
     ctx.timed(result.queue_s, result.compute_s, result.batch_rows)
     content, header_length = codec.encode_response(result.model_name, result.model_version, req,
                                                    result.outputs)
