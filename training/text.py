@@ -49,11 +49,16 @@ VADER_INNER_TAR = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.ta
 VADER_INNER_TAR_SHA256 = "d5bb07d87474b3eb8d30b4deccbc23f19d742a6c5718fbacc65485b70b95c5fa"
 SNIPPETS = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 SNIPPETS_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
+LEXICON = "vaderSentiment-3.3.2/vaderSentiment/vader_lexicon.txt"
+LEXICON_SHA256 = "1ec9c6e9ee19aade328f8beb393a6afa71a5bb3acf7d3cc22d4ef568df374bf5"
 MINILM_SAFETENSORS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 MINILM_TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
 LABELS = ["negative", "positive"]
 SPLIT_SEED = 0  # fixed, unlike --seed: the test split of the shipped model never moves
 MODEL_NAME = "sentiment"
+# Words, emoticons and slang from VADER's lexicon whose mean human rating is at least this far from
+# 0 join the training sentences (None: not used); never validation or test.
+LEXICON_MIN_RATING: float | None = None
 
 # --- model and training ---
 MAX_TOKENS = 64  # 6 of the 10,568 sentences are longer (up to 79) and get truncated
@@ -93,6 +98,16 @@ def load_sentences() -> dict[str, np.ndarray]:
     counts = np.bincount(data["label"], minlength=2)
     assert counts.tolist() == [5326, 5242], f"expected 5,326 negative / 5,242 positive, got {counts}"
     return data
+
+
+def load_lexicon(min_rating: float) -> tuple[np.ndarray, np.ndarray]:
+    """VADER's lexicon entries (words, emoticons, slang; each rated -4..4 by ten people) whose mean
+    rating is at least `min_rating` from 0, as texts and labels (1 = positive)."""
+    with tarfile.open(archive_path("vader")) as sdist:
+        raw = checked(sdist.extractfile(LEXICON).read(), LEXICON_SHA256, "vader")
+    rows = [line.split("\t")[:2] for line in raw.decode("utf-8").splitlines() if line.strip()]
+    kept = [(token, float(mean)) for token, mean in rows if abs(float(mean)) >= min_rating]
+    return np.array([t for t, _ in kept]), np.array([int(m > 0) for _, m in kept], dtype=np.int64)
 
 
 def split(labels: np.ndarray) -> dict[str, np.ndarray]:
@@ -275,6 +290,12 @@ def main(args: argparse.Namespace) -> None:
                  for k, v in parts.items()}
     texts = {k: data["text"][v] for k, v in parts.items()}
     labels = {k: data["label"][v] for k, v in parts.items()}
+    if LEXICON_MIN_RATING is not None:
+        words, polarity = load_lexicon(LEXICON_MIN_RATING)
+        texts["train"] = np.concatenate([texts["train"], words])
+        labels["train"] = np.concatenate([labels["train"], polarity])
+        print(f"lexicon: {len(words):,} entries with |mean rating| >= {LEXICON_MIN_RATING:g} join training "
+              f"({int(polarity.sum()):,} positive)")
     print(f"sentences: {len(data['text']):,} (negative {np.sum(data['label'] == 0):,}, "
           f"positive {np.sum(data['label'] == 1):,}); split " +
           ", ".join(f"{k} {len(v):,}" for k, v in parts.items()))
