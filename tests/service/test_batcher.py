@@ -275,14 +275,19 @@ async def _until_computing(calls: list) -> None:
         await asyncio.sleep(0.001)
 
 
-def test_a_request_expected_to_wait_past_max_queue_wait_is_refused_with_retry_after():
+def _bounded_batcher(row_s: float) -> Batcher:
+    """One-row batches that compute `row_s` seconds a row, refusing expected waits over 50 ms."""
     def run(instance, feeds):
-        time.sleep(0.02 * len(feeds["x"]))  # 20 ms a row
+        time.sleep(row_s * len(feeds["x"]))
         return [feeds["x"][:, :1]]
 
+    policy = BatchPolicy(1, 0.0, 64, 1, max_queue_wait_s=0.05)
+    return Batcher(run, ["y"], [InputLayout("x")], policy, ModelMetrics("batcher-test", "1", "CPU"), Stats())
+
+
+def test_a_request_expected_to_wait_past_max_queue_wait_is_refused_with_retry_after():
     async def scenario():
-        policy = BatchPolicy(1, 0.0, 64, 1, max_queue_wait_s=0.05)
-        b = Batcher(run, ["y"], [InputLayout("x")], policy, ModelMetrics("batcher-test", "1", "CPU"), Stats())
+        b = _bounded_batcher(0.02)
         b.start()
         await b.submit(_row(0), 1)  # measures the compute time per row
         results = await asyncio.gather(*(b.submit(_row(i), 1) for i in range(6)), return_exceptions=True)
@@ -297,16 +302,11 @@ def test_a_request_expected_to_wait_past_max_queue_wait_is_refused_with_retry_af
 
 
 def test_answers_slower_than_max_queue_wait_lower_the_admission_bound_and_faster_ones_raise_it():
-    """Admission bounds the whole time an admitted request spends in the service: answers that
-    arrived long before they were queued (a busy event loop, a slow read) lower the bound the
-    expected queue wait is judged against, and answers within it raise it again."""
-    def run(instance, feeds):
-        time.sleep(0.02 * len(feeds["x"]))  # 20 ms a row
-        return [feeds["x"][:, :1]]
-
+    """Admission bounds the whole time an admitted request spends in the service: answers whose
+    requests arrived long before they were queued (a busy event loop) lower the bound the expected
+    queue wait is judged against, and answers within it raise it again."""
     async def scenario():
-        policy = BatchPolicy(1, 0.0, 64, 1, max_queue_wait_s=0.05)
-        b = Batcher(run, ["y"], [InputLayout("x")], policy, ModelMetrics("batcher-test", "1", "CPU"), Stats())
+        b = _bounded_batcher(0.02)
         b.start()
         untouched = b.wait_bound_s
         for i in range(60):  # each had waited 200 ms before its batcher saw it
@@ -333,13 +333,8 @@ def test_a_busy_event_loop_counts_in_the_expected_wait():
     computes) makes its requests wait past their queue; the next request expects that lag twice
     (the batch's return and its own task's turn) and is refused against a 50 ms bound although
     nothing is queued or computing."""
-    def run(instance, feeds):
-        time.sleep(0.01)
-        return [feeds["x"][:, :1]]
-
     async def scenario():
-        policy = BatchPolicy(1, 0.0, 64, 1, max_queue_wait_s=0.05)
-        b = Batcher(run, ["y"], [InputLayout("x")], policy, ModelMetrics("batcher-test", "1", "CPU"), Stats())
+        b = _bounded_batcher(0.01)
         b.start()
         await b.submit(_row(0), 1)
         quiet = b.refusal(1, 0)
