@@ -35,11 +35,17 @@ def fp32_graph(model: str, seed: int) -> Path:
 PROJECT_MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
+def ships(models: Path) -> bool:
+    """Whether a run writes the project's own `models/`: only such a run may replace what the data
+    cache keeps of the shipped models (an experiment writes another repository)."""
+    return models.resolve() == PROJECT_MODELS
+
+
 def keep_fp32_graph(source: Path, model: str, seed: int, models: Path) -> None:
     """Keep `source` as `fp32_graph(model, seed)` when the run wrote the project's own `models/`:
     a run into another repository (an experiment) must not replace the graph the shipped model was
     made from, which `python -m training evaluate --alternatives` compares against."""
-    if models.resolve() == PROJECT_MODELS:
+    if ships(models):
         shutil.copyfile(source, fp32_graph(model, seed))
 
 

@@ -36,7 +36,7 @@ from training.bert import (
     minilm_config,
     minilm_file,
 )
-from training.data_cache import DataMissing, cache_dir, cached_arrays, keep_fp32_graph
+from training.data_cache import DataMissing, cache_dir, cached_arrays, keep_fp32_graph, ships
 from training.export import WithProbabilities, check_parity, cpu_session, export
 from training.fetch import ARCHIVES, archive_path
 from training.nets import parameter_count
@@ -333,7 +333,7 @@ def main(args: argparse.Namespace) -> None:
                                       seed=args.seed, max_steps=8 if args.fast else None)
     training_seconds = time.perf_counter() - train_started
     print(f"training took {training_seconds / 60:.1f} min")
-    if not args.fast:  # kept outside git, for looking into the trained model without retraining
+    if not args.fast and ships(args.models):  # kept outside git, to look into the shipped model
         torch.save(model.state_dict(), cache_dir() / f"{MODEL_NAME}-seed{args.seed}.pt")
 
     # --- export (FP32, kept out of git) → parity → int8 weights, the served graph ---
