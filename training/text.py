@@ -33,6 +33,7 @@ from training.bert import (
     BertConfig,
     SentenceClassifier,
     load_minilm,
+    mean_pool,
     minilm_config,
     minilm_file,
 )
@@ -59,6 +60,9 @@ MODEL_NAME = "sentiment"
 # Words, emoticons and slang from VADER's lexicon whose mean human rating is at least this far from
 # 0 join the training sentences (None: not used); never validation or test.
 LEXICON_MIN_RATING: float | None = None
+# Fine-tune from a linear probe's head (LP-FT, Kumar et al. 2022) instead of a random one: the
+# encoder's pretrained features are changed less on the way (False: a random head).
+LINEAR_PROBE_FIRST = True
 
 # --- model and training ---
 MAX_TOKENS = 64  # 6 of the 10,568 sentences are longer (up to 79) and get truncated
@@ -245,6 +249,36 @@ def train_classifier(
     return model, history
 
 
+def linear_probe(model: SentenceClassifier, seqs: dict[str, list[np.ndarray]],
+                 labels: dict[str, np.ndarray]) -> float:
+    """Fit a logistic regression on the encoder's frozen mean-pooled embeddings of the training
+    sentences (C chosen on validation) and make it `model`'s head; return C."""
+    from sklearn.linear_model import LogisticRegression
+
+    model.eval()
+    features = {}
+    with torch.no_grad():
+        for part in ("train", "validation"):
+            features[part] = np.zeros((len(seqs[part]), model.encoder.cfg.hidden), dtype=np.float32)
+            for idx in tqdm(length_batches(seqs[part], 128, None), desc=f"MiniLM embeddings ({part})",
+                            leave=False):
+                feeds = {k: torch.from_numpy(v) for k, v in pad([seqs[part][i] for i in idx]).items()}
+                features[part][idx] = mean_pool(model.encoder(**feeds), feeds["attention_mask"]).numpy()
+    best = None
+    for c in (0.3, 1.0, 3.0, 10.0):
+        clf = LogisticRegression(C=c, max_iter=5000).fit(features["train"], labels["train"])
+        acc = clf.score(features["validation"], labels["validation"])
+        print(f"frozen MiniLM + LR, C={c}: validation accuracy {acc:.4f}")
+        if best is None or acc > best[0]:
+            best = (acc, clf)
+    clf = best[1]
+    # Binary logistic regression as the linear head: logits (0, w·x + b) give the same softmax.
+    with torch.no_grad():
+        model.head.weight.copy_(torch.from_numpy(np.stack([np.zeros_like(clf.coef_[0]), clf.coef_[0]])))
+        model.head.bias.copy_(torch.tensor([0.0, float(clf.intercept_[0])]))
+    return float(clf.C)
+
+
 def bert_param_groups(model: SentenceClassifier) -> list[dict]:
     """Encoder at a small learning rate, the new head at a larger one; no decay on biases and norms.
 
@@ -319,8 +353,12 @@ def main(args: argparse.Namespace) -> None:
     # --- model: pretrained MiniLM (or, with --fast, a tiny random BERT on the same code path) ---
     cfg = BertConfig(layers=2, hidden=64, heads=4, intermediate=128) if args.fast else minilm_config(wheel)
     model = SentenceClassifier(cfg, len(LABELS))
+    probe_c = None
     if not args.fast:
         load_minilm(model.encoder, wheel)
+        if LINEAR_PROBE_FIRST:
+            probe_c = linear_probe(model, seqs, labels)
+            print(f"head: a linear probe, C={probe_c:g}")
     print(f"model: {parameter_count(model):,} parameters "
           f"({cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads)")
 
@@ -456,7 +494,12 @@ def main(args: argparse.Namespace) -> None:
                 f"the head, weight decay {WEIGHT_DECAY:g}, linear warm-up over {WARMUP:.0%} of the steps "
                 f"then linear decay, batch {BATCH_SIZE} bucketed by length, {EPOCHS} epochs, gradient "
                 "clipping 1.0; the word-piece embedding table stays as pretrained, everything else is "
-                "trained. Validation accuracy per epoch: "
+                "trained. "
+                + ("" if probe_c is None else
+                   "The head starts as a linear probe (LP-FT, Kumar et al. 2022): logistic regression on "
+                   "the pretrained encoder's frozen mean-pooled embeddings of the training sentences, "
+                   f"C={probe_c:g} chosen on validation, so fine-tuning moves the pretrained features less. ")
+                + "Validation accuracy per epoch: "
                 + ", ".join(f"{a:.2%}" for a in history["validation accuracy"]) + ".",
                 f"Training time measured with {torch.get_num_threads()} PyTorch thread(s) on a 2-core CPU "
                 "machine.",

@@ -11,18 +11,16 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
-from training.bert import SentenceClassifier, load_minilm, mean_pool, minilm_config
+from training.bert import SentenceClassifier, load_minilm, minilm_config
 from training.export import cpu_session
 from training.nets import parameter_count
 from training.text import (
     LABELS,
     export_text_model,
     latencies,
-    length_batches,
+    linear_probe,
     onnx_outputs,
-    pad,
     train_classifier,
 )
 from training.zoo import ZooRow
@@ -91,39 +89,17 @@ def cnn_row(seqs: dict[str, list[np.ndarray]], labels: dict[str, np.ndarray], vo
 
 def frozen_minilm_row(seqs: dict[str, list[np.ndarray]], labels: dict[str, np.ndarray], wheel: Path,
                       workdir: Path) -> ZooRow:
-    from sklearn.linear_model import LogisticRegression
-
     started = time.perf_counter()
     model = SentenceClassifier(minilm_config(wheel), len(LABELS))
     load_minilm(model.encoder, wheel)
-    model.eval()
-    features = {}
-    with torch.no_grad():
-        for part in ("train", "validation"):
-            features[part] = np.zeros((len(seqs[part]), model.encoder.cfg.hidden), dtype=np.float32)
-            batches = length_batches(seqs[part], 128, None)
-            for idx in tqdm(batches, desc=f"MiniLM embeddings ({part})", leave=False):
-                feeds = {k: torch.from_numpy(v) for k, v in pad([seqs[part][i] for i in idx]).items()}
-                features[part][idx] = mean_pool(model.encoder(**feeds), feeds["attention_mask"]).numpy()
-    best = None
-    for c in (0.3, 1.0, 3.0, 10.0):
-        clf = LogisticRegression(C=c, max_iter=5000).fit(features["train"], labels["train"])
-        acc = clf.score(features["validation"], labels["validation"])
-        print(f"frozen MiniLM + LR, C={c}: validation accuracy {acc:.4f}")
-        if best is None or acc > best[0]:
-            best = (acc, clf)
-    clf = best[1]
-    # Binary logistic regression as the linear head: logits (0, w·x + b) give the same softmax.
-    with torch.no_grad():
-        model.head.weight.copy_(torch.from_numpy(np.stack([np.zeros_like(clf.coef_[0]), clf.coef_[0]])))
-        model.head.bias.copy_(torch.tensor([0.0, float(clf.intercept_[0])]))
+    c = linear_probe(model, seqs, labels)
     seconds = time.perf_counter() - started
     path = workdir / "frozen.onnx"
     export_text_model(model, path)
     acc = float((onnx_outputs(cpu_session(path), seqs["test"], "logits").argmax(-1) == labels["test"]).mean())
     print(f"frozen MiniLM + LR: test accuracy {acc:.4f} ({seconds:.0f} s)")
-    return ZooRow(f"all-MiniLM-L6-v2 frozen, mean pooled + logistic regression (C={clf.C:g}), FP32",
-                  parameter_count(model.encoder) + clf.coef_.size + 1, acc, seconds, path.stat().st_size,
-                  *latencies(path, seqs["test"]))
+    return ZooRow(f"all-MiniLM-L6-v2 frozen, mean pooled + logistic regression (C={c:g}), FP32",
+                  parameter_count(model.encoder) + model.encoder.cfg.hidden + 1, acc, seconds,
+                  path.stat().st_size, *latencies(path, seqs["test"]))
 
 
