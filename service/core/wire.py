@@ -57,7 +57,7 @@ class Infer(msgspec.Struct, tag="infer", array_like=True):
     inputs: list[Tensor]
     traced: bool = False  # the front-end traces this request: send back its batches' times
     priority: int = 0  # its class in the batcher (`Batcher.submit`)
-    # When the request reached the front-end (`perf_counter`: the machine's monotonic clock, the
+    # When the front-end had the whole request (`perf_counter`: the machine's monotonic clock, the
     # same in every process); negative: unknown (`Batcher.submit`).
     arrived: float = -1.0
 

@@ -35,7 +35,7 @@ async def infer(mv: ModelVersion, req: InferRequest, deadline: float | None, *,
 
     `deadline` is a `time.perf_counter()` value (None: none); `pinned`: the caller named the
     version, so no other may answer. The request's priority class is its `parameters.priority`
-    bounded by its key's (`service.auth.gate.priority_of`); `arrived`: when it reached the service
+    bounded by its key's (`service.auth.gate.priority_of`); `arrived`: when the service had it whole
     (`perf_counter`), for the queue's admission bound. Raises `ServiceError`s only."""
     config = mv.config
     codec.check_outputs(req, config)
