@@ -74,10 +74,9 @@ def validation_set(name: str, models: Path) -> TestSet:
         data = images.SPECS[name].load()
         return TestSet({"pixels": images.served_pixels(data.x_val, config.image)}, data.y_val)
     if config.task == "text":
-        sentences = text.load_sentences()
-        index = text.split(sentences["label"])["validation"]
+        texts, labels = text.corpus()
         encoder = TextEncoder(models / name / config.text.tokenizer, config.text.max_tokens)
-        return TestSet(text.tokenize(encoder, sentences["text"][index]), sentences["label"][index])
+        return TestSet(text.tokenize(encoder, texts["validation"]), labels["validation"])
     split = speech.load_split("val")
     return TestSet({"waveform": speech.served_waveforms(split.audio)}, split.labels)
 

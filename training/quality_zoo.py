@@ -46,15 +46,13 @@ def sentiment(models: Path, seed: int = 0) -> dict[str, dict[str, float]]:
             windows = quality.window_probabilities(sess, encoder, list(s.inputs))
             out[name][s.key] = _accuracy(np.stack([aggregate(w) for w in windows]), s.labels)
             print(f"{name}: {s.key} {out[name][s.key]:.2%}")
-    sentences = text.load_sentences()
-    parts = text.split(sentences["label"])
+    texts, labels = text.corpus()  # the sentences the served model was trained and selected on
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
-    x_train = vectorizer.fit_transform(sentences["text"][parts["train"]])
+    x_train = vectorizer.fit_transform(texts["train"])
     best = None
     for c in (1.0, 3.0, 10.0, 30.0):  # as text_zoo.tfidf_row: C chosen on the validation split
-        clf = LogisticRegression(C=c, max_iter=2000).fit(x_train, sentences["label"][parts["train"]])
-        acc = clf.score(vectorizer.transform(sentences["text"][parts["validation"]]),
-                        sentences["label"][parts["validation"]])
+        clf = LogisticRegression(C=c, max_iter=2000).fit(x_train, labels["train"])
+        acc = clf.score(vectorizer.transform(texts["validation"]), labels["validation"])
         if best is None or acc > best[0]:
             best = (acc, clf)
     clf = best[1]

