@@ -23,7 +23,7 @@ from service.codecs.text import TextEncoder
 from service.core.model_config import load_model_config
 from service.core.runtime import CPU, session_options
 from service.settings import GraphOptimization, Settings
-from training import images, report, speech, text
+from training import images, report, speech, text, text_data
 
 BATCH = 64
 
@@ -59,8 +59,8 @@ def test_set(name: str, models: Path) -> TestSet:
         data = images.SPECS[name].load()
         return TestSet({"pixels": images.served_pixels(data.x_test, config.image)}, data.y_test)
     if config.task == "text":
-        sentences = text.load_sentences()
-        index = text.split(sentences["label"])["test"]
+        sentences = text_data.load_sentences()
+        index = text_data.split(sentences["label"])["test"]
         encoder = TextEncoder(models / name / config.text.tokenizer, config.text.max_tokens)
         return TestSet(text.tokenize(encoder, sentences["text"][index]), sentences["label"][index])
     split = speech.load_split("test")
@@ -74,7 +74,7 @@ def validation_set(name: str, models: Path) -> TestSet:
         data = images.SPECS[name].load()
         return TestSet({"pixels": images.served_pixels(data.x_val, config.image)}, data.y_val)
     if config.task == "text":
-        texts, labels = text.corpus()
+        texts, labels = text_data.corpus()
         encoder = TextEncoder(models / name / config.text.tokenizer, config.text.max_tokens)
         return TestSet(text.tokenize(encoder, texts["validation"]), labels["validation"])
     split = speech.load_split("val")

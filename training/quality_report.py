@@ -106,11 +106,13 @@ def main(args: argparse.Namespace) -> int:
             "That combination was chosen on the whole NYT editorials with an earlier model (fine-tuned "
             "from a random head) before its temperature was folded in (`python -m training evaluate "
             "sentiment --quality`): mean of logits 88.96 %, "
-            "mean of probabilities 87.01 %, first window 79.87 %, last window 73.38 %. A text is "
-            f"labelled by the sign of its mean human rating, kept when |mean| ≥ {quality.POLAR}.\n\n"
+            "mean of probabilities 87.01 %, first window 79.87 %, last window 73.38 %. A "
+            "vaderSentiment text is labelled by the sign of its mean human rating, kept when |mean| ≥ "
+            f"{quality.POLAR}; a Pang & Lee review by its writer's rating, as the data set labels it.\n\n"
             "| set | texts | [negative, positive] | accuracy | first window | windows per text | ECE |\n"
             "|---|---|---|---|---|---|---|\n" + "\n".join(rows)
-            + f"\n\nSource: {lines['vader']}. Measured with {where}: `{COMMAND.format(name=name)}`.")
+            + f"\n\nSources: {lines['pang-lee']}; {lines['vader']}. Measured with {where}: "
+            f"`{COMMAND.format(name=name)}`.")
     else:
         out_of_domain = (
             "Evaluation only: no model trains or selects on these sets. Each 8×8 digit's ink is scaled "

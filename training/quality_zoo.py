@@ -30,7 +30,7 @@ def sentiment(models: Path, seed: int = 0) -> dict[str, dict[str, float]]:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    from training import text
+    from training import text_data
 
     config = load_model_config(models / "sentiment")
     encoder = TextEncoder(models / "sentiment" / config.text.tokenizer, config.text.max_tokens)
@@ -46,7 +46,7 @@ def sentiment(models: Path, seed: int = 0) -> dict[str, dict[str, float]]:
             windows = quality.window_probabilities(sess, encoder, list(s.inputs))
             out[name][s.key] = _accuracy(np.stack([aggregate(w) for w in windows]), s.labels)
             print(f"{name}: {s.key} {out[name][s.key]:.2%}")
-    texts, labels = text.corpus()  # the sentences the served model was trained and selected on
+    texts, labels = text_data.corpus()  # the sentences the served model was trained and selected on
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
     x_train = vectorizer.fit_transform(texts["train"])
     best = None

