@@ -66,7 +66,7 @@ LEXICON_MIN_RATING: float | None = None
 LINEAR_PROBE_FIRST = True
 
 # --- model and training ---
-MAX_TOKENS = 64  # 6 of the 10,568 sentences are longer (up to 79) and get truncated
+MAX_TOKENS = 64  # 11 of the 13,522 sentences are longer (up to 100 tokens) and get truncated
 BATCH_SIZE = 32
 EPOCHS = 3
 ENCODER_LR = 5e-5

@@ -20,7 +20,7 @@ from training.report import measured_with
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TASK_TITLES = {"image-fashion-mnist": "Images: Fashion-MNIST", "image-mnist": "Images: MNIST digits",
-               "text": "Text: movie-review sentence polarity", "speech": "Speech: spoken digits"}
+               "text": "Text: review sentence polarity", "speech": "Speech: spoken digits"}
 
 
 @dataclass(frozen=True)
