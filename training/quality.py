@@ -78,12 +78,7 @@ class EvalSet:
 
 def _vader_rows(domain: str) -> list[tuple[str, float, str]]:
     """(id, mean rating, text) of one ground-truth file, checked against its recorded sha256."""
-    member, expected = VADER_FILES[domain]
-    with tarfile.open(archive_path("vader")) as sdist:
-        inner = checked(sdist.extractfile(text_data.VADER_INNER_TAR).read(), text_data.VADER_INNER_TAR_SHA256,
-                             "vader")
-    with tarfile.open(fileobj=io.BytesIO(inner)) as t:
-        raw = checked(t.extractfile(member).read(), expected, "vader")
+    raw = text_data.ground_truth_file(*VADER_FILES[domain])
     rows = [line.split("\t", 2) for line in raw.decode("utf-8-sig", errors="replace").splitlines()]
     return [(i, float(r), s.strip()) for i, r, s in (row for row in rows if len(row) == 3)]
 

@@ -38,14 +38,20 @@ ADDED_SOURCES = True
 SPLIT_SEED = 0  # fixed: the test split of the shipped model never moves
 
 
+def ground_truth_file(member: str, expected_sha256: str) -> bytes:
+    """One of vaderSentiment's ground-truth files (inside hutto_ICWSM_2014.tar.gz of the verified
+    sdist), checked against its recorded sha256."""
+    with tarfile.open(archive_path("vader")) as sdist:
+        inner = checked(sdist.extractfile(VADER_INNER_TAR).read(), VADER_INNER_TAR_SHA256, "vader")
+    with tarfile.open(fileobj=io.BytesIO(inner)) as t:
+        return checked(t.extractfile(member).read(), expected_sha256, "vader")
+
+
 def load_sentences() -> dict[str, np.ndarray]:
     """All 10,568 rated sentences with a non-zero mean rating: text, label (1 = positive), rating."""
 
     def parse() -> dict[str, np.ndarray]:
-        with tarfile.open(archive_path("vader")) as sdist:
-            inner = checked(sdist.extractfile(VADER_INNER_TAR).read(), VADER_INNER_TAR_SHA256, "vader")
-        with tarfile.open(fileobj=io.BytesIO(inner)) as t:
-            raw = checked(t.extractfile(SNIPPETS).read(), SNIPPETS_SHA256, "vader")
+        raw = ground_truth_file(SNIPPETS, SNIPPETS_SHA256)
         rows = [line.split("\t", 2) for line in raw.decode("utf-8").splitlines()]
         assert len(rows) == 10605 and all(len(r) == 3 for r in rows)
         rows = [(float(rating), text.strip()) for _, rating, text in rows if float(rating) != 0.0]
