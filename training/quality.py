@@ -38,10 +38,11 @@ from onnx import helper, numpy_helper
 from PIL import Image
 from scipy import optimize
 
+from service.codecs import audio as audio_codec
 from service.codecs.image import to_pixels
 from service.codecs.text import TextEncoder, aggregate
 from service.core.model_config import ModelConfig
-from training import text, text_data
+from training import recordings, speech_corpus, text, text_data
 from training.data_cache import DataMissing, cached_arrays, sha256
 from training.fetch import ARCHIVES, archive_path, checked
 from training.image_data import mnist_style
@@ -71,6 +72,7 @@ class EvalSet:
     title: str  # one line for a card's table
     inputs: list[str] | np.ndarray  # texts, or uint8 pixels [N, 1, 28, 28] as the service makes them
     labels: np.ndarray
+    names: list[str] | None = None  # of each item, where a card lists the wrong answers
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -161,13 +163,34 @@ def uci_digits(model: ModelConfig, *, black_on_white: bool) -> EvalSet:
                    f"UCI handwritten digits (scikit-learn), {polarity}", np.stack(pixels), a["y"])
 
 
+def human_speech(config: ModelConfig, *, digits: bool) -> EvalSet:
+    """Recordings of two human speakers (`recordings.EVALUATION`), decoded by the service's audio
+    codec as uploads: the ten digits each said, or their other words (numbers above nine, units,
+    "today" …), which a keyword spotter must call `_unknown_`."""
+    assert config.audio is not None
+    labels = speech_corpus.LABELS
+    waves, truth, names = [], [], []
+    for source in recordings.EVALUATION:
+        for word, upload in recordings.uploads(source).items():
+            if recordings.is_digit(word) == digits:
+                waves.append(audio_codec.decode(upload, config.audio, max_duration_s=10.0))
+                truth.append(labels.index(word if digits else "_unknown_"))
+                names.append(f"{source.key} \"{word.removeprefix('n')}\"")
+    title = "digits" if digits else "other words (numbers over nine, units, days), as `_unknown_`"
+    speakers = " and ".join(s.speaker.split(" (")[0] for s in recordings.EVALUATION)
+    return EvalSet(f"human-{'digits' if digits else 'other-words'}",
+                   f"human voices ({speakers}): {title}", np.stack(waves), np.array(truth), names)
+
+
 def evaluation_sets(name: str, config: ModelConfig) -> list[EvalSet]:
-    """The out-of-domain sets of a shipped model (none for fashion-mnist and spoken-digits yet)."""
+    """The out-of-domain sets of a shipped model (none for fashion-mnist yet)."""
     if config.task == "text":
         return [pang_lee_reviews(), vader_documents("amazon"), vader_documents("nyt"),
                 *(vader_sentences(d) for d in ("amazon", "nyt", "tweets"))]
     if name == "mnist":
         return [uci_digits(config, black_on_white=False), uci_digits(config, black_on_white=True)]
+    if config.task == "speech":
+        return [human_speech(config, digits=True), human_speech(config, digits=False)]
     return []
 
 
@@ -347,4 +370,7 @@ def licence_lines() -> dict[str, str]:
                      "outside its BSD licence: evaluation only)"),
         "uci": (f"UCI ML hand-written digits as scikit-learn ships them (PyPI scikit-learn==1.9.1, "
                 f"BSD-3-Clause; `{UCI_DIGITS}` sha256 {UCI_DIGITS_SHA256}; the data set is CC BY 4.0)"),
+        "human-speech": "; ".join(
+            f"{s.speaker}: Debian package {s.package.removeprefix('debian:')}, `/{s.folder}/`, "
+            f"{s.licence}; sha256 over its files' checksums {s.digest}" for s in recordings.EVALUATION),
     }

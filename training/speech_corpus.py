@@ -1,8 +1,9 @@
 """The spoken-digit corpus: words said by speech synthesizers, made hard by augmentation.
 
 No registry package ships real recordings of a word set big enough to train on (see DATA.md), so
-every clip is synthesized here: a word from one of four engines (espeak-ng, flite, festival, piper),
-then sox (silence trimming, speed, pitch, an 8 kHz telephone round-trip, reverb), then numpy
+nearly every clip is synthesized here: a word from one of four engines (espeak-ng, flite, festival,
+piper) or, for a few training clips, one of the recordings of `recordings.TRAINING`; then sox
+(silence trimming, speed, pitch, an 8 kHz telephone round-trip, reverb), then numpy
 (level, a random place in the 1 s window, background noise at 5–40 dB SNR) and
 `service.codecs.audio.fit_length`, the framing the service applies to uploads. Clips are stored as
 16-bit PCM, exactly what a 16-bit WAV upload carries.
@@ -32,7 +33,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from service.codecs.audio import fit_length
-from training import vocoder
+from training import recordings, vocoder
 from training.data_cache import DataMissing, cached_arrays, verified
 
 SAMPLE_RATE = 16000
@@ -48,6 +49,10 @@ UNKNOWN_WORDS = [
     "sheila", "ten", "twelve", "twenty", "hundred", "zebra", "apple", "water", "music", "yellow",
     "purple", "window", "garden", "morning", "table", "coffee",
 ]
+# Number words over nine besides UNKNOWN_WORDS' ten, twelve, twenty and hundred.
+NUMBER_WORDS = ("eleven", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+                "nineteen", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
+                "thousand", "million")
 # Relative share of each label in every split: the digits, then silence, then unknown words.
 LABEL_WEIGHTS = np.array([1.0] * 10 + [0.9, 1.6])
 
@@ -87,15 +92,21 @@ class SplitRecipe:
     synth_pitch: tuple[int, int] = (15, 86)  # espeak -p, drawn from [low, high)
     cents: tuple[int, int] = (-300, 301)  # sox pitch shift, drawn from [low, high)
     vocoded: float = 0.0  # share of spoken clips said again through `vocoder` at another pitch
+    # Other words `_unknown_` draws from besides UNKNOWN_WORDS (a field, so that adding words to
+    # training leaves the held-out splits' draws, and so their clips, unchanged).
+    more_unknown: tuple[str, ...] = ()
 
 
 SPLITS = {
     # Training voices reach higher than the held-out ones: espeak's whole pitch range and sox shifts of
     # up to +700 cents turn its many male variants and the two male voices of festival and piper
     # into higher, shorter vocal tracts (pitch and formants shift together).
+    # A few clips are real recordings of other speakers (`recordings.TRAINING`), and the unknown
+    # words include the number words that contain a digit's sounds (sixteen, ninety, eighteen …).
     "train": SplitRecipe(14400, 1, ESPEAK_TRAIN_VARIANTS,
-                         {"espeak": 0.80, "festival:ked": 0.08, "piper:joe": 0.12},
-                         synth_pitch=(0, 100), cents=(-400, 701), vocoded=0.3),
+                         {"espeak": 0.76, "festival:ked": 0.08, "piper:joe": 0.10, "recorded": 0.06},
+                         synth_pitch=(0, 100), cents=(-400, 701), vocoded=0.3,
+                         more_unknown=NUMBER_WORDS),
     "val": SplitRecipe(1500, 2, ESPEAK_VAL_VARIANTS,
                        {"espeak": 0.60, "festival:kal": 0.20, "festival:slt_hts": 0.20}),
     "test": SplitRecipe(2400, 3, ESPEAK_TEST_VARIANTS,
@@ -116,8 +127,8 @@ class Clip:
 
     label: int
     word: str  # "" for silence
-    engine: str  # "espeak" | "flite" | "festival" | "piper" | "" for silence
-    voice: str  # e.g. "en-us+f3", "awb", "ked", "joe"
+    engine: str  # "espeak" | "flite" | "festival" | "piper" | "recorded" | "" for silence
+    voice: str  # e.g. "en-us+f3", "awb", "ked", "joe"; for "recorded" a `recordings.TRAINING` key
     stretch: float  # the synthesizer's own duration stretch (espeak: words per minute)
     synth_pitch: int  # espeak -p (0–99); unused elsewhere
     speed: float  # sox speed factor (tempo and pitch together)
@@ -153,9 +164,19 @@ def plan(split: str) -> list[Clip]:
                               "none" if digital_zero else noise, float(rng.uniform(-75, -25)), 0.5,
                               noise_seed))
             continue
-        word = LABELS[label] if label < len(DIGITS) else str(rng.choice(UNKNOWN_WORDS))
+        word = (LABELS[label] if label < len(DIGITS)
+                else str(rng.choice([*UNKNOWN_WORDS, *recipe.more_unknown])))
         key = engine_keys[rng.choice(len(engine_keys), p=shares / shares.sum())]
-        if key == "espeak":
+        if key == "recorded":
+            # A recording of a speaker who says this digit, or one of a speaker's other words.
+            engine, stretch = "recorded", 1.0
+            said = {s.key: s.words for s in recordings.TRAINING}
+            voice = str(rng.choice([k for k, words in said.items()
+                                    if (word in words if label < len(DIGITS)
+                                        else any(not recordings.is_digit(w) for w in words))]))
+            if label >= len(DIGITS):
+                word = str(rng.choice([w for w in said[voice] if not recordings.is_digit(w)]))
+        elif key == "espeak":
             engine = "espeak"
             voice = f"{rng.choice(ESPEAK_ACCENTS)}+{rng.choice(recipe.espeak_variants)}"
             stretch = float(rng.integers(110, 221))
@@ -224,6 +245,15 @@ def _festival(clips: list[Clip], workdir: Path) -> list[tuple[np.ndarray, int]]:
     script.write_text("\n".join(lines) + "\n")
     _run(["festival", "-b", str(script)])
     return [_read_wav(workdir / f"{i}.wav") for i in range(len(clips))]
+
+
+_recorded: dict[str, dict[str, tuple[np.ndarray, int]]] = {}
+
+
+def _recording(clip: Clip) -> tuple[np.ndarray, int]:
+    if clip.voice not in _recorded:
+        _recorded[clip.voice] = recordings.pcm(next(s for s in recordings.TRAINING if s.key == clip.voice))
+    return _recorded[clip.voice][clip.word]
 
 
 _piper_voice = None
@@ -323,7 +353,8 @@ def _render_chunk(clips: list[Clip]) -> np.ndarray:
         with tempfile.TemporaryDirectory() as tmp:
             words = _festival(clips, Path(tmp))
     else:
-        say = {"espeak": _espeak, "flite": _flite, "piper": _piper, "": None}[engine]
+        say = {"espeak": _espeak, "flite": _flite, "piper": _piper, "recorded": _recording,
+               "": None}[engine]
         words = [say(c) if say else (np.zeros(0, np.float32), SAMPLE_RATE) for c in clips]
     out = np.empty((len(clips), CLIP_SAMPLES), dtype=np.int16)
     for i, (clip, (pcm, rate)) in enumerate(zip(clips, words, strict=True)):
@@ -370,7 +401,8 @@ def require_synthesizers(split: str) -> None:
 
 def recipe_hash(split: str) -> str:
     """Changes whenever this module, the split's recipe or a synthesizer version changes."""
-    h = hashlib.sha256(Path(__file__).read_bytes() + Path(vocoder.__file__).read_bytes())
+    h = hashlib.sha256(Path(__file__).read_bytes() + Path(vocoder.__file__).read_bytes()
+                       + Path(recordings.__file__).read_bytes())
     h.update(json.dumps([split, asdict(SPLITS[split]), installed_versions()], sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -385,9 +417,12 @@ def synthesize(split: str, *, limit: int | None = None, processes: int = 2) -> d
     """Render a split (or its first `limit` clips): int16 `audio` [n, 16000], `labels`, `engine`."""
     require_synthesizers(split)
     clips = plan(split)[:limit]
+    for source in recordings.TRAINING:  # read and cached once, before the workers read them
+        if any(c.engine == "recorded" and c.voice == source.key for c in clips):
+            recordings.uploads(source)
     # Chunks of one engine and voice keep festival and piper loads rare; the slow engines go first so
     # the two workers finish together; the plan's order is restored after.
-    slow_first = {"piper": 0, "festival": 1, "flite": 2, "espeak": 3, "": 4}
+    slow_first = {"piper": 0, "festival": 1, "flite": 2, "espeak": 3, "recorded": 4, "": 5}
     order = sorted(range(len(clips)), key=lambda i: (slow_first[clips[i].engine], clips[i].voice,
                                                      clips[i].word, i))
     chunks: list[list[int]] = []
