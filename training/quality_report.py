@@ -49,6 +49,17 @@ def main(args: argparse.Namespace) -> int:
              f"softmax(logits / {temperature:.2f})": (scaled, test.labels)},
             model_dir / "reliability_diagram.png", f"{name}: test split, {len(test):,} samples")
 
+    telephone = ""
+    if config.task == "speech":
+        feeds = {name_: quality.telephone_band(x) for name_, x in val.inputs.items()}
+        narrow = float((evaluate.logits(sess, evaluate.TestSet(feeds, val.labels)).argmax(1)
+                        == val.labels).mean())
+        plain = float((val_logits.argmax(1) == val.labels).mean())
+        print(f"  validation {plain:.2%}; through a telephone band {narrow:.2%}")
+        telephone = (f"On the {len(val):,} validation clips it scores {_pct(plain)}, and "
+                     f"{_pct(narrow)} on the same clips through a telephone band (resampled to 8 kHz, "
+                     "band-passed 300-3,400 Hz, back to 16 kHz: `quality.telephone_band`), the "
+                     "channel both speakers were recorded on.")
     rows = []
     encoder = (TextEncoder(model_dir / config.text.tokenizer, config.text.max_tokens)
                if config.task == "text" else None)
@@ -132,7 +143,8 @@ def main(args: argparse.Namespace) -> int:
             "answer is 5 points.\n\n"
             "| set | recordings | accuracy | ECE | wrong answers (probability) |\n|---|---|---|---|---|\n"
             + "\n".join(rows)
-            + f"\n\nSources: {lines['human-speech']}. Measured with {where}: `{COMMAND.format(name=name)}`.")
+            + f"\n\n{telephone}\n\nSources: {lines['human-speech']}. Measured with {where}: "
+            f"`{COMMAND.format(name=name)}`.")
     else:
         out_of_domain = (
             "Evaluation only: no model trains or selects on these sets. Each 8×8 digit's ink is scaled "

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from service.codecs.audio import decode
 from service.core.model_config import AudioPreprocessing, Batching, ModelConfig, TensorSpec
-from training import report, speech_corpus, zoo
+from training import recordings, report, speech_corpus, zoo
 from training.export import WithProbabilities, check_parity, cpu_session, export, onnx_predict
 from training.loop import fit
 from training.nets import conv_bn, parameter_count
@@ -509,7 +509,11 @@ def write_model_dir(model_dir: Path, model: Served, ev: report.Evaluation, predi
         data_sources=[
             "No registry package ships real recordings of these words big enough to train on, so the "
             "corpus is synthesized at training time (never committed) by real speech synthesizers, "
-            "then augmented (see `training/speech_corpus.py`).",
+            "then augmented (see `training/speech_corpus.py`). "
+            f"{tr.engines['recorded']:.0%} of the training clips are instead real recordings of three "
+            "more speakers whose packages do not say who spoke them, augmented the same way: "
+            + ", ".join(s.speaker.split(" (")[0] for s in recordings.TRAINING)
+            + " (Debian csmash-data, PyPI spokennumbers==1.0.0 and captcha==0.6.0; docs/data.md).",
             "Debian packages: espeak-ng (GPL-3+; 8 English accents × voice variants, speed and pitch "
             "varied), flite (voices kal, kal16, awb, rms, slt; BSD-style CMU licence), festival with "
             "festvox-kallpc16k, festvox-kdlpc16k, festvox-us-slt-hts (free licences, see "
@@ -532,8 +536,9 @@ def write_model_dir(model_dir: Path, model: Served, ev: report.Evaluation, predi
             f"{speech_corpus.checksum(test.audio, test.labels)} (`{FINGERPRINT}`).",
         ],
         split=(f"by voice, not by clip. Train: {len(train_split.labels):,} clips of "
-               f"{len(speech_corpus.ESPEAK_TRAIN_VARIANTS)} espeak-ng voice variants, festival ked and "
-               f"piper joe. Validation (model selection): {len(val.labels):,} clips of "
+               f"{len(speech_corpus.ESPEAK_TRAIN_VARIANTS)} espeak-ng voice variants, festival ked, "
+               "piper joe and the recordings above. Validation (model selection): "
+               f"{len(val.labels):,} clips of "
                f"{len(speech_corpus.ESPEAK_VAL_VARIANTS)} other espeak-ng variants and festival kal and "
                f"slt (HTS). Test: {len(test.labels):,} clips of voices training never heard: "
                f"{len(speech_corpus.ESPEAK_TEST_VARIANTS)} further espeak-ng variants "
@@ -541,7 +546,9 @@ def write_model_dir(model_dir: Path, model: Served, ev: report.Evaluation, predi
                f"({', '.join(speech_corpus.FLITE_VOICES)}). Labels are drawn with weights 1 per digit, "
                f"{speech_corpus.LABEL_WEIGHTS[10]:g} silence, {speech_corpus.LABEL_WEIGHTS[11]:g} unknown "
                f"({len(speech_corpus.UNKNOWN_WORDS)} other words: "
-               f"{', '.join(speech_corpus.UNKNOWN_WORDS)}). Seeds {splits['train'].seed} / "
+               f"{', '.join(speech_corpus.UNKNOWN_WORDS)}; in training also "
+               f"{', '.join(speech_corpus.NUMBER_WORDS)} and the recorded speakers' other words). "
+               f"Seeds {splits['train'].seed} / "
                f"{splits['val'].seed} / {splits['test'].seed}."),
         evaluation=ev,
         labels=LABELS,

@@ -125,3 +125,54 @@ def test_fast_training_run_exports_a_servable_graph(tmp_path):
     assert probabilities.shape == (3, len(LABELS))
     np.testing.assert_allclose(probabilities.sum(1), 1.0, rtol=1e-5)
     assert "max \\|Δlogit\\|" in (model_dir / "README.md").read_text()
+
+
+def test_training_hears_recorded_speakers_and_the_held_out_splits_only_synthesizers():
+    from training import recordings
+
+    said = {s.key: s.words for s in recordings.TRAINING}
+    train = speech_corpus.plan("train")
+    recorded = [c for c in train if c.engine == "recorded"]
+    assert 0.04 < len(recorded) / len(train) < 0.08
+    assert {c.voice for c in recorded} == set(said)
+    for clip in recorded:
+        assert clip.word in said[clip.voice]
+        assert recordings.is_digit(clip.word) == (clip.label < 10)
+    assert any(c.word in speech_corpus.NUMBER_WORDS for c in train)
+    # The evaluation speakers are never a training voice, and the held-out splits stay synthesized.
+    evaluation = {(s.key, s.package) for s in recordings.EVALUATION}
+    assert not evaluation & {(s.key, s.package) for s in recordings.TRAINING}
+    for split in ("val", "test"):
+        clips = speech_corpus.plan(split)
+        assert not any(c.engine == "recorded" or c.word in speech_corpus.NUMBER_WORDS for c in clips)
+
+
+def test_recordings_are_checked_and_read_as_uploads():
+    from training import recordings
+
+    saytime = next(s for s in recordings.EVALUATION if s.key == "saytime")
+    raw = recordings._files(saytime)  # raises DataMissing if a file changed
+    tampered = {**raw, "one": raw["one"][:-1] + bytes([raw["one"][-1] ^ 1])}
+    assert recordings.digest(saytime, tampered) != saytime.digest
+    # Headerless μ-law at 8 kHz becomes a 16-bit WAV of the same length the codec decodes.
+    upload = recordings.uploads(saytime)["one"]
+    pcm = decode(upload, AUDIO, max_duration_s=10.0)
+    assert upload.startswith(b"RIFF") and len(upload) - 44 == 2 * len(raw["one"])
+    assert pcm.shape == (16000,) and 0.05 < np.abs(pcm).max() <= 1.0
+
+
+def test_shipped_model_scores_what_its_card_reports_on_human_voices():
+    import re
+
+    from training import quality
+
+    card = (MODEL_DIR / "README.md").read_text(encoding="utf-8")
+    config = load_model_config(MODEL_DIR)
+    session = cpu_session(MODEL_DIR / "1" / "model.onnx")
+    for digits in (True, False):
+        s = quality.human_speech(config, digits=digits)
+        accuracy = float((onnx_predict(session, {"waveform": s.inputs}).argmax(1) == s.labels).mean())
+        kind = "digits" if digits else "other words"
+        reported = re.search(rf"\| human voices [^|]*: {kind}[^|]* \| {len(s)} \| \*\*([\d.]+)%\*\*", card)
+        assert reported, f"the card has no human-voice row for {kind}"
+        assert accuracy == pytest.approx(float(reported.group(1)) / 100, abs=1e-4)
