@@ -107,3 +107,11 @@ def test_each_card_shows_the_calibration_its_graph_serves(name):
     served = quality.graph_temperature(MODELS / name / "1" / "model.onnx")
     fitted = float(re.search(r"gave T = ([\d.]+)", card).group(1))
     assert served == pytest.approx(fitted, abs=5e-4) if "is folded into the graph" in card else served == 1.0
+
+
+def test_telephone_band_keeps_speech_frequencies_and_drops_the_rest():
+    t = np.arange(16000) / 16000
+    tones = np.stack([np.sin(2 * np.pi * f * t) for f in (100, 1000, 3000, 5000)]).astype(np.float32)
+    rms = np.sqrt((quality.telephone_band(tones)[:, 2000:-2000] ** 2).mean(1)) / np.sqrt(0.5)
+    assert rms[1] > 0.9 and rms[2] > 0.8  # 1 and 3 kHz pass
+    assert rms[0] < 0.1 and rms[3] < 0.01  # 100 Hz and 5 kHz do not
