@@ -529,12 +529,9 @@ def write_model_dir(model_dir: Path, model: Served, ev: report.Evaluation, predi
             f"×0.85–1.15, pitch shifts of {tr.cents[0]}…+{tr.cents[1] - 1} cents in training "
             f"(±300 in validation and test; espeak -p {tr.synth_pitch[0]}–{tr.synth_pitch[1] - 1} in "
             "training, 15–85 elsewhere), random bass/treble tilt, 8 kHz telephone round-trip "
-            "(15 %), reverb (30 %), level −30…−1 dBFS peak, "
-            "a random place in the 1 s window framed "
+            "(15 %), reverb (30 %), level −30…−1 dBFS peak, a random place in the 1 s window framed "
             "by `service.codecs.audio.fit_length`, background noise (white, pink, brown, blue, mains "
-            "hum) at 5–40 dB SNR on 90 % of the clips; in training, "
-            f"{tr.line:.0%} of the spoken clips then heard whole (noise included) as over a telephone "
-            "line (8 kHz, 300–3400 Hz, μ-law); 16-bit PCM.",
+            "hum) at 5–40 dB SNR on 90 % of the clips; 16-bit PCM.",
             f"sha256 of the test set (int16 audio, then int64 labels): "
             f"{speech_corpus.checksum(test.audio, test.labels)} (`{FINGERPRINT}`).",
         ],

@@ -92,8 +92,6 @@ class SplitRecipe:
     synth_pitch: tuple[int, int] = (15, 86)  # espeak -p, drawn from [low, high)
     cents: tuple[int, int] = (-300, 301)  # sox pitch shift, drawn from [low, high)
     vocoded: float = 0.0  # share of spoken clips said again through `vocoder` at another pitch
-    telephone: float = 0.15  # share of spoken clips whose word goes through an 8 kHz telephone band
-    line: float = 0.0  # share of spoken clips whose whole mix (word and noise) goes through a line
     # Other words `_unknown_` draws from besides UNKNOWN_WORDS (a field, so that adding words to
     # training leaves the held-out splits' draws, and so their clips, unchanged).
     more_unknown: tuple[str, ...] = ()
@@ -105,12 +103,9 @@ SPLITS = {
     # into higher, shorter vocal tracts (pitch and formants shift together).
     # A few clips are real recordings of other speakers (`recordings.TRAINING`), and the unknown
     # words include the number words that contain a digit's sounds (sixteen, ninety, eighteen …).
-    # A share of the clips is heard as over a telephone line, noise included (μ-law at 8 kHz): on
-    # such a copy of the validation clips the models lost about 8 points (`quality.telephone_band`),
-    # and sending more words alone through the band, their noise still wideband, did not help.
     "train": SplitRecipe(14400, 1, ESPEAK_TRAIN_VARIANTS,
                          {"espeak": 0.76, "festival:ked": 0.08, "piper:joe": 0.10, "recorded": 0.06},
-                         synth_pitch=(0, 100), cents=(-400, 701), vocoded=0.3, line=0.3,
+                         synth_pitch=(0, 100), cents=(-400, 701), vocoded=0.3,
                          more_unknown=NUMBER_WORDS),
     "val": SplitRecipe(1500, 2, ESPEAK_VAL_VARIANTS,
                        {"espeak": 0.60, "festival:kal": 0.20, "festival:slt_hts": 0.20}),
@@ -147,7 +142,6 @@ class Clip:
     offset: float  # where the word sits in the window, 0 (start) … 1 (end)
     noise_seed: int
     vocoder: tuple[float, float] | None = None  # pitch factor and breathiness of `vocoder.revoice`
-    line: bool = False  # the whole mix through a telephone line: 8 kHz, 300–3400 Hz, μ-law
 
 
 def plan(split: str) -> list[Clip]:
@@ -200,7 +194,7 @@ def plan(split: str) -> list[Clip]:
             synth_pitch=int(rng.integers(*recipe.synth_pitch)),
             speed=round(float(rng.uniform(0.85, 1.15)), 3),
             cents=int(rng.integers(*recipe.cents)),
-            telephone=bool(rng.random() < recipe.telephone),
+            telephone=bool(rng.random() < 0.15),
             reverb=reverb,
             tilt=(int(rng.integers(-8, 9)), int(rng.integers(-8, 9))) if rng.random() < 0.5 else (0, 0),
             peak_dbfs=float(rng.uniform(-30, -1)),
@@ -212,7 +206,6 @@ def plan(split: str) -> list[Clip]:
             vocoder=((round(float(np.exp(rng.uniform(np.log(0.7), np.log(1.6)))), 3),
                       round(float(rng.uniform(0.0, 0.3)), 3))
                      if recipe.vocoded and rng.random() < recipe.vocoded else None),
-            line=bool(recipe.line and rng.random() < recipe.line),
         ))
     return clips
 
@@ -332,20 +325,6 @@ def noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
     return x / np.sqrt(np.mean(x**2))
 
 
-def _line(pcm: np.ndarray) -> np.ndarray:
-    """A 16 kHz clip as a telephone line carries it: band-limited at 8 kHz, μ-law coded (libsndfile),
-    back at 16 kHz."""
-    down = _run(["sox", "-R", "-t", "f32", "-r", str(SAMPLE_RATE), "-c", "1", "-",
-                 "-t", "f32", "-r", "8000", "-c", "1", "-", "rate", "8000", "sinc", "300-3400"],
-                input=pcm.astype(np.float32).tobytes())
-    narrow = np.frombuffer(down, dtype=np.float32)
-    coded = io.BytesIO()
-    sf.write(coded, np.clip(narrow, -1.0, 1.0), 8000, format="RAW", subtype="ULAW")
-    heard = sf.read(io.BytesIO(coded.getvalue()), format="RAW", subtype="ULAW", samplerate=8000,
-                    channels=1, dtype="float32")[0]
-    return fit_length(_resample(heard, 8000), CLIP_SAMPLES)
-
-
 def finish(word: np.ndarray, clip: Clip) -> np.ndarray:
     """Level, place in the 1 s window, mix noise, quantize to 16 bits."""
     rng = np.random.default_rng(clip.noise_seed)
@@ -364,8 +343,6 @@ def finish(word: np.ndarray, clip: Clip) -> np.ndarray:
             voiced = word[np.abs(word) > 0.01 * np.abs(word).max()]
             rms = np.sqrt(np.mean(voiced**2))
             pcm += noise(clip.noise, CLIP_SAMPLES, rng) * rms * 10 ** (-clip.snr_db / 20)
-    if clip.line:
-        pcm = _line(np.clip(pcm, -1.0, 1.0)).astype(np.float64)
     return np.round(np.clip(pcm, -1.0, 32767 / 32768) * 32768).astype(np.int16)
 
 
