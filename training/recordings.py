@@ -24,7 +24,6 @@ import subprocess
 import tarfile
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import soundfile as sf
@@ -160,7 +159,3 @@ def pcm(source: Source) -> dict[str, tuple[np.ndarray, int]]:
         audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
         out[word] = (audio.mean(axis=1), rate)
     return out
-
-
-def cache_path(source: Source) -> Path:
-    return cache_dir() / f"recordings-{source.key}.npz"
