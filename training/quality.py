@@ -175,8 +175,7 @@ def human_speech(config: ModelConfig, *, digits: bool) -> EvalSet:
             if recordings.is_digit(word) == digits:
                 waves.append(audio_codec.decode(upload, config.audio, max_duration_s=10.0))
                 truth.append(labels.index(word if digits else "_unknown_"))
-                spoken = word[1:] if word[0] == "n" and word[1:].isdigit() else word  # n16: "16"
-                names.append(f"{source.key} \"{spoken}\"")
+                names.append(f"{source.key} \"{word}\"")
     title = "digits" if digits else "other words (numbers over nine, units, days), as `_unknown_`"
     speakers = " and ".join(s.speaker.split(" (")[0] for s in recordings.EVALUATION)
     return EvalSet(f"human-{'digits' if digits else 'other-words'}",

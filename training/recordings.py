@@ -48,7 +48,7 @@ class Source:
 
 
 def _numbers(*values: int) -> dict[str, str]:
-    return {f"n{v}": str(v) for v in values}
+    return {str(v): str(v) for v in values}
 
 
 EVALUATION = [

@@ -150,6 +150,7 @@ def plan(split: str) -> list[Clip]:
     rng = np.random.default_rng(recipe.seed)
     labels = rng.choice(len(LABELS), size=recipe.clips, p=LABEL_WEIGHTS / LABEL_WEIGHTS.sum())
     engine_keys = list(recipe.engines)
+    said = {s.key: s.words for s in recordings.TRAINING}  # each recorded speaker's words
     shares = np.array([recipe.engines[k] for k in engine_keys])
     clips = []
     for label in labels:
@@ -170,7 +171,6 @@ def plan(split: str) -> list[Clip]:
         if key == "recorded":
             # A recording of a speaker who says this digit, or one of a speaker's other words.
             engine, stretch = "recorded", 1.0
-            said = {s.key: s.words for s in recordings.TRAINING}
             voice = str(rng.choice([k for k, words in said.items()
                                     if (word in words if label < len(DIGITS)
                                         else any(not recordings.is_digit(w) for w in words))]))
