@@ -134,6 +134,14 @@ def request_span(spans: list[Span], trace_id: str) -> Span | None:
     return next((s for s in spans if s.trace_id == trace_id and s.kind == PbSpan.SPAN_KIND_SERVER), None)
 
 
+def linked_batch(spans: list[Span], root: Span | None) -> Span | None:
+    """The batch span linked to `root`. It is recorded once the batch's last request has ended,
+    so it may reach the receiver in a later export than the request span."""
+    if root is None:
+        return None
+    return next((s for s in spans if (root.trace_id, root.span_id) in s.links), None)
+
+
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("traced-models")
@@ -168,7 +176,7 @@ def test_rest_request_span_continues_the_callers_trace_with_decode_queue_compute
     r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=pixels_body(),
                    headers={"traceparent": header, "tracestate": "vendor=abc", "user-agent": "probe/1"})
     assert r.status_code == 200
-    spans = receiver.wait_for(lambda s: request_span(s, trace_id) is not None
+    spans = receiver.wait_for(lambda s: linked_batch(s, request_span(s, trace_id)) is not None
                               and len(children(s, request_span(s, trace_id))) == 4)
     root = request_span(spans, trace_id)
     assert root.parent_span_id == caller_span
@@ -187,7 +195,7 @@ def test_rest_request_span_continues_the_callers_trace_with_decode_queue_compute
     for before, after in itertools.pairwise(order):
         assert before.end <= after.start + 1_000  # ns: consecutive phases, no overlap
     assert all(root.start <= s.start and s.end <= root.end for s in order)
-    batch = next(s for s in spans if (root.trace_id, root.span_id) in s.links)
+    batch = linked_batch(spans, root)
     assert batch.name == f"batch {MODEL}" and batch.trace_id != root.trace_id
     assert batch.attributes["neuroserve.model"] == MODEL and batch.attributes["batch.size"] >= 1
 
@@ -239,6 +247,7 @@ def test_grpc_infer_continues_the_callers_trace_with_rpc_attributes(
             client.infer("no-such-model", [inp], headers={"traceparent": missing})
     spans = receiver.wait_for(lambda s: request_span(s, trace_id) is not None
                               and request_span(s, missing_trace) is not None
+                              and linked_batch(s, request_span(s, trace_id)) is not None
                               and len(children(s, request_span(s, trace_id))) == 4)
     root = request_span(spans, trace_id)
     assert root.name == "inference.GRPCInferenceService/ModelInfer"
@@ -247,7 +256,7 @@ def test_grpc_infer_continues_the_callers_trace_with_rpc_attributes(
     assert (a["rpc.system"], a["rpc.service"], a["rpc.method"], a["rpc.grpc.status_code"]) == (
         "grpc", "inference.GRPCInferenceService", "ModelInfer", 0)
     assert children(spans, root)["compute"].attributes["batch.size"] >= 2
-    batch = next(s for s in spans if (root.trace_id, root.span_id) in s.links)
+    batch = linked_batch(spans, root)
     assert batch.attributes["batch.size"] >= 2
     # NOT_FOUND is the caller's error, not the server's: recorded, but the span is not an error.
     failed = request_span(spans, missing_trace)
@@ -270,11 +279,11 @@ def test_unsampled_caller_and_bad_traceparent_never_fail_a_request(
         assert r.status_code == 200, r.text
     marker, marker_trace, _ = traceparent()
     httpx.post(f"{server.url}/v1/text/{TEXT_MODEL}", json={"text": "after"}, headers={"traceparent": marker})
-    spans = receiver.wait_for(lambda s: request_span(s, marker_trace) is not None)
+    spans = receiver.wait_for(lambda s: linked_batch(s, request_span(s, marker_trace)) is not None)
     assert request_span(spans, unsampled_trace) is None  # the caller chose not to sample
     text = request_span(spans, marker_trace)
     assert text.attributes["http.route"] == "/v1/text/{model}"
-    batch = next(s for s in spans if (text.trace_id, text.span_id) in s.links)
+    batch = linked_batch(spans, text)
     assert batch.attributes["batch.padding_ratio"] >= 0.0
 
 
