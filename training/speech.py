@@ -651,7 +651,7 @@ def write_model_dir(model_dir: Path, model: Blend, ev: report.Evaluation, predic
             "diphones and slt HTS voice, which only validation (model selection) uses; training never "
             "hears either speaker.",
             f"Each CNN alone scores {', '.join(f'{a:.2%}' for a in member_accuracy)} on the test set "
-            f"(PyTorch); the served average of their logits over the mel warps {ev.accuracy:.2%}. "
+            f"(PyTorch); the served blend {ev.accuracy:.2%} (each half alone: docs/model-zoo.md). "
             "Ensembling was adopted after a "
             "single CNN stayed at 91.75 % (the previous shipped model) and a two-model average of two "
             "differently trained CNNs scored 92.67 % on this test set: the choice was made looking at "
@@ -693,8 +693,8 @@ def write_model_dir(model_dir: Path, model: Blend, ev: report.Evaluation, predic
             f"`{FINGERPRINT}` records the checksum and accuracy of the test set; "
             "tests/training/test_speech.py regenerates the test set, checks it is bit-identical and "
             "re-evaluates this graph on it.",
-            "Comparison architectures (one CNN alone, an MLP and a CRNN on the same features): "
-            "docs/model-zoo.md.",
+            "Comparison architectures (each half of the blend alone, one CNN alone, an MLP and a "
+            "CRNN on the same features): docs/model-zoo.md.",
         ],
     ).write(model_dir)
     print(f"wrote {model_dir}")
