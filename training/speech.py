@@ -254,9 +254,11 @@ class Blend(nn.Module):
         self.cnn_weight = cnn_weight
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        w = self.cnn_weight
-        return (w * F.log_softmax(self.cnn(waveform), dim=1)
-                + (1 - w) * F.log_softmax(self.embedding(waveform), dim=1))
+        return blend_logits(self.cnn(waveform), self.embedding(waveform), self.cnn_weight)
+
+
+def blend_logits(cnn: torch.Tensor, embedding: torch.Tensor, cnn_weight: float) -> torch.Tensor:
+    return cnn_weight * F.log_softmax(cnn, dim=1) + (1 - cnn_weight) * F.log_softmax(embedding, dim=1)
 
 
 @torch.no_grad()
@@ -326,6 +328,10 @@ def logits(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
 
 def predict(model: nn.Module, x: torch.Tensor, batch: int = 512) -> np.ndarray:
     return logits(model, x, batch).argmax(1).numpy()
+
+
+def accuracy(scores: torch.Tensor, labels: np.ndarray) -> float:
+    return float((scores.argmax(1).numpy() == labels).mean())
 
 
 def train(model: nn.Module, x_train: torch.Tensor, y_train: np.ndarray, x_val: torch.Tensor,
@@ -449,16 +455,16 @@ def main(args: argparse.Namespace) -> None:
     history["val accuracy (embedding head)"] = head_history["val accuracy"]
     embedding_classifier = speech_embedding.Classifier(embedder, head)
     x_telephone = log_mel(frontend, telephone_wave, scaled=True)
-    parts = {"cnn": (logits(classifier, x_val), logits(classifier, x_telephone)),
-             "embedding": (logits(head, e_val), logits(head, e_telephone))}
-    blend_accuracy = {}
-    for w in CNN_WEIGHTS:
-        blend_accuracy[w] = tuple(float(((w * F.log_softmax(parts["cnn"][k], 1) + (1 - w) * F.log_softmax(
-            parts["embedding"][k], 1)).argmax(1).numpy() == val.labels).mean()) for k in (0, 1))
-    cnn_weight = max(CNN_WEIGHTS, key=lambda w: sum(blend_accuracy[w]))
-    for name, (wide, narrow) in parts.items():
-        val_accuracy[f"{name} (telephone band)"] = float((narrow.argmax(1).numpy() == val.labels).mean())
-        val_accuracy[name] = float((wide.argmax(1).numpy() == val.labels).mean())
+    # Each half's logits on the validation clips as they are and through a telephone band.
+    halves = {"cnn": (logits(classifier, x_val), logits(classifier, x_telephone)),
+              "embedding": (logits(head, e_val), logits(head, e_telephone))}
+    blend_accuracy = {w: tuple(accuracy(blend_logits(cnn, embedding, w), val.labels)
+                               for cnn, embedding in zip(halves["cnn"], halves["embedding"]))
+                      for w in CNN_WEIGHTS}
+    cnn_weight = max(CNN_WEIGHTS, key=lambda w: sum(blend_accuracy[w]))  # wideband + telephone band
+    for name, (wide, narrow) in halves.items():
+        val_accuracy[name] = accuracy(wide, val.labels)
+        val_accuracy[f"{name} (telephone band)"] = accuracy(narrow, val.labels)
     val_accuracy["blend"], val_accuracy["blend (telephone band)"] = blend_accuracy[cnn_weight]
     print("validation (wideband / telephone band): " + "; ".join(
         f"CNN weight {w:g}: {a:.2%} / {b:.2%}" for w, (a, b) in blend_accuracy.items())
