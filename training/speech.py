@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from service.codecs.audio import decode
 from service.core.model_config import AudioPreprocessing, Batching, ModelConfig, TensorSpec
-from training import quality, recordings, report, speech_corpus, speech_embedding, zoo
+from training import fetch, quality, recordings, report, speech_corpus, speech_embedding, zoo
 from training.export import WithProbabilities, check_parity, cpu_session, export, onnx_predict
 from training.loop import fit
 from training.nets import conv_bn, parameter_count
@@ -231,9 +231,10 @@ class WarpAverage(nn.Module):
 
 
 class Served(nn.Module):
-    """The exported graph: waveform → log-mel → classifier → logits."""
+    """A waveform classifier: waveform → front end (log-mel, or the speech embedding) → classifier
+    → logits."""
 
-    def __init__(self, frontend: LogMel, classifier: nn.Module) -> None:
+    def __init__(self, frontend: nn.Module, classifier: nn.Module) -> None:
         super().__init__()
         self.frontend = frontend
         self.classifier = classifier
@@ -262,12 +263,13 @@ def blend_logits(cnn: torch.Tensor, embedding: torch.Tensor, cnn_weight: float) 
 
 
 @torch.no_grad()
-def log_mel(frontend: LogMel, audio: np.ndarray, batch: int = 256, scaled: bool = False) -> torch.Tensor:
-    """Features of int16 clips (or of float waveforms already in [-1, 1) when `scaled`)."""
+def features(frontend: nn.Module, audio: np.ndarray, batch: int = 256, scaled: bool = False) -> torch.Tensor:
+    """A frozen front end's features of int16 clips (or of float waveforms already in [-1, 1) when
+    `scaled`), computed once for training."""
     frontend.eval()
     to_float = (lambda a: a) if scaled else waveforms
     return torch.cat([frontend(torch.from_numpy(to_float(audio[i:i + batch])))
-                      for i in tqdm(range(0, len(audio), batch), desc="log-mel", leave=False)])
+                      for i in tqdm(range(0, len(audio), batch), desc="features", leave=False)])
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -411,14 +413,14 @@ def main(args: argparse.Namespace) -> None:
     print(f"{NAME}: {len(train_split.labels):,} train / {len(val.labels):,} val / {len(test.labels):,} test "
           f"clips ({synthesis_seconds:.0f} s to synthesize or load)")
     frontend = LogMel()
-    x_train, x_val = log_mel(frontend, train_split.audio), log_mel(frontend, val.audio)
+    x_train, x_val = features(frontend, train_split.audio), features(frontend, val.audio)
     test_wave = served_waveforms(test.audio)
     recipe = (lambda r: Recipe(**{**r.__dict__, "epochs": 1})) if args.fast else (lambda r: r)
 
     # The served model: an ensemble of CNNs trained from consecutive seeds.
     model_dir = args.models / NAME
     onnx_path = model_dir / "1" / "model.onnx"
-    x_test = log_mel(frontend, test_wave, scaled=True)
+    x_test = features(frontend, test_wave, scaled=True)
     members, history, member_seconds, member_accuracy = [], {}, [], []
     for k in range(SERVED_MEMBERS):
         cnn, member_history, cnn_seconds = train(CNN(SERVED_WIDTHS), x_train, train_split.labels, x_val,
@@ -433,8 +435,9 @@ def main(args: argparse.Namespace) -> None:
     seconds = sum(member_seconds)
     ensemble = Ensemble(members)
     classifier = WarpAverage(ensemble, SERVED_WARPS)
-    val_accuracy = {name: float((predict(m, x_val) == val.labels).mean())
-                    for name, m in (("plain", ensemble), ("warped", classifier))}
+    cnn_val = logits(classifier, x_val)
+    val_accuracy = {"plain": float((predict(ensemble, x_val) == val.labels).mean()),
+                    "warped": accuracy(cnn_val, val.labels)}
     print(f"validation accuracy: ensemble {val_accuracy['plain']:.2%}, averaged over mel warps "
           f"{SERVED_WARPS} {val_accuracy['warped']:.2%}")
     cnns = Served(frontend, classifier)
@@ -444,8 +447,8 @@ def main(args: argparse.Namespace) -> None:
     embedder = speech_embedding.Frontend()
     val_wave = waveforms(val.audio)
     telephone_wave = quality.telephone_band(val_wave)
-    e_train = speech_embedding.embed(embedder, waveforms(train_split.audio))
-    e_val, e_telephone = (speech_embedding.embed(embedder, w) for w in (val_wave, telephone_wave))
+    e_train = features(embedder, train_split.audio)
+    e_val, e_telephone = (features(embedder, w, scaled=True) for w in (val_wave, telephone_wave))
     head, head_history, _ = fit(speech_embedding.Head(len(LABELS)), e_train,
                                 torch.from_numpy(train_split.labels),
                                 validate=lambda m: float((predict(m, e_val) == val.labels).mean()),
@@ -453,13 +456,13 @@ def main(args: argparse.Namespace) -> None:
                                 augment=speech_embedding.drop_windows)
     head_seconds = time.perf_counter() - started_head
     history["val accuracy (embedding head)"] = head_history["val accuracy"]
-    embedding_classifier = speech_embedding.Classifier(embedder, head)
-    x_telephone = log_mel(frontend, telephone_wave, scaled=True)
+    embedding_classifier = Served(embedder, head)
+    x_telephone = features(frontend, telephone_wave, scaled=True)
     # Each half's logits on the validation clips as they are and through a telephone band.
-    halves = {"cnn": (logits(classifier, x_val), logits(classifier, x_telephone)),
+    halves = {"cnn": (cnn_val, logits(classifier, x_telephone)),
               "embedding": (logits(head, e_val), logits(head, e_telephone))}
     blend_accuracy = {w: tuple(accuracy(blend_logits(cnn, embedding, w), val.labels)
-                               for cnn, embedding in zip(halves["cnn"], halves["embedding"]))
+                               for cnn, embedding in zip(halves["cnn"], halves["embedding"], strict=True))
                       for w in CNN_WEIGHTS}
     cnn_weight = max(CNN_WEIGHTS, key=lambda w: sum(blend_accuracy[w]))  # wideband + telephone band
     for name, (wide, narrow) in halves.items():
@@ -547,7 +550,8 @@ def write_model_dir(model_dir: Path, model: Blend, ev: report.Evaluation, predic
     }, indent=2) + "\n")
     report.plot_confusion(ev, LABELS, model_dir / "confusion_matrix.png",
                           "Spoken digits, CNNs + speech embedding (ONNX, unseen voices)")
-    report.plot_curves(history, model_dir / "training_curves.png", "Spoken digits: CNNs and the embedding head")
+    report.plot_curves(history, model_dir / "training_curves.png",
+                       "Spoken digits: CNNs and the embedding head")
     r = SERVED_RECIPE
     per_engine = "; ".join(f"{'silence (no voice)' if e == 'none' else e} {acc:.2%} of {k:,} clips"
                            for e, (acc, k) in engine_accuracy(test, predicted).items())
@@ -572,7 +576,8 @@ def write_model_dir(model_dir: Path, model: Blend, ev: report.Evaluation, predic
                  "uploads with `service.codecs.audio`) and computes its own features. It returns "
                  f"`logits` (the blended log-probabilities) and `probabilities` [N, {n}] over "
                  f"{', '.join(LABELS)}."),
-        architecture=(f"CNN half: {SERVED_MEMBERS} CNNs (seeds {args.seed}…{args.seed + SERVED_MEMBERS - 1}) on "
+        architecture=(f"CNN half: {SERVED_MEMBERS} CNNs "
+                      f"(seeds {args.seed}…{args.seed + SERVED_MEMBERS - 1}) on "
                       f"a log-mel image (a {WINDOW / 16:g} ms Hann-windowed STFT every {HOP / 16:g} ms as a "
                       f"convolution with fixed DFT kernels, power, {N_MELS} mel bands 20–7600 Hz, "
                       f"log(x + {LOG_EPS:g}), per-utterance mean removal), each run with its mel axis "
@@ -611,7 +616,7 @@ def write_model_dir(model_dir: Path, model: Blend, ev: report.Evaluation, predic
             "graphs `melspectrogram.onnx` and `embedding_model.onnx` of the PyPI wheel "
             "openwakeword==0.4.0 (Apache-2.0 code; the wheel's wake-word models, not used here, are "
             "CC BY-NC-SA 4.0), wheel sha256 "
-            f"{speech_embedding.fetch.ARCHIVES[speech_embedding.PACKAGE].sha256}, graphs "
+            f"{fetch.ARCHIVES[speech_embedding.PACKAGE].sha256}, graphs "
             + ", ".join(f"`{k}` {v}" for k, v in speech_embedding.GRAPHS.items()) + "; their weights "
             "are read into PyTorch layers (embeddings within 1e-4 of the package's graphs run one "
             "clip at a time, tests/training/test_speech_embedding.py) and stay frozen.",

@@ -193,23 +193,3 @@ def drop_windows(x: torch.Tensor, gen: torch.Generator, p: float = 0.15) -> torc
     """Training augmentation on precomputed embeddings: each window zeroed with probability `p`."""
     keep = (torch.rand(x.shape[0], x.shape[1], 1, generator=gen) > p).to(x.dtype)
     return x * keep
-
-
-class Classifier(nn.Module):
-    """Waveform → logits through the frozen front end and a trained head."""
-
-    def __init__(self, frontend: Frontend, head: Head) -> None:
-        super().__init__()
-        self.frontend = frontend
-        self.head = head
-
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        return self.head(self.frontend(waveform))
-
-
-@torch.no_grad()
-def embed(frontend: Frontend, waveforms: np.ndarray, batch: int = 128) -> torch.Tensor:
-    """Embeddings of float waveforms [N, samples], computed once: the front end is frozen."""
-    frontend.eval()
-    return torch.cat([frontend(torch.from_numpy(waveforms[i:i + batch]))
-                      for i in range(0, len(waveforms), batch)])

@@ -47,7 +47,7 @@ def test_embeddings_equal_the_package_graphs_window_by_window(package_sessions, 
     with torch.no_grad():
         ours = frontend(torch.from_numpy(clips)).numpy()
     assert ours.shape == (len(clips), speech_embedding.windows(len(clips[0])), speech_embedding.EMBEDDING)
-    for clip, mine in zip(clips, ours):
+    for clip, mine in zip(clips, ours, strict=True):
         theirs = package_embeddings(package_sessions, clip)
         assert theirs.shape == mine.shape
         # Values run to about 100; what is left is float rounding of a different summation order.
@@ -71,7 +71,7 @@ def test_a_clips_embeddings_do_not_depend_on_its_batch(package_sessions, fronten
 
 def test_a_changed_graph_fails_its_checksum(monkeypatch):
     monkeypatch.setitem(speech_embedding.GRAPHS, "embedding_model.onnx", "0" * 64)
-    with pytest.raises(DataMissing, match="openwakeword==0.4.0"):
+    with pytest.raises(DataMissing, match=r"openwakeword==0\.4\.0"):
         speech_embedding.graph("embedding_model.onnx")
     assert fetch.ARCHIVES[speech_embedding.PACKAGE].filename == "openwakeword-0.4.0-py3-none-any.whl"
 
