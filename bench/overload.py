@@ -19,7 +19,10 @@ Reported per point: offered rate, goodput (200s a second) as a share of capacity
 the server's own time for each admitted (200) request, from its `Server-Timing` total counted by
 `paced.lua` in 0.5 ms steps, against the bound the model sets (its `max_queue_wait_ms` and the mean
 compute time of a batch), and from the server's Prometheus histograms the same time and the queue
-time (percentiles interpolated within their buckets).
+time (percentiles interpolated within their buckets). Where the server's CPU went over the point:
+its share busy, its event loops' share (the rest is the compute threads and decoding pool), how
+long its CPUs stood idle — goodput lost while idle was lost to refusing too much, not to the cost
+of refusing — and its rejections by reason.
 """
 
 from __future__ import annotations
@@ -119,6 +122,28 @@ def wait_bound_s(text: str | None, model: str) -> float:
     return math.nan
 
 
+def cpu_idle_s(cpus: list[int]) -> float:
+    """Idle seconds so far of `cpus` (idle + iowait in /proc/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = 0.0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            idle += (int(fields[3]) + int(fields[4])) / tick
+    return idle
+
+
+def rejections(text: str | None, model: str) -> dict[str, float]:
+    """`neuroserve_rejections_total` of `model` by reason."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text or ""):
+        if family.name == "neuroserve_rejections":
+            for s in family.samples:
+                if s.name.endswith("_total") and s.labels.get("model") == model:
+                    out[s.labels["reason"]] = out.get(s.labels["reason"], 0.0) + s.value
+    return out
+
+
 def pin(pids: list[int], cpus: str) -> None:
     """Every thread of `pids` onto `cpus` (`taskset -a`: threads started since inherit it)."""
     for pid in pids:
@@ -132,6 +157,7 @@ def run_variant(code: Path, repository: Path, model: str, factors: list[float], 
     request = requests_for(w, "v2-json")[0]
     max_queue_wait_ms = load_model_config(repository / model).batching.max_queue_wait_ms
     server = start(code, repository, workers)
+    cpus = parse_cpus(server_cpus) if server_cpus is not None else sorted(os.sched_getaffinity(0))
     try:
         if server_cpus is not None:
             pin([server.proc.pid, *server.worker_pids()], server_cpus)
@@ -142,8 +168,12 @@ def run_variant(code: Path, repository: Path, model: str, factors: list[float], 
             time.sleep(1)  # let the queue empty
             text = server_metrics.scrape(server.base_url)
             before, admitted_before = server_metrics.parse(text), admitted_durations(text, model)
+            rejected_before = rejections(text, model)
+            cpu_before = (server.cpu_seconds(), server.loop_cpu_seconds(), cpu_idle_s(cpus), time.monotonic())
             point = paced(server.port, request, rate=factor * capacity["rps"], duration_s=duration_s,
                           connections=connections)
+            cpu_after = (server.cpu_seconds(), server.loop_cpu_seconds(), cpu_idle_s(cpus), time.monotonic())
+            cpu, loop_cpu, idle, wall = (b - a for a, b in zip(cpu_before, cpu_after, strict=True))
             text = server_metrics.scrape(server.base_url)
             after, admitted_after = server_metrics.parse(text), admitted_durations(text, model)
             observed = server_metrics.delta(before, after, model)
@@ -151,20 +181,32 @@ def run_variant(code: Path, repository: Path, model: str, factors: list[float], 
             # The bar: admitted p99 within the model's max_queue_wait_ms and one batch's compute.
             bound_ms = max_queue_wait_ms + observed.get("compute_s", {}).get("mean", math.nan) * 1000
             admitted = {le: c - admitted_before.get(le, 0.0) for le, c in admitted_after.items()}
+            rejected = {reason: n - rejected_before.get(reason, 0.0)
+                        for reason, n in rejections(text, model).items()}
             point.update(factor=factor, goodput_share=point["goodput_rps"] / capacity["rps"],
                          server_admitted_p50_ms=server_metrics.quantile(admitted, 0.5) * 1000,
                          server_admitted_p99_ms=server_metrics.quantile(admitted, 0.99) * 1000,
                          server_queue_p50_ms=queue.get("p50", math.nan) * 1000,
                          server_queue_p99_ms=queue.get("p99", math.nan) * 1000,
                          max_queue_wait_ms=max_queue_wait_ms, admitted_bound_ms=bound_ms,
-                         admission_bound_ms_after=wait_bound_s(text, model) * 1000)
+                         admission_bound_ms_after=wait_bound_s(text, model) * 1000,
+                         # Where the server's CPU went: its event loops, the rest (compute threads,
+                         # decoding pool), and how much of its CPUs stayed idle (work lost to
+                         # refusing too much rather than to the cost of refusing).
+                         server_cpu_busy=cpu / wall / len(cpus),
+                         server_loop_cpu_share=loop_cpu / wall / len(cpus),
+                         server_cpus_idle=idle / wall / len(cpus),
+                         server_rejections={k: n for k, n in rejected.items() if n})
             points.append(point)
             print(f"  {factor:g}x: offered {point['offered_rps']:.0f}/s, "
                   f"goodput {point['goodput_rps']:.0f}/s "
                   f"({point['goodput_share']:.0%}), refused {point['refused']}, socket errors "
                   f"{point['socket_errors']}, admitted p99 {point['admitted_p99_ms']:.1f} ms (bound "
                   f"{bound_ms:.1f} ms; histogram {point['server_admitted_p99_ms']:.1f} ms), "
-                  f"queue p99 {point['server_queue_p99_ms']:.1f} ms", flush=True)
+                  f"queue p99 {point['server_queue_p99_ms']:.1f} ms; server CPU "
+                  f"{point['server_cpu_busy']:.0%} (loop {point['server_loop_cpu_share']:.0%}), its CPUs "
+                  f"idle {point['server_cpus_idle']:.0%}; rejections {point['server_rejections']}",
+                  flush=True)
         return {"capacity_rps": capacity["rps"], "capacity_p99_ms": capacity["p99_ms"],
                 "capacity_refused": capacity["errors_status"], "points": points}
     finally:

@@ -4,8 +4,8 @@
 
 Under overload most requests are refused, and each refusal's cost is taken from the requests the
 worker serves (docs/benchmarks.md, "Overload"). To measure that cost alone, the server is started
-with `Batcher.refusal` replaced by one that always refuses (here, in the launcher: the service has
-no such switch), pinned to CPU 0 with `wrk` on the others; `wrk` sends fashion-mnist V2 JSON
+with `Batcher.refusal` and `Batcher.refuses` replaced by ones that always refuse (here, in the
+launcher: the service has no such switch), pinned to CPU 0 with `wrk` on the others; `wrk` sends fashion-mnist V2 JSON
 requests over `--connections` keep-alive connections. Reported per variant and connection count:
 the median over rounds of refusals a second and of the server's CPU time per refusal (its
 `/proc/<pid>/stat` user + system time over the run, divided by the requests `wrk` counted). The
@@ -38,6 +38,7 @@ ALWAYS_REFUSE = (
     "    return QueueFull('expected queue wait 250 ms exceeds max_queue_wait_ms 100',"
     " headers={'Retry-After': '1'})\n"
     "batching.Batcher.refusal = refusal\n"
+    "batching.Batcher.refuses = lambda self, rows=1, priority=0: True\n"
 )
 
 

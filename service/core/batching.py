@@ -81,6 +81,11 @@ RESERVATION_S = 0.05
 OVER_SHARE = 0.005
 SCALE_STEP = 0.01
 MIN_SCALE = 0.5
+# The event loop's lag is measured only as batches come back; with none in flight it is judged
+# by a measurement that ages, so its weight halves every this many seconds. Without it, one stall
+# measured long enough to refuse every request stayed in force: nothing was admitted, no batch came
+# back to measure a quieter loop, and the model refused everything while its CPU stood idle.
+LAG_HALF_LIFE_S = 0.05
 
 RunFn = Callable[[int, dict[str, np.ndarray]], Sequence[np.ndarray]]
 # Called with (merged inputs, outputs) of every batch, in the compute thread.
@@ -188,6 +193,7 @@ class Batcher:
         # the queue drains, whatever limits it (compute, or an event loop busy with requests).
         self._cycle_seconds = 0.0
         self._loop_lag = 0.0  # moving average of how late the event loop takes a computed batch back
+        self._lag_at = 0.0  # perf_counter() when it was last measured
         self._last_dispatch = 0.0
         self._backlogged = False  # rows were left waiting when the last batch was dispatched
         self._class_rows: dict[int, int] = {}  # queued rows by priority class
@@ -322,6 +328,10 @@ class Batcher:
             message = f"expected queue wait {wait * 1000:.0f} ms exceeds {bound}"
         return QueueFull(message, headers={"Retry-After": str(self._retry_after())})
 
+    def refuses(self, rows: int = 1, priority: int = 0) -> bool:
+        """Whether `refusal` would refuse such a request, without writing the refusal."""
+        return self._judge(rows, priority) is not None
+
     def refusing_for(self, rows: int = 1, priority: int = 0) -> float:
         """Seconds for which such a request would still be refused if nothing more arrived (0: it
         would be admitted now): what an executor process tells the front-ends, which then refuse
@@ -382,7 +392,10 @@ class Batcher:
         # Per batch, not per row: when the event loop is what holds batches back, a batch leaves
         # as late whatever its size, and more rows only make it fuller.
         batches = sum(self._jobs) + queued_rows // self.policy.max_batch_size
-        return max(computing, batches * self._cycle_seconds) + 2 * self._loop_lag
+        lag = self._loop_lag
+        if lag:
+            lag *= 0.5 ** ((perf_counter() - self._lag_at) / LAG_HALF_LIFE_S)
+        return max(computing, batches * self._cycle_seconds) + 2 * lag
 
     def _over_bounds(self) -> bool:
         policy = self.policy
@@ -704,6 +717,7 @@ class Batcher:
         # Up at once, down slowly: when overload begins, the queue must not fill on the lag of
         # a quiet loop before an average has caught up.
         self._loop_lag = lag if lag > self._loop_lag else 0.9 * self._loop_lag + 0.1 * lag
+        self._lag_at = end
         if tracing.enabled:
             self._trace(batch, results, start, start + input_s + infer_s + output_s, rows, padding,
                         len(calls), instance)

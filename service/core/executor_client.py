@@ -84,6 +84,9 @@ class RemoteBatcher:
             return None
         return _refusing(self.client, self.model)
 
+    def refuses(self, rows: int = 1, priority: int = 0) -> bool:
+        return self.refusal(rows, priority) is not None
+
     def reserve(self, rows: int = 1) -> None:
         return None
 

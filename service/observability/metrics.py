@@ -8,6 +8,7 @@ memory and CPU with a `pid` label.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 from bisect import bisect_left
@@ -227,15 +228,7 @@ class ModelMetrics:
         A bucket shows only its latest exemplar, and scrapes are seconds apart: one per request
         would cost every traced request prometheus-client's label validation for nothing, while a
         request in a bucket that is rarely hit (the slow ones) still becomes its exemplar."""
-        children = self._requests.get((endpoint, status))
-        if children is None:
-            children = (
-                REQUEST_DURATION.labels(self.model, self.version, self.provider, endpoint, str(status),
-                                        protocol_of(endpoint)),
-                REQUESTS.labels(self.model, self.version, endpoint, outcome(status), protocol_of(endpoint)),
-                [0.0] * (len(LATENCY_BUCKETS) + 1),
-            )
-            self._requests[(endpoint, status)] = children
+        children = self._request_children(endpoint, status)
         if trace_id is not None:
             due = children[2]
             bucket = bisect_left(LATENCY_BUCKETS, seconds)
@@ -248,6 +241,26 @@ class ModelMetrics:
                 return
         children[0].observe(seconds)
         children[1].inc()
+
+    def requests_refused(self, endpoint: str, durations: Sequence[float]) -> None:
+        """Count refused (429) requests that took `durations`."""
+        duration, count, _ = self._request_children(endpoint, 429)
+        observe_many(duration, durations)
+        count.inc(len(durations))
+
+    def _request_children(self, endpoint: str, status: int) -> tuple[Histogram, Counter, list[float]]:
+        """The duration histogram's and the request counter's children for one endpoint and status,
+        and the times when each duration bucket may next take an exemplar."""
+        children = self._requests.get((endpoint, status))
+        if children is None:
+            children = (
+                REQUEST_DURATION.labels(self.model, self.version, self.provider, endpoint, str(status),
+                                        protocol_of(endpoint)),
+                REQUESTS.labels(self.model, self.version, endpoint, outcome(status), protocol_of(endpoint)),
+                [0.0] * (len(LATENCY_BUCKETS) + 1),
+            )
+            self._requests[(endpoint, status)] = children
+        return children
 
     def predictions(self, scores: np.ndarray) -> None:
         """Count top-1 labels and observe top-1 confidence for a (rows, classes) score matrix."""
@@ -286,13 +299,50 @@ def request_without_model(endpoint: str, status: int, seconds: float, model: str
 _rejections: dict[tuple[str, str], Counter] = {}
 
 
-def reject(model: str, reason: str) -> None:
+def reject(model: str, reason: str, n: int = 1) -> None:
     child = _rejections.get((model, reason))
     if child is None:
         if len(_rejections) >= 4096:  # model names come from requests' paths
             _rejections.clear()
         child = _rejections[(model, reason)] = REJECTIONS.labels(model, reason)
-    child.inc()
+    child.inc(n)
+
+
+# Refusals from requests' heads, counted in plain numbers and written to the metrics at most every
+# `REFUSAL_FLUSH_S` (and before every scrape): under overload they come by the ten thousand a second,
+# and two metric writes (a lock each, and a memory-mapped file with several workers) were a tenth of
+# a refusal's cost (docs/benchmarks.md, "Refusals counted in bulk").
+REFUSAL_FLUSH_S = 0.25
+# (model, id of its ModelMetrics, endpoint) -> (that ModelMetrics, the refusals' durations)
+_refusals: dict[tuple[str, int, str], tuple[ModelMetrics | None, list[float]]] = {}
+_refusal_flush: asyncio.TimerHandle | None = None
+
+
+def defer_refusal(model: str, model_metrics: ModelMetrics | None, endpoint: str, seconds: float) -> None:
+    """A 429 (reason queue_full) for `model` that took `seconds`: counted like `reject` and
+    `ModelMetrics.request` would, within `REFUSAL_FLUSH_S`."""
+    global _refusal_flush
+    key = (model, id(model_metrics), endpoint)
+    pending = _refusals.get(key)
+    if pending is None:
+        pending = _refusals[key] = (model_metrics, [])
+    pending[1].append(seconds)
+    if _refusal_flush is None:
+        _refusal_flush = asyncio.get_running_loop().call_later(REFUSAL_FLUSH_S, flush_refusals)
+
+
+def flush_refusals() -> None:
+    """Write the refusals `defer_refusal` counted to the metrics."""
+    global _refusal_flush
+    if _refusal_flush is not None:
+        _refusal_flush.cancel()
+        _refusal_flush = None
+    pending = list(_refusals.items())
+    _refusals.clear()
+    for (model, _, endpoint), (model_metrics, durations) in pending:
+        reject(model, "queue_full", len(durations))
+        if model_metrics is not None:
+            model_metrics.requests_refused(endpoint, durations)
 
 
 class WorkerProcessCollector:
@@ -367,6 +417,7 @@ def process_exited(pid: int | None) -> None:
 def exposition(openmetrics: bool = False) -> tuple[bytes, str]:
     """The text format, or OpenMetrics (which Prometheus asks for first) when the scraper accepts
     it: only OpenMetrics carries exemplars, the trace ids on request durations."""
+    flush_refusals()
     if openmetrics:
         return openmetrics_latest(registry()), OPENMETRICS_CONTENT_TYPE
     return generate_latest(registry()), CONTENT_TYPE_LATEST

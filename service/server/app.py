@@ -218,6 +218,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await state.load_task
             await state.executor.close()
             await asyncio.to_thread(tracing.shutdown)
+            metrics.flush_refusals()
             metrics.worker_stopped()
             gc.unfreeze()  # what this app held may be garbage now (several apps in one process: tests)
             gc.set_threshold(*gc_thresholds)

@@ -10,7 +10,15 @@ import time
 import numpy as np
 import pytest
 
-from service.core.batching import HANDED_AHEAD, MIN_SCALE, RESERVATION_S, Batcher, BatchPolicy, InputLayout
+from service.core.batching import (
+    HANDED_AHEAD,
+    LAG_HALF_LIFE_S,
+    MIN_SCALE,
+    RESERVATION_S,
+    Batcher,
+    BatchPolicy,
+    InputLayout,
+)
 from service.errors import DeadlineExceeded, PayloadTooLarge, QueueFull
 from service.observability.metrics import ModelMetrics
 from service.observability.stats import Stats
@@ -328,11 +336,13 @@ def test_answers_slower_than_max_queue_wait_lower_the_admission_bound_and_faster
     assert raised > lowered
 
 
-def test_a_busy_event_loop_counts_in_the_expected_wait():
+def test_a_busy_event_loop_counts_in_the_expected_wait_until_its_measurement_ages():
     """A batch the event loop takes back late (here: the loop blocked for 40 ms while a 10 ms batch
     computes) makes its requests wait past their queue; the next request expects that lag twice
     (the batch's return and its own task's turn) and is refused against a 50 ms bound although
-    nothing is queued or computing."""
+    nothing is queued or computing. With no batch in flight to measure a quieter loop, the
+    measurement's weight halves every LAG_HALF_LIFE_S: requests are admitted again, instead of
+    being refused for good while nothing computes."""
     async def scenario():
         b = _bounded_batcher(0.01)
         b.start()
@@ -343,12 +353,15 @@ def test_a_busy_event_loop_counts_in_the_expected_wait():
         time.sleep(0.04)  # the event loop busy elsewhere meanwhile
         await late
         busy = b.refusal(1, 0)
+        await asyncio.sleep(3 * LAG_HALF_LIFE_S)  # nothing computes meanwhile
+        aged = b.refusal(1, 0)
         await b.close()
-        return quiet, busy
+        return quiet, busy, aged
 
-    quiet, busy = asyncio.run(scenario())
+    quiet, busy, aged = asyncio.run(scenario())
     assert quiet is None
     assert isinstance(busy, QueueFull) and "expected queue wait" in busy.message
+    assert aged is None
 
 
 def test_rows_admitted_from_heads_count_ahead_until_queued_or_forgotten():

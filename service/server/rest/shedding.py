@@ -33,6 +33,13 @@ from service.server.state import ServiceState
 
 HeadRefusal = Callable[[bytes, float], bytes | bool | None]
 
+# A refused request's response is kept per path for this long and sent again to the heads that
+# are refused meanwhile, its message (the expected wait) up to that much older: under overload
+# hundreds of heads a millisecond are refused, and writing each one's message and error cost a
+# tenth of a refusal. Each head is still judged by the queue (`Batcher.refuses`), whose answer
+# changes with every batch that leaves it.
+RESPONSE_REUSE_S = 0.005
+
 
 # The V2 infer routes' own patterns: the route table decides what an infer path is, here as for the
 # router, rather than a second matcher written by hand.
@@ -79,16 +86,24 @@ def refuser(state: ServiceState, gate: Gate) -> HeadRefusal:
             batcher = mv.serving_batcher(version is not None)
         except ServiceError:
             return None  # not found, not ready: the route says so
-        refused = batcher.refusal(1, 0)
-        if refused is None:
-            batcher.reserve(1)
-            return True
-        metrics.reject(model, "queue_full")
-        if mv.metrics is not None:
-            mv.metrics.request("v2_infer", 429, perf_counter() - started)
-        before, after = _response(refused.message, refused.code, tuple(refused.headers.items()))
-        return before + new_request_id().encode() + after
+        now = perf_counter()
+        held = holds.get(path)
+        if held is not None and now < held[0]:
+            if not batcher.refuses(1, 0):
+                batcher.reserve(1)
+                return True
+        else:
+            refused = batcher.refusal(1, 0)
+            if refused is None:
+                batcher.reserve(1)
+                return True
+            held = holds[path] = (now + RESPONSE_REUSE_S,
+                                  *_response(refused.message, refused.code, tuple(refused.headers.items())))
+        metrics.defer_refusal(model, mv.metrics, "v2_infer", now - started)
+        return held[1] + new_request_id().encode() + held[2]
 
+    # Per path: (perf_counter() until which its response is reused, the response around its id).
+    holds: dict[bytes, tuple[float, bytes, bytes]] = {}
     return refuse
 
 
