@@ -5,13 +5,13 @@
 Under overload most requests are refused, and each refusal's cost is taken from the requests the
 worker serves (docs/benchmarks.md, "Overload"). To measure that cost alone, the server is started
 with `Batcher.refusal` and `Batcher.refuses` replaced by ones that always refuse (here, in the
-launcher: the service has no such switch), pinned to CPU 0 with `wrk` on the others; `wrk` sends fashion-mnist V2 JSON
-requests over `--connections` keep-alive connections. Reported per variant and connection count:
-the median over rounds of refusals a second and of the server's CPU time per refusal (its
-`/proc/<pid>/stat` user + system time over the run, divided by the requests `wrk` counted). The
-variants (this working tree, and REF from `git archive`) take turns within each round. `--bare` adds
-the floor: a uvloop protocol that feeds httptools and writes a fixed 429 for every request, nothing
-else.
+launcher: the service has no such switch), pinned to CPU 0 with `wrk` on the others; `wrk` sends
+fashion-mnist V2 JSON requests over `--connections` keep-alive connections. Reported per variant
+and connection count: the median over rounds of refusals a second and of the server's CPU time per
+refusal (its `/proc/<pid>/stat` user + system time over the run, divided by the requests `wrk`
+counted). The variants (this working tree, and REF from `git archive`) take turns within each
+round. `--bare` adds the floor: a uvloop protocol that feeds httptools and writes a fixed 429 for
+every request, nothing else.
 """
 
 from __future__ import annotations
