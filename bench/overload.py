@@ -42,7 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench import metrics as server_metrics
 from bench.executor import base_checkout, start
 from bench.load import closed_loop, write_manifest, wrk_result
-from bench.servers import HOST
+from bench.servers import HOST, Server
 from bench.workloads import Request, load_workload, requests_for
 from service.core.model_config import load_model_config
 
@@ -144,6 +144,20 @@ def rejections(text: str | None, model: str) -> dict[str, float]:
     return out
 
 
+def cpu_sample(server: Server, cpus: list[int]) -> tuple[float, float, float, float]:
+    """(the server's CPU seconds, its event loops' CPU seconds, idle seconds of `cpus`, now)."""
+    return server.cpu_seconds(), server.loop_cpu_seconds(), cpu_idle_s(cpus), time.monotonic()
+
+
+def cpu_use(before: tuple, after: tuple, n_cpus: int) -> dict[str, float]:
+    """Where the server's CPUs went between two samples, as shares of them: busy with the server,
+    with its event loops (the rest is the compute threads and decoding pool), and idle (work lost
+    while idle was lost to refusing too much, not to the cost of refusing)."""
+    cpu, loop_cpu, idle, wall = (b - a for a, b in zip(before, after, strict=True))
+    return {"server_cpu_busy": cpu / wall / n_cpus, "server_loop_cpu_share": loop_cpu / wall / n_cpus,
+            "server_cpus_idle": idle / wall / n_cpus}
+
+
 def pin(pids: list[int], cpus: str) -> None:
     """Every thread of `pids` onto `cpus` (`taskset -a`: threads started since inherit it)."""
     for pid in pids:
@@ -162,18 +176,19 @@ def run_variant(code: Path, repository: Path, model: str, factors: list[float], 
         if server_cpus is not None:
             pin([server.proc.pid, *server.worker_pids()], server_cpus)
         closed_loop(server.port, [request], concurrency=32, duration_s=2)  # warm-up
+        before = cpu_sample(server, cpus)
         capacity = closed_loop(server.port, [request], concurrency=32, duration_s=capacity_s)
+        capacity_cpu = cpu_use(before, cpu_sample(server, cpus), len(cpus))
         points = []
         for factor in factors:
             time.sleep(1)  # let the queue empty
             text = server_metrics.scrape(server.base_url)
             before, admitted_before = server_metrics.parse(text), admitted_durations(text, model)
             rejected_before = rejections(text, model)
-            cpu_before = (server.cpu_seconds(), server.loop_cpu_seconds(), cpu_idle_s(cpus), time.monotonic())
+            cpu_before = cpu_sample(server, cpus)
             point = paced(server.port, request, rate=factor * capacity["rps"], duration_s=duration_s,
                           connections=connections)
-            cpu_after = (server.cpu_seconds(), server.loop_cpu_seconds(), cpu_idle_s(cpus), time.monotonic())
-            cpu, loop_cpu, idle, wall = (b - a for a, b in zip(cpu_before, cpu_after, strict=True))
+            cpu_used = cpu_use(cpu_before, cpu_sample(server, cpus), len(cpus))
             text = server_metrics.scrape(server.base_url)
             after, admitted_after = server_metrics.parse(text), admitted_durations(text, model)
             observed = server_metrics.delta(before, after, model)
@@ -190,13 +205,7 @@ def run_variant(code: Path, repository: Path, model: str, factors: list[float], 
                          server_queue_p99_ms=queue.get("p99", math.nan) * 1000,
                          max_queue_wait_ms=max_queue_wait_ms, admitted_bound_ms=bound_ms,
                          admission_bound_ms_after=wait_bound_s(text, model) * 1000,
-                         # Where the server's CPU went: its event loops, the rest (compute threads,
-                         # decoding pool), and how much of its CPUs stayed idle (work lost to
-                         # refusing too much rather than to the cost of refusing).
-                         server_cpu_busy=cpu / wall / len(cpus),
-                         server_loop_cpu_share=loop_cpu / wall / len(cpus),
-                         server_cpus_idle=idle / wall / len(cpus),
-                         server_rejections={k: n for k, n in rejected.items() if n})
+                         **cpu_used, server_rejections={k: n for k, n in rejected.items() if n})
             points.append(point)
             print(f"  {factor:g}x: offered {point['offered_rps']:.0f}/s, "
                   f"goodput {point['goodput_rps']:.0f}/s "
@@ -208,6 +217,7 @@ def run_variant(code: Path, repository: Path, model: str, factors: list[float], 
                   f"idle {point['server_cpus_idle']:.0%}; rejections {point['server_rejections']}",
                   flush=True)
         return {"capacity_rps": capacity["rps"], "capacity_p99_ms": capacity["p99_ms"],
+                "capacity_cpu": capacity_cpu,
                 "capacity_refused": capacity["errors_status"], "points": points}
     finally:
         server.stop()
@@ -261,8 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                 result["variants"][name] = run_variant(base_code, *knobs)
         else:
             result["variants"][name] = run_variant(code, *knobs)
-        print(f"  capacity {result['variants'][name]['capacity_rps']:.0f}/s "
-              f"({result['variants'][name]['capacity_refused']} refused)", flush=True)
+        v = result["variants"][name]
+        cpu = v["capacity_cpu"]
+        print(f"  capacity {v['capacity_rps']:.0f}/s ({v['capacity_refused']} refused); server CPU "
+              f"{cpu['server_cpu_busy']:.0%} (loop {cpu['server_loop_cpu_share']:.0%})", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
