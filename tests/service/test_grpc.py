@@ -289,10 +289,20 @@ def test_a_request_past_its_timeout_is_deadline_exceeded_and_counted(
         client.infer(test_models.image, [_pixels(_images(10))], timeout=1)
     assert e.value.status() == "StatusCode.DEADLINE_EXCEEDED"
     assert shed() == before + 1
-    # The call's own gRPC deadline, as short: the same status, whichever side notices first.
-    with pytest.raises(InferenceServerException) as e:
-        client.infer(test_models.image, [_pixels(_images(11))], client_timeout=1e-6)
-    assert e.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    # The call's own gRPC deadline, as short: the same status, whichever side notices first. gRPC
+    # keeps deadlines in milliseconds, so a tiny model may still answer before its timer fires: a
+    # call is either answered or DEADLINE_EXCEEDED, and a few tries see the deadline.
+    statuses = []
+    for _ in range(10):
+        try:
+            client.infer(test_models.image, [_pixels(_images(11))], client_timeout=1e-6)
+            statuses.append("answered")
+        except InferenceServerException as err:
+            statuses.append(err.status())
+            if err.status() == "StatusCode.DEADLINE_EXCEEDED":
+                break
+    assert statuses[-1] == "StatusCode.DEADLINE_EXCEEDED" and set(statuses) <= {
+        "answered", "StatusCode.DEADLINE_EXCEEDED"}, statuses
 
 
 def test_grpc_port_in_use_fails_the_start(test_models: TestModels, tmp_path: Path):
