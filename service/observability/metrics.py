@@ -316,19 +316,23 @@ REFUSAL_FLUSH_S = 0.25
 # (model, id of its ModelMetrics, endpoint) -> (that ModelMetrics, the refusals' durations)
 _refusals: dict[tuple[str, int, str], tuple[ModelMetrics | None, list[float]]] = {}
 _refusal_flush: asyncio.TimerHandle | None = None
+_refusal_flush_loop: asyncio.AbstractEventLoop | None = None
 
 
 def defer_refusal(model: str, model_metrics: ModelMetrics | None, endpoint: str, seconds: float) -> None:
     """A 429 (reason queue_full) for `model` that took `seconds`: counted like `reject` and
     `ModelMetrics.request` would, within `REFUSAL_FLUSH_S`."""
-    global _refusal_flush
+    global _refusal_flush, _refusal_flush_loop
     key = (model, id(model_metrics), endpoint)
     pending = _refusals.get(key)
     if pending is None:
         pending = _refusals[key] = (model_metrics, [])
     pending[1].append(seconds)
-    if _refusal_flush is None:
-        _refusal_flush = asyncio.get_running_loop().call_later(REFUSAL_FLUSH_S, flush_refusals)
+    loop = asyncio.get_running_loop()
+    # A flush left on another loop (one that closed before it fired: tests run several) never runs.
+    if _refusal_flush is None or _refusal_flush_loop is not loop:
+        _refusal_flush = loop.call_later(REFUSAL_FLUSH_S, flush_refusals)
+        _refusal_flush_loop = loop
 
 
 def flush_refusals() -> None:

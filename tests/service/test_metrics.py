@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import socket
@@ -13,7 +14,9 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
+from service.observability import metrics
 from tests.service import media
 from tests.service.conftest import SERVED_PROVIDER, Server, TestModels, start_server
 
@@ -332,3 +335,33 @@ def test_a_duration_bucket_takes_an_exemplar_at_most_every_interval_and_a_rare_b
     time.sleep(EXEMPLAR_INTERVAL_S)
     m.request("v2_infer", 200, 0.0004, "d" * 32)
     assert "d" * 32 in generate_latest(REGISTRY).decode()
+
+
+def test_refusals_from_heads_are_counted_within_the_flush_interval_without_a_scrape():
+    """Refusals from requests' heads are counted in plain numbers and written to the metrics every
+    REFUSAL_FLUSH_S (a scrape writes them at once): with several workers the scrape reaches one
+    worker, and the others' refusals must still arrive on their own."""
+    model_metrics = metrics.ModelMetrics("deferred-test", "1", "CPU")
+
+    def counted() -> tuple[float, float, float]:
+        rejected = REGISTRY.get_sample_value("neuroserve_rejections_total",
+                                             {"model": "deferred-test", "reason": "queue_full"}) or 0.0
+        labels = {"model": "deferred-test", "version": "1", "endpoint": "v2_infer"}
+        requests = REGISTRY.get_sample_value("neuroserve_requests_total",
+                                             {**labels, "outcome": "rejected", "protocol": "http"}) or 0.0
+        durations = REGISTRY.get_sample_value(
+            "neuroserve_request_duration_seconds_count",
+            {**labels, "provider": "CPU", "code": "429", "protocol": "http"}) or 0.0
+        return rejected, requests, durations
+
+    async def scenario():
+        before = counted()
+        for _ in range(5):
+            metrics.defer_refusal("deferred-test", model_metrics, "v2_infer", 1e-5)
+        at_once = counted()
+        await asyncio.sleep(metrics.REFUSAL_FLUSH_S + 0.1)
+        return before, at_once, counted()
+
+    before, at_once, later = asyncio.run(scenario())
+    assert at_once == before  # not yet written
+    assert later == tuple(n + 5 for n in before)
