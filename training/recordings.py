@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import subprocess
 import tarfile
 import zipfile
 from dataclasses import dataclass
@@ -28,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
-from training.data_cache import DataMissing, cache_dir, cached_arrays
-from training.fetch import archive_path
+from training.data_cache import DataMissing, cached_arrays
+from training.fetch import archive_path, debian_package
 
 DIGIT_FILES = {w: str(i) for i, w in enumerate(
     ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])}
@@ -88,31 +86,11 @@ def is_digit(word: str) -> bool:
     return word in DIGIT_FILES
 
 
-def _debian_package(name: str) -> bytes:
-    """The filesystem tarball of a Debian package, downloaded once into the data cache."""
-    folder = cache_dir() / "packages"
-    folder.mkdir(parents=True, exist_ok=True)
-    if not sorted(folder.glob(f"{name}_*.deb")):
-        download = ["apt-get", "download", "-q", name]
-        # A fresh machine may have no package lists yet; as root, fetch them once and try again.
-        tries = [download, ["apt-get", "update", "-qq"], download] if os.geteuid() == 0 else [download]
-        for command in tries:
-            done = subprocess.run(command, cwd=folder, capture_output=True)
-            if command == download and done.returncode == 0:
-                break
-        else:
-            raise DataMissing(f"could not fetch the Debian package {name}: run `apt-get update`, then "
-                              f"`apt-get download {name}` in {folder} (or `python -m training fetch`)")
-    found = sorted(folder.glob(f"{name}_*.deb"))
-    return subprocess.run(["dpkg-deb", "--fsys-tarfile", str(found[-1])], check=True,
-                          capture_output=True).stdout
-
-
 def _files(source: Source) -> dict[str, bytes]:
     """word → the bytes of its file, checked against the source's digest."""
     names = {word: f"{source.folder}/{stem}{source.suffix}" for word, stem in source.words.items()}
     if source.package.startswith("debian:"):
-        with tarfile.open(fileobj=io.BytesIO(_debian_package(source.package[7:]))) as tar:
+        with tarfile.open(fileobj=io.BytesIO(debian_package(source.package[7:]))) as tar:
             members = {m.name.removeprefix("./"): m for m in tar.getmembers()}
             data = {w: tar.extractfile(members[n]).read() for w, n in names.items()}
     else:

@@ -49,6 +49,7 @@ from training.text_data import (
     corpus,
     load_added_sentences,
     load_lexicon,
+    load_neutral_sentences,
     load_sentences,
 )
 from training.zoo import ZooRow, median_latency_ms, save_rows
@@ -61,6 +62,10 @@ MODEL_NAME = "sentiment"
 # Words, emoticons and slang from VADER's lexicon whose mean human rating is at least this far from
 # 0 join the training sentences (None: not used); never validation or test.
 LEXICON_MIN_RATING: float | None = None
+# This many neutral sentences (`load_neutral_sentences`) join training twice, once labelled negative
+# and once positive, so that their target is "uncertain" (the loss is least at 0.5 each): the
+# review sentences are all opinions, and text without one was read as negative (None: not used).
+NEUTRAL_SENTENCES: int | None = None
 # Fine-tune from a linear probe's head (LP-FT, Kumar et al. 2022) instead of a random one: the
 # encoder's pretrained features are changed less on the way (False: a random head).
 LINEAR_PROBE_FIRST = True
@@ -281,6 +286,12 @@ def main(args: argparse.Namespace) -> None:
         labels["train"] = np.concatenate([labels["train"], polarity])
         print(f"lexicon: {len(words):,} entries with |mean rating| >= {LEXICON_MIN_RATING:g} join training "
               f"({int(polarity.sum()):,} positive)")
+    if NEUTRAL_SENTENCES and not args.fast:
+        neutral = load_neutral_sentences(NEUTRAL_SENTENCES, args.seed)
+        texts["train"] = np.concatenate([texts["train"], neutral, neutral])
+        labels["train"] = np.concatenate([labels["train"], np.zeros(len(neutral), np.int64),
+                                          np.ones(len(neutral), np.int64)])
+        print(f"neutral: {len(neutral):,} of WordNet's example sentences join training as both labels")
     print("sentences: " + ", ".join(f"{k} {len(v):,} ({int(v.sum()):,} positive)" for k, v in labels.items()))
 
     wheel = archive_path("minilm")

@@ -8,6 +8,7 @@ join training and validation; vaderSentiment's other ground-truth files stay eva
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -15,8 +16,8 @@ import tarfile
 
 import numpy as np
 
-from training.data_cache import cached_arrays
-from training.fetch import archive_path, checked
+from training.data_cache import DataMissing, cached_arrays
+from training.fetch import archive_path, checked, debian_package
 
 # Files inside the verified vaderSentiment-3.3.2 sdist (training.fetch) and their sha256.
 VADER_INNER_TAR = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
@@ -36,6 +37,18 @@ ADDED = {"amazon": ("package/test/fixtures/amazon.json",
                   "9f3f47983f21eeb819380767b74bfa648eca208f156241111454b3e122773ff7")}
 ADDED_SOURCES = True
 SPLIT_SEED = 0  # fixed: the test split of the shipped model never moves
+# WordNet 3.0's example sentences (Debian package wordnet-base, WordNet 3.0 licence): everyday
+# English on every topic, written to show a word's use, not to judge anything. Those of at least
+# four words with no word that VADER's raters placed NEUTRAL_MAX_RATING or more from 0 are the
+# neutral sentences (`load_neutral_sentences`).
+WORDNET_PACKAGE = "wordnet-base"
+WORDNET_FILES = {
+    "usr/share/wordnet/data.noun": "fea17d2f9656611334eac790e5d69e47645fa180c4aa481fb4cd9b3520754ca2",
+    "usr/share/wordnet/data.verb": "adcf43e35b581e8036d8b5a52d63d9cd3d3b4870b2720d3c03c799df44777bc2",
+    "usr/share/wordnet/data.adj": "c89120dfc1f046ddff4a631bf9b7e9fa1a36b5e86565a23bf82dbe14f30b88a7",
+    "usr/share/wordnet/data.adv": "444a63bf3955080ab7524f5079cfc07ff9bc682cb98bdb1db73b0fb9829f1139",
+}
+NEUTRAL_MAX_RATING = 1.0
 
 
 def ground_truth_file(member: str, expected_sha256: str) -> bytes:
@@ -103,6 +116,28 @@ def load_lexicon(min_rating: float) -> tuple[np.ndarray, np.ndarray]:
     rows = [line.split("\t")[:2] for line in raw.decode("utf-8").splitlines() if line.strip()]
     kept = [(token, float(mean)) for token, mean in rows if abs(float(mean)) >= min_rating]
     return np.array([t for t, _ in kept]), np.array([int(m > 0) for _, m in kept], dtype=np.int64)
+
+
+def load_neutral_sentences(n: int, seed: int) -> np.ndarray:
+    """`n` of WordNet's example sentences that use none of VADER's opinion words (see
+    `WORDNET_FILES`), drawn with `seed`, in WordNet's order."""
+    with tarfile.open(fileobj=io.BytesIO(debian_package(WORDNET_PACKAGE))) as tar:
+        members = {m.name.removeprefix("./"): m for m in tar.getmembers()}
+        data = [tar.extractfile(members[name]).read() for name in WORDNET_FILES]
+    for raw, (name, digest) in zip(data, WORDNET_FILES.items(), strict=True):
+        if hashlib.sha256(raw).hexdigest() != digest:
+            raise DataMissing(f"{name} of the Debian package {WORDNET_PACKAGE} has an unexpected sha256; "
+                              f"reinstall it (`apt-get download {WORDNET_PACKAGE}`)")
+    examples: dict[str, None] = {}
+    for raw in data:
+        for line in raw.decode("latin-1").splitlines():
+            if not line.startswith("  "):  # the licence's lines begin with two spaces
+                examples.update((e.strip(), None) for e in re.findall(r'"([^"]+)"', line.partition(" | ")[2]))
+    opinion = set(load_lexicon(NEUTRAL_MAX_RATING)[0].tolist())
+    neutral = [e for e in examples
+               if len(e.split()) >= 4 and not set(re.findall(r"[a-z']+", e.lower())) & opinion]
+    pick = np.sort(np.random.default_rng(seed).choice(len(neutral), n, replace=False))
+    return np.array(neutral)[pick]
 
 
 def split(labels: np.ndarray) -> dict[str, np.ndarray]:
