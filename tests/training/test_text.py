@@ -74,6 +74,19 @@ def test_added_sources_never_train_on_a_held_out_sentence():
     assert sorted(set(added["source"])) == ["amazon", "imdb", "yelp"]
 
 
+def test_neutral_sentences_use_no_opinion_word_and_follow_the_seed():
+    """WordNet's examples that the neutral-sentence option trains on: at least four words, none of
+    them an entry of VADER's lexicon rated 1 or more from 0; the same draw for the same seed."""
+    neutral = text_data.load_neutral_sentences(300, seed=0)
+    opinion = set(text_data.load_lexicon(text_data.NEUTRAL_MAX_RATING)[0].tolist())
+    assert len(set(neutral.tolist())) == 300
+    for sentence in neutral:
+        assert len(sentence.split()) >= 4
+        assert not set(re.findall(r"[a-z']+", sentence.lower())) & opinion, sentence
+    assert neutral.tolist() == text_data.load_neutral_sentences(300, seed=0).tolist()
+    assert neutral.tolist() != text_data.load_neutral_sentences(300, seed=1).tolist()
+
+
 def test_shipped_model_meets_the_bar_on_the_test_split(shipped, test_split):
     _, encoder, session = shipped
     texts, labels = test_split
