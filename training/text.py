@@ -66,7 +66,7 @@ LEXICON_MIN_RATING: float | None = None
 # This many neutral sentences (`load_neutral_sentences`) join training twice, once labelled negative
 # and once positive, so that their target is "uncertain" (the loss is least at 0.5 each): the
 # review sentences are all opinions, and text without one was read as negative (None: not used).
-NEUTRAL_SENTENCES: int | None = None
+NEUTRAL_SENTENCES: int | None = 1000
 # Fine-tune from a linear probe's head (LP-FT, Kumar et al. 2022) instead of a random one: the
 # encoder's pretrained features are changed less on the way (False: a random head).
 LINEAR_PROBE_FIRST = True
