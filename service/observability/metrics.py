@@ -311,7 +311,7 @@ def reject(model: str, reason: str, n: int = 1) -> None:
 # Refusals from requests' heads, counted in plain numbers and written to the metrics at most every
 # `REFUSAL_FLUSH_S` (and before every scrape): under overload they come by the ten thousand a second,
 # and two metric writes (a lock each, and a memory-mapped file with several workers) were a tenth of
-# a refusal's cost (docs/benchmarks.md, "Refusals counted in bulk").
+# a refusal's cost (docs/benchmarks.md, "A stale lag that refused everything, and refusals counted in bulk").
 REFUSAL_FLUSH_S = 0.25
 # (model, id of its ModelMetrics, endpoint) -> (that ModelMetrics, the refusals' durations)
 _refusals: dict[tuple[str, int, str], tuple[ModelMetrics | None, list[float]]] = {}

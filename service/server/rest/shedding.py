@@ -88,15 +88,12 @@ def refuser(state: ServiceState, gate: Gate) -> HeadRefusal:
             return None  # not found, not ready: the route says so
         now = perf_counter()
         held = holds.get(path)
-        if held is not None and now < held[0]:
-            if not batcher.refuses(1, 0):
-                batcher.reserve(1)
-                return True
-        else:
-            refused = batcher.refusal(1, 0)
-            if refused is None:
-                batcher.reserve(1)
-                return True
+        reused = held is not None and now < held[0]
+        refused = batcher.refuses(1, 0) if reused else batcher.refusal(1, 0)
+        if not refused:
+            batcher.reserve(1)
+            return True
+        if not reused:
             held = holds[path] = (now + RESPONSE_REUSE_S,
                                   *_response(refused.message, refused.code, tuple(refused.headers.items())))
         metrics.defer_refusal(model, mv.metrics, "v2_infer", now - started)
