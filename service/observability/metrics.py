@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import glob
 import os
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
@@ -388,11 +389,31 @@ class WorkerProcessCollector:
         yield cpu
 
 
+class SettledFilesCollector(MultiProcessCollector):
+    """prometheus-client's multiprocess collector, leaving out files still being created.
+
+    A process creates its file for a metric type empty, then grows it to its mapped size and writes
+    the header; a scrape that read it between the two failed with `struct.error` (a 500 from
+    /metrics, seen at a worker's first requests). A file with bytes in it never shrinks and holds
+    a valid header, so an empty one is simply read at the next scrape.
+    """
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            try:
+                if os.stat(path).st_size > 0:
+                    files.append(path)
+            except FileNotFoundError:
+                pass  # a dead process's live gauge, retired since the glob
+        return self.merge(files, accumulate=True)
+
+
 def registry() -> CollectorRegistry:
     if MULTIPROC_DIR is None:
         return REGISTRY
     reg = CollectorRegistry()
-    MultiProcessCollector(reg)
+    SettledFilesCollector(reg, MULTIPROC_DIR)
     reg.register(WorkerProcessCollector(MULTIPROC_DIR))
     return reg
 

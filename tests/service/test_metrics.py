@@ -365,3 +365,22 @@ def test_refusals_from_heads_are_counted_within_the_flush_interval_without_a_scr
     before, at_once, later = asyncio.run(scenario())
     assert at_once == before  # not yet written
     assert later == tuple(n + 5 for n in before)
+
+
+def test_a_scrape_skips_a_metrics_file_another_process_is_still_creating(tmp_path: Path):
+    """With several workers a scrape reads every process's metrics file; a process creates its
+    file empty before sizing and heading it, and a scrape in between must neither fail (it
+    answered 500) nor lose the settled files' values."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.mmap_dict import MmapedDict
+
+    settled = MmapedDict(str(tmp_path / "counter_101.db"))
+    key = orjson.dumps(["neuroserve_test_total", "neuroserve_test_total", {"model": "m"}, "A test."]).decode()
+    settled.write_value(key, 7.0, 0.0)
+    settled.close()
+    (tmp_path / "counter_102.db").touch()  # the other process, between open() and truncate()
+
+    reg = CollectorRegistry()
+    metrics.SettledFilesCollector(reg, str(tmp_path))
+    text = generate_latest(reg).decode()
+    assert 'neuroserve_test_total{model="m"} 7.0' in text
