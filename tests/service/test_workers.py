@@ -72,17 +72,21 @@ def tcp_sockets(pid: int, port: int, state: str = ESTABLISHED) -> int:
     return held
 
 
+def wait_until_listening(pids: set[int], port: int) -> None:
+    """Ready means one worker answers; another may still be loading, its socket not yet listening
+    (it rightly gets no connection until then)."""
+    deadline = time.monotonic() + 60
+    while not all(tcp_sockets(pid, port, LISTEN) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def test_connections_spread_over_the_workers(test_models: TestModels, tmp_path: Path):
     server = start_server(test_models.repository, tmp_path / "server.log", "--workers", "2")
     try:
         pids = worker_pids(server.process.pid)
         assert len(pids) == 2, (pids, server.logs())
         port = int(server.url.rsplit(":", 1)[1])
-        # Ready means one worker answers; the other may still be loading, its socket not yet
-        # listening, and would rightly get no connection.
-        deadline = time.monotonic() + 60
-        while not all(tcp_sockets(pid, port, LISTEN) for pid in pids) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until_listening(pids, port)
         clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(64)]
         try:
             request = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -105,7 +109,10 @@ def test_connections_spread_over_the_workers(test_models: TestModels, tmp_path: 
 def test_a_dead_worker_is_replaced_and_sigterm_stops_all(test_models: TestModels, tmp_path: Path):
     server = start_server(test_models.repository, tmp_path / "server.log", "--workers", "2")
     try:
+        port = int(server.url.rsplit(":", 1)[1])
         before = worker_pids(server.process.pid)
+        # Killed while the other still loads, nobody would listen: that is not what this tests.
+        wait_until_listening(before, port)
         victim = min(before)
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 60
@@ -116,6 +123,7 @@ def test_a_dead_worker_is_replaced_and_sigterm_stops_all(test_models: TestModels
             time.sleep(0.2)
         else:
             pytest.fail(f"no replacement for worker {victim}:\n{server.logs()}")
+        wait_until_listening(now, port)
         for _ in range(20):  # both workers answer (whichever the kernel picks)
             assert httpx.get(f"{server.url}/v2/health/live", timeout=10).status_code == 200
         workers = worker_pids(server.process.pid)
