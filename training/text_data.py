@@ -118,9 +118,8 @@ def load_lexicon(min_rating: float) -> tuple[np.ndarray, np.ndarray]:
     return np.array([t for t, _ in kept]), np.array([int(m > 0) for _, m in kept], dtype=np.int64)
 
 
-def load_neutral_sentences(n: int, seed: int) -> np.ndarray:
-    """`n` of WordNet's example sentences that use none of VADER's opinion words (see
-    `WORDNET_FILES`), drawn with `seed`, in WordNet's order."""
+def _wordnet_data() -> list[str]:
+    """WordNet's data files (`WORDNET_FILES`), checked, as text."""
     with tarfile.open(fileobj=io.BytesIO(debian_package(WORDNET_PACKAGE))) as tar:
         members = {m.name.removeprefix("./"): m for m in tar.getmembers()}
         data = [tar.extractfile(members[name]).read() for name in WORDNET_FILES]
@@ -128,16 +127,63 @@ def load_neutral_sentences(n: int, seed: int) -> np.ndarray:
         if hashlib.sha256(raw).hexdigest() != digest:
             raise DataMissing(f"{name} of the Debian package {WORDNET_PACKAGE} has an unexpected sha256; "
                               f"reinstall it (`apt-get download {WORDNET_PACKAGE}`)")
+    # The licence's lines begin with two spaces.
+    return [line for raw in data for line in raw.decode("latin-1").splitlines() if not line.startswith("  ")]
+
+
+def _neutral_pool() -> list[str]:
+    """Every WordNet example sentence of at least four words that uses none of VADER's opinion words."""
     examples: dict[str, None] = {}
-    for raw in data:
-        for line in raw.decode("latin-1").splitlines():
-            if not line.startswith("  "):  # the licence's lines begin with two spaces
-                examples.update((e.strip(), None) for e in re.findall(r'"([^"]+)"', line.partition(" | ")[2]))
+    for line in _wordnet_data():
+        examples.update((e.strip(), None) for e in re.findall(r'"([^"]+)"', line.partition(" | ")[2]))
     opinion = set(load_lexicon(NEUTRAL_MAX_RATING)[0].tolist())
-    neutral = [e for e in examples
-               if len(e.split()) >= 4 and not set(re.findall(r"[a-z']+", e.lower())) & opinion]
+    return [e for e in examples
+            if len(e.split()) >= 4 and not set(re.findall(r"[a-z']+", e.lower())) & opinion]
+
+
+def load_neutral_sentences(n: int, seed: int) -> np.ndarray:
+    """`n` of WordNet's example sentences that use none of VADER's opinion words (see
+    `WORDNET_FILES`), drawn with `seed`, in WordNet's order."""
+    neutral = _neutral_pool()
     pick = np.sort(np.random.default_rng(seed).choice(len(neutral), n, replace=False))
     return np.array(neutral)[pick]
+
+
+# Regular English endings: a lexicon entry that is a WordNet word once one is taken off (with an
+# "e" or "y" put back where English drops it) is a dictionary word too.
+_ENDINGS = (("s", ""), ("es", ""), ("ed", ""), ("ed", "e"), ("ing", ""), ("ing", "e"), ("er", ""),
+            ("est", ""), ("ly", ""), ("ies", "y"), ("ied", "y"))
+
+
+def load_chat_lexicon(min_rating: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """VADER's entries that no dictionary has, mostly emoticons and chat acronyms (":)", "<3",
+    "lol", "smh"), whose mean rating is at least `min_rating` from 0, as texts and labels
+    (1 = positive): each alone, and each once more before or after a neutral sentence
+    (`_neutral_pool`, drawn with `seed`), which it alone then makes an opinion.
+
+    "No dictionary has" means neither a WordNet 3.0 word nor one with a regular ending
+    (`_ENDINGS`): review sentences already teach the dictionary's opinion words, and a one-word
+    text of those pulled whole reviews towards their strongest word (docs/model-zoo.md).
+    """
+    words: set[str] = set()
+    for line in _wordnet_data():
+        fields = line.split(" ")
+        if len(fields) > 4 and fields[0].isdigit():  # offset, file, type, word count, then words
+            words.update(w.lower() for w in fields[4:4 + 2 * int(fields[3], 16):2])
+
+    def in_dictionary(entry: str) -> bool:
+        return entry in words or any(entry.endswith(end) and entry[:-len(end)] + back in words
+                                     for end, back in _ENDINGS)
+
+    entries, labels = load_lexicon(min_rating)
+    keep = np.array([not in_dictionary(e.lower()) for e in entries])
+    entries, labels = entries[keep], labels[keep]
+    rng = np.random.default_rng(seed)
+    pool = _neutral_pool()
+    carriers = [pool[i] for i in rng.choice(len(pool), len(entries), replace=False)]
+    before = rng.random(len(entries)) < 0.5
+    composed = [f"{e} {c}" if b else f"{c} {e}" for e, c, b in zip(entries, carriers, before, strict=True)]
+    return np.concatenate([entries, composed]), np.concatenate([labels, labels])
 
 
 def split(labels: np.ndarray) -> dict[str, np.ndarray]:
