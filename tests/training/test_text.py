@@ -91,22 +91,19 @@ def test_the_chat_lexicon_holds_emoticons_and_acronyms_alone_and_beside_neutral_
     """The chat-lexicon option's texts: VADER entries rated 1 or more from 0 that no dictionary has
     (":)" and "lol" in, "good" and "loved" out), each alone with the sign of its rating, then once
     more before or after a neutral sentence with the same label; the same draw for the same seed."""
-    texts, labels = text_data.load_chat_lexicon(1.0, seed=0)
-    half = len(texts) // 2
-    alone, composed = texts[:half].tolist(), texts[half:].tolist()
+    alone, composed, labels = (a.tolist() for a in text_data.load_chat_lexicon(1.0, seed=0))
     rated = set(zip(*(a.tolist() for a in text_data.load_lexicon(1.0)), strict=True))
     assert {":)", ":(", "<3", "lol", "smh"} <= set(alone)
     assert not {"good", "loved", "terrible", "happily"} & set(alone)
-    assert set(zip(alone, labels[:half].tolist(), strict=True)) <= rated
+    assert set(zip(alone, labels, strict=True)) <= rated
     assert (":)", 1) in rated and (":(", 0) in rated
-    assert labels[:half].tolist() == labels[half:].tolist()
     pool = set(text_data._neutral_pool())
     for entry, sentence in zip(alone, composed, strict=True):
         before = sentence.startswith(entry + " ") and sentence[len(entry) + 1:] in pool
         after = sentence.endswith(" " + entry) and sentence[:-len(entry) - 1] in pool
         assert before or after, (entry, sentence)
-    assert texts.tolist() == text_data.load_chat_lexicon(1.0, seed=0)[0].tolist()
-    assert composed != text_data.load_chat_lexicon(1.0, seed=1)[0][half:].tolist()
+    assert composed == text_data.load_chat_lexicon(1.0, seed=0)[1].tolist()
+    assert composed != text_data.load_chat_lexicon(1.0, seed=1)[1].tolist()
 
 
 def test_shipped_model_meets_the_bar_on_the_test_split(shipped, test_split):
