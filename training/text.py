@@ -69,8 +69,8 @@ LEXICON_MIN_RATING: float | None = None
 # VADER's entries that no dictionary has (emoticons, chat acronyms: `load_chat_lexicon`) whose mean
 # rating is at least this far from 0 join training, alone and beside a neutral sentence (None: not
 # used). Tweets carry their opinion in them, and no review sentence taught them.
-CHAT_LEXICON_MIN_RATING: float | None = None
-CHAT_LEXICON_ALONE = True  # each entry also as a one-word text (False: only beside a neutral sentence)
+CHAT_LEXICON_MIN_RATING: float | None = 1.0
+CHAT_LEXICON_ALONE = False  # each entry also as a one-word text (False: only beside a neutral sentence)
 # This many neutral sentences (`load_neutral_sentences`) join training twice, once labelled negative
 # and once positive, so that their target is "uncertain" (the loss is least at 0.5 each): the
 # review sentences are all opinions, and text without one was read as negative (None: not used).
