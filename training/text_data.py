@@ -8,6 +8,7 @@ join training and validation; vaderSentiment's other ground-truth files stay eva
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -118,8 +119,10 @@ def load_lexicon(min_rating: float) -> tuple[np.ndarray, np.ndarray]:
     return np.array([t for t, _ in kept]), np.array([int(m > 0) for _, m in kept], dtype=np.int64)
 
 
-def _wordnet_data() -> list[str]:
-    """WordNet's data files (`WORDNET_FILES`), checked, as text."""
+@functools.cache
+def _wordnet_data() -> tuple[str, ...]:
+    """WordNet's data files' lines (`WORDNET_FILES`), checked; read once (both the neutral
+    sentences and the chat lexicon's dictionary come from them)."""
     with tarfile.open(fileobj=io.BytesIO(debian_package(WORDNET_PACKAGE))) as tar:
         members = {m.name.removeprefix("./"): m for m in tar.getmembers()}
         data = [tar.extractfile(members[name]).read() for name in WORDNET_FILES]
@@ -128,7 +131,8 @@ def _wordnet_data() -> list[str]:
             raise DataMissing(f"{name} of the Debian package {WORDNET_PACKAGE} has an unexpected sha256; "
                               f"reinstall it (`apt-get download {WORDNET_PACKAGE}`)")
     # The licence's lines begin with two spaces.
-    return [line for raw in data for line in raw.decode("latin-1").splitlines() if not line.startswith("  ")]
+    return tuple(line for raw in data for line in raw.decode("latin-1").splitlines()
+                 if not line.startswith("  "))
 
 
 def _neutral_pool() -> list[str]:
