@@ -33,7 +33,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     parser.add_argument("command", choices=[*COMMANDS, "all"])
     parser.add_argument("--models", type=Path, default=Path("models"), help="model repository to write")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="random seed (default: the shipped model's, its module's SEED, else 0)")
     parser.add_argument("--fast", action="store_true",
                         help="tiny subset and one short epoch: a smoke test of the whole pipeline")
     parser.add_argument("--no-zoo", action="store_true", help="skip the comparison architectures")
@@ -58,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         for command in commands:
-            args.command = command
-            importlib.import_module(COMMANDS[command]).main(args)
+            module = importlib.import_module(COMMANDS[command])
+            seed = getattr(module, "SEED", 0) if args.seed is None else args.seed
+            module.main(argparse.Namespace(**{**vars(args), "command": command, "seed": seed}))
             if command != "fetch" and not args.fast:
                 # The card's Calibration and Out of domain sections, and the temperature in the graph.
                 from training import quality_report

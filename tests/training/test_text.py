@@ -174,6 +174,9 @@ def test_fast_training_trains_exports_and_checks_parity(tmp_path: Path):
     for needed in ("README.md", "labels.txt", "tokenizer.json", "confusion_matrix.png",
                    "training_curves.png"):
         assert (model_dir / needed).exists(), needed
+    # Without --seed the run takes the shipped model's seed, and the card says which.
+    card = (model_dir / "README.md").read_text(encoding="utf-8")
+    assert f"`python -m training sentiment --seed {text.SEED} --fast`" in card
     encoder = TextEncoder(model_dir / config.text.tokenizer, config.text.max_tokens)
     session = cpu_session(model_dir / "1" / "model.onnx")
     feeds = padded(encoder.encode(["fine", "a long and rather tedious film"], max_chars=1000))
